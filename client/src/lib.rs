@@ -1,0 +1,3 @@
+//! Thin client for the nodeseal agent.
+#![forbid(unsafe_code)]
+pub mod protocol;
