@@ -1,1 +1,215 @@
-fn main() {}
+//! `nodeseal-agent`: command-line edge of the daemon.
+#![deny(unsafe_code)]
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use nodeseal_agent::config::{Config, DEFAULT_CONFIG_PATH};
+use nodeseal_agent::{admin, demo, lifecycle, logging, service::Agent, RunOptions};
+use nodeseal_client::protocol::Operation;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Decrypts nodeseal and Batch Shipyard credentials for local task processes.
+#[derive(Parser)]
+#[command(name = "nodeseal-agent", version, about, long_about = None)]
+struct Cli {
+    /// Config file (JSON). Defaults to /etc/nodeseal/agent.json; missing there means defaults.
+    #[arg(long, global = true, env = "NODESEAL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Validate the config and load every key; print a summary; non-zero exit on any problem.
+    Check,
+    /// Print the default config.
+    PrintDefaultConfig,
+    /// Show the running agent's keys, tasks and counters (host root).
+    Status {
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running agent's keys (host root).
+    Keys {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw a key until restored: requests that need it fail with key_unavailable.
+    Revoke {
+        /// Certificate thumbprint (40 hex digits).
+        thumbprint: String,
+        /// Also delete the agent's ingested copy (cannot be undone).
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Undo `revoke`.
+    Restore {
+        /// Certificate thumbprint (40 hex digits).
+        thumbprint: String,
+    },
+    /// Run the whole path on a throwaway node layout in a temp dir (no Azure, no root needed).
+    Demo {
+        /// Leave the agent running and print commands to try.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nodeseal-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<(Config, PathBuf)> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    Ok((Config::load(&path)?, path))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nodeseal-agent")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.command.as_ref().unwrap_or(&Command::Run) {
+        Command::Run => {
+            let (config, path) = load_config(&cli)?;
+            logging::init(&config.log_level);
+            nodeseal_agent::hardening::apply();
+            let options = RunOptions {
+                config_path: Some(path),
+                socket_activation: true,
+                daemon: true,
+            };
+            runtime()?.block_on(nodeseal_agent::run(
+                config,
+                options,
+                nodeseal_agent::termination(),
+                |_| {},
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let (config, path) = load_config(&cli)?;
+            logging::init("warn");
+            println!("config {}: ok", path.display());
+            let agent = Agent::new(config.clone());
+            lifecycle::reload_revocations(&agent, &config);
+            let sources = lifecycle::key_sources(&config);
+            let mut problems = 0;
+            for (i, s) in sources.iter().enumerate() {
+                if !s.path.is_dir() {
+                    println!(
+                        "key source {} ({:?}): directory does not exist (yet)",
+                        s.path.display(),
+                        s.kind
+                    );
+                    continue;
+                }
+                agent.keys.rescan_source(i, s);
+            }
+            let rows = agent.keys.status();
+            for r in &rows {
+                match r.state {
+                    "loaded" | "revoked" => println!(
+                        "key {} {} ({} bits) from {}",
+                        r.thumbprint.as_deref().unwrap_or("-"),
+                        r.state,
+                        r.bits.unwrap_or(0),
+                        r.source
+                    ),
+                    "pending" => println!(
+                        "pending {}: {}",
+                        r.source,
+                        r.reason.as_deref().unwrap_or("")
+                    ),
+                    _ => {
+                        problems += 1;
+                        println!(
+                            "PROBLEM {}: {}",
+                            r.source,
+                            r.reason.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            if let Err(e) = lifecycle::check_store_dir(&config.key_store_dir()) {
+                problems += 1;
+                println!("PROBLEM key store: {e:#}");
+            }
+            println!(
+                "{} usable key(s), {problems} problem(s)",
+                agent.keys.usable_count()
+            );
+            Ok(if problems == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::PrintDefaultConfig => {
+            println!("{}", serde_json::to_string_pretty(&Config::default())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } | Command::Keys { json } => {
+            let (config, _) = load_config(&cli)?;
+            let info = admin::call(&config.socket_path, Operation::Status)?;
+            let keys_only = matches!(cli.command, Some(Command::Keys { .. }));
+            if *json {
+                let doc = if keys_only { &info["keys"] } else { &info };
+                println!("{}", serde_json::to_string_pretty(doc)?);
+            } else if keys_only {
+                print!("{}", admin::render_keys(&info));
+            } else {
+                print!("{}", admin::render_status(&info));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { thumbprint, purge } => {
+            let (config, _) = load_config(&cli)?;
+            let info = admin::call(
+                &config.socket_path,
+                Operation::Revoke {
+                    thumbprint: thumbprint.clone(),
+                    purge: *purge,
+                },
+            )?;
+            println!("{}", serde_json::to_string(&info)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { thumbprint } => {
+            let (config, _) = load_config(&cli)?;
+            let info = admin::call(
+                &config.socket_path,
+                Operation::Restore {
+                    thumbprint: thumbprint.clone(),
+                },
+            )?;
+            println!("{}", serde_json::to_string(&info)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { keep } => {
+            logging::init("warn");
+            runtime()?.block_on(demo::run(*keep))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -45,7 +45,8 @@ impl<'de> Deserialize<'de> for Request {
                 .ok_or_else(|| D::Error::custom("`v` must be a small unsigned integer"))?,
         };
         let id = map.remove("id");
-        let op = Operation::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)?;
+        let op =
+            Operation::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)?;
         Ok(Self { v, id, op })
     }
 }
@@ -225,7 +226,6 @@ impl fmt::Debug for NamedValue {
     }
 }
 
-
 /// One response line. Exactly one of the optional payload fields is set on success.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
 pub struct Response {
@@ -277,7 +277,6 @@ impl Response {
         }
     }
 }
-
 
 impl fmt::Debug for Response {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

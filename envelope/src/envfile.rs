@@ -28,17 +28,83 @@ pub struct EnvFile {
     pub lines: Vec<Line>,
     /// Whether the text ended with a newline (or was empty).
     pub terminated: bool,
+    /// Whether every line ended with CRLF; [`EnvFile::render`] then writes CRLF back.
+    pub crlf: bool,
+}
+
+/// Whether `name` is a valid variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_valid_name(name: &str) -> bool {
+    let mut b = name.bytes();
+    matches!(b.next(), Some(c) if c == b'_' || c.is_ascii_alphabetic())
+        && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
 }
 
 impl EnvFile {
-    /// Parse text. Leading whitespace before a name is ignored (as Docker does); a name must
-    /// match `[A-Za-z_][A-Za-z0-9_.-]*`... 
+    /// Parse text. Leading whitespace before a name is ignored (as Docker does, and dropped on
+    /// [`render`](Self::render)); a name must match `[A-Za-z_][A-Za-z0-9_]*` (Docker accepts
+    /// more, but such names cannot be used from a shell); the value is everything after the
+    /// first `=`, verbatim. A `\r` before each `\n` is stripped (CRLF files).
     pub fn parse(text: &str) -> Result<Self, EnvFileError> {
-        todo!("{}", text.len())
+        let terminated = text.is_empty() || text.ends_with('\n');
+        let mut raw: Vec<&str> = text.split('\n').collect();
+        if terminated {
+            // split leaves an empty piece after the final newline.
+            raw.pop();
+        }
+        let newline_count = if terminated { raw.len() } else { raw.len() - 1 };
+        let crlf = newline_count > 0 && raw[..newline_count].iter().all(|l| l.ends_with('\r'));
+        let mut lines = Vec::with_capacity(raw.len());
+        for (i, l) in raw.iter().enumerate() {
+            let has_newline = i < newline_count;
+            let l = if crlf && has_newline {
+                &l[..l.len() - 1]
+            } else {
+                l
+            };
+            let trimmed = l.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                lines.push(Line::Other(l.to_owned()));
+                continue;
+            }
+            // In mixed-ending files a trailing \r still is not part of a name or value.
+            let stripped = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+            match stripped.split_once('=') {
+                Some((name, value)) => {
+                    if !is_valid_name(name) {
+                        return Err(EnvFileError::BadName { line: i + 1 });
+                    }
+                    lines.push(Line::Var {
+                        name: name.to_owned(),
+                        value: Zeroizing::new(value.to_owned()),
+                    });
+                }
+                None => {
+                    if !is_valid_name(stripped) {
+                        return Err(EnvFileError::BadName { line: i + 1 });
+                    }
+                    lines.push(Line::NameOnly(stripped.to_owned()));
+                }
+            }
+        }
+        Ok(EnvFile {
+            lines,
+            terminated,
+            crlf,
+        })
     }
     /// Parse bytes, refusing non-UTF-8 with the line number.
     pub fn parse_bytes(bytes: &[u8]) -> Result<Self, EnvFileError> {
-        todo!("{}", bytes.len())
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Self::parse(text),
+            Err(e) => {
+                let line = bytes[..e.valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
+                Err(EnvFileError::NotUtf8 { line })
+            }
+        }
     }
     /// `(name, value)` of every `Var` line in order.
     pub fn vars(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -47,8 +113,109 @@ impl EnvFile {
             _ => None,
         })
     }
-    /// Render back to text (newline-terminated lines).
+    /// Render back to text: each line followed by `\n` (`\r\n` for CRLF files), except the last
+    /// when the parsed text was unterminated.
     pub fn render(&self) -> Zeroizing<String> {
-        todo!()
+        let eol = if self.crlf { "\r\n" } else { "\n" };
+        let mut out = Zeroizing::new(String::new());
+        let n = self.lines.len();
+        for (i, l) in self.lines.iter().enumerate() {
+            match l {
+                Line::Other(s) | Line::NameOnly(s) => out.push_str(s),
+                Line::Var { name, value } => {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(value);
+                }
+            }
+            if i + 1 < n || self.terminated {
+                out.push_str(eol);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_docker_subset() {
+        let text =
+            "# comment\n\n  \nA=1\n  B=x=y \"q\" \nC=\nHOST_ONLY\n   # indented comment\n_x9=\n";
+        let f = EnvFile::parse(text).unwrap();
+        let vars: Vec<_> = f.vars().collect();
+        assert_eq!(
+            vars,
+            vec![("A", "1"), ("B", "x=y \"q\" "), ("C", ""), ("_x9", "")]
+        );
+        assert!(matches!(f.lines[6], Line::NameOnly(ref n) if n == "HOST_ONLY"));
+        assert!(f.terminated && !f.crlf);
+        // Leading whitespace before a name is the only thing not reproduced.
+        assert_eq!(&f.render()[..], text.replace("  B=", "B="));
+    }
+
+    #[test]
+    fn crlf_and_unterminated() {
+        let f = EnvFile::parse("A=1\r\n# c\r\nB=2\r\n").unwrap();
+        assert!(f.crlf);
+        assert_eq!(f.vars().collect::<Vec<_>>(), vec![("A", "1"), ("B", "2")]);
+        assert_eq!(&f.render()[..], "A=1\r\n# c\r\nB=2\r\n");
+        let u = EnvFile::parse("A=1\nB=2").unwrap();
+        assert!(!u.terminated);
+        assert_eq!(&u.render()[..], "A=1\nB=2");
+        let e = EnvFile::parse("").unwrap();
+        assert!(e.terminated && e.lines.is_empty());
+        assert_eq!(&e.render()[..], "");
+    }
+
+    #[test]
+    fn bad_names_and_bytes() {
+        for (text, line) in [
+            ("A B=1\n", 1),
+            ("OK=1\n1X=2\n", 2),
+            ("=v\n", 1),
+            ("A-B\n", 1),
+            ("a.b=1\n", 1),
+        ] {
+            assert_eq!(
+                EnvFile::parse(text).err(),
+                Some(EnvFileError::BadName { line }),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            EnvFile::parse_bytes(b"A=1\n# ok\nB=\xff\xfe\n").err(),
+            Some(EnvFileError::NotUtf8 { line: 3 })
+        );
+        let e = EnvFile::parse("A=1\nB C=2\n").err().unwrap().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    fn valid_line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "#[^\n\r]{0,20}",
+            "[ \t]{1,3}#[^\n\r]{0,10}",
+            ("[A-Za-z_][A-Za-z0-9_]{0,8}", "[^\n\r]{0,30}").prop_map(|(n, v)| format!("{n}={v}")),
+            "[A-Za-z_][A-Za-z0-9_]{0,8}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = EnvFile::parse_bytes(&bytes);
+        }
+
+        #[test]
+        fn round_trip(lines in proptest::collection::vec(valid_line(), 0..12), crlf in any::<bool>()) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let text: String = lines.iter().map(|l| format!("{l}{eol}")).collect();
+            let f = EnvFile::parse(&text).unwrap();
+            prop_assert_eq!(&f.render()[..], &text[..]);
+        }
     }
 }

@@ -17,6 +17,12 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is a PFX or an encrypted key and no passphrase was given.
+    #[error("{}: needs a passphrase; pass --passphrase-file FILE or set NODESEAL_PFX_PASSPHRASE", path.display())]
+    PassphraseRequired {
+        /// The file.
+        path: PathBuf,
+    },
     /// The PFX's MAC did not verify with the passphrase given.
     #[error("{}: wrong passphrase for PFX (MAC verification failed); check the .pw file or --passphrase-file", path.display())]
     WrongPassphrase {
@@ -152,7 +158,10 @@ pub enum TokenError {
 }
 
 fn fmt_list(tps: &[Thumbprint]) -> String {
-    tps.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+    tps.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Problems parsing an env file. Never quotes a value.

@@ -1,1 +1,5 @@
 mod util;
+mod packaging;
+mod seal;
+mod agent;
+mod node;

@@ -1,0 +1,386 @@
+//! The agent's configuration: one JSON file, every field optional with a Batch-node default,
+//! unknown fields refused by name. Documented field by field in `docs/configuration.md`.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the agent looks for its config when neither `--config` nor `NODESEAL_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nodeseal/agent.json";
+
+/// Problems reading or validating the config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Io {
+        /// Config path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid JSON, an unknown field, or a wrong type.
+    #[error("invalid config {}: {source}; see `nodeseal-agent print-default-config` for every field", path.display())]
+    Parse {
+        /// Config path.
+        path: PathBuf,
+        /// serde_json's error, which names the unknown field and its line.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value out of range.
+    #[error("invalid config {}: {field}: {reason}", path.display())]
+    Invalid {
+        /// Config path.
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+}
+
+/// The whole config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Host-wide socket, used when systemd hands us none.
+    pub socket_path: PathBuf,
+    /// Octal mode of the socket file. Everyone may connect: authorization is by peer credentials.
+    pub socket_mode: String,
+    /// Agent state; the key store is `<state_dir>/keys`.
+    pub state_dir: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides.
+    pub log_level: String,
+    /// Where private keys come from.
+    pub key_sources: Vec<KeySource>,
+    /// A file of thumbprints (one per line, `#` comments) that are withdrawn while listed.
+    pub revocation_list: Option<PathBuf>,
+    /// Trees watched for task env files.
+    pub env_roots: Vec<PathBuf>,
+    /// File names (not paths) that are task env files.
+    pub env_file_names: Vec<String>,
+    /// Variables whose values may be legacy Batch Shipyard ciphertexts.
+    pub legacy_names: Vec<String>,
+    /// Also treat any value whose base64 decodes to a loaded key's modulus length as legacy.
+    pub legacy_by_length: bool,
+    /// Per-task socket file name created in each task directory; `null` disables them.
+    pub task_socket_name: Option<String>,
+    /// How long a decrypted value stays cached.
+    pub cache_ttl_secs: u64,
+    /// Connection and request limits.
+    pub limits: Limits,
+    /// Uids allowed to use `open`; `null` means every non-root uid (host root always may).
+    pub open_allowed_uids: Option<Vec<u32>>,
+    /// Gids allowed to use `open` in addition to `open_allowed_uids`.
+    pub open_allowed_gids: Vec<u32>,
+}
+
+/// One key source.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeySource {
+    /// Which layout the directory has.
+    pub kind: KeySourceKind,
+    /// The directory.
+    pub path: PathBuf,
+    /// Copy keys into the agent's store and delete the readable originals.
+    #[serde(default)]
+    pub ingest: Option<bool>,
+    /// `key_dir` only: passphrase for PFX and encrypted PEM files in the directory.
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl KeySource {
+    /// Ingest defaults to on for Batch certificate dirs only (task users may read those files).
+    pub fn ingest(&self) -> bool {
+        self.ingest
+            .unwrap_or(self.kind == KeySourceKind::BatchCerts)
+    }
+}
+
+/// Directory layouts the agent understands.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySourceKind {
+    /// `sha1-<tp>.pfx` + `sha1-<tp>.pfx.pw` as Batch drops them.
+    BatchCerts,
+    /// Key Vault VM extension: one PEM (key + chain) per certificate, rewritten on rotation.
+    Keyvault,
+    /// `<THUMBPRINT>.prv` + `<THUMBPRINT>.crt`.
+    Waagent,
+    /// Any PEM keys (+ certificates) or PFX files with a shared passphrase file.
+    KeyDir,
+}
+
+/// Limits that protect the agent from misbehaving clients.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Longest request line in bytes.
+    pub max_request_bytes: usize,
+    /// Concurrent connections over all sockets.
+    pub max_connections: usize,
+    /// A connection idle (or mid-line) this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Sustained requests per second per peer uid.
+    pub requests_per_sec_per_uid: u32,
+    /// Burst allowance per peer uid.
+    pub burst_per_uid: u32,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: nodeseal_client::protocol::DEFAULT_MAX_REQUEST_BYTES,
+            max_connections: 1024,
+            idle_timeout_secs: 30,
+            requests_per_sec_per_uid: 200,
+            burst_per_uid: 400,
+            drain_timeout_secs: 5,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket_path: PathBuf::from(nodeseal_client::protocol::DEFAULT_SOCKET_PATH),
+            socket_mode: "0666".into(),
+            state_dir: PathBuf::from("/var/lib/nodeseal"),
+            log_level: "info".into(),
+            key_sources: vec![
+                KeySource {
+                    kind: KeySourceKind::BatchCerts,
+                    path: PathBuf::from("/mnt/batch/tasks/startup/certs"),
+                    ingest: Some(true),
+                    passphrase_file: None,
+                },
+                KeySource {
+                    kind: KeySourceKind::Keyvault,
+                    path: PathBuf::from("/var/lib/waagent/Microsoft.Azure.KeyVault.Store"),
+                    ingest: None,
+                    passphrase_file: None,
+                },
+                KeySource {
+                    kind: KeySourceKind::Waagent,
+                    path: PathBuf::from("/var/lib/waagent"),
+                    ingest: None,
+                    passphrase_file: None,
+                },
+                KeySource {
+                    kind: KeySourceKind::KeyDir,
+                    path: PathBuf::from("/etc/nodeseal/keys"),
+                    ingest: None,
+                    passphrase_file: None,
+                },
+            ],
+            revocation_list: Some(PathBuf::from("/etc/nodeseal/revoked")),
+            env_roots: vec![PathBuf::from("/mnt/batch/tasks/workitems")],
+            env_file_names: vec![".shipyard.envlist".into(), "nodeseal.env".into()],
+            legacy_names: vec![
+                "DOCKER_LOGIN_PASSWORD".into(),
+                "SINGULARITY_LOGIN_PASSWORD".into(),
+                "SHIPYARD_STORAGE_ENV".into(),
+            ],
+            legacy_by_length: true,
+            task_socket_name: Some("nodeseal.sock".into()),
+            cache_ttl_secs: 300,
+            limits: Limits::default(),
+            open_allowed_uids: None,
+            open_allowed_gids: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate `path`. A missing file at the default path means "all defaults", so a
+    /// bare install works; a missing file anywhere else is an error.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG_PATH) =>
+            {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate JSON text (`path` only names the file in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+        self.socket_mode_bits()
+            .map_err(|r| invalid("socket_mode", r))?;
+        if !matches!(
+            self.log_level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            return Err(invalid(
+                "log_level",
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    self.log_level
+                ),
+            ));
+        }
+        if self.socket_path.as_os_str().is_empty() || !self.socket_path.is_absolute() {
+            return Err(invalid("socket_path", "must be an absolute path".into()));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path".into()));
+        }
+        for (i, root) in self.env_roots.iter().enumerate() {
+            if !root.is_absolute() {
+                return Err(invalid(
+                    "env_roots",
+                    format!("entry {i} ({}) must be an absolute path", root.display()),
+                ));
+            }
+        }
+        if let Some(name) = &self.task_socket_name {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(invalid(
+                    "task_socket_name",
+                    "must be a plain file name".into(),
+                ));
+            }
+        }
+        for name in &self.env_file_names {
+            if name.is_empty() || name.contains('/') {
+                return Err(invalid(
+                    "env_file_names",
+                    format!("{name:?} must be a plain file name"),
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_request_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_request_bytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if l.requests_per_sec_per_uid == 0 || l.burst_per_uid == 0 {
+            return Err(invalid(
+                "limits.requests_per_sec_per_uid",
+                "rate and burst must be at least 1".into(),
+            ));
+        }
+        if l.idle_timeout_secs == 0 {
+            return Err(invalid(
+                "limits.idle_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The socket mode as permission bits.
+    pub fn socket_mode_bits(&self) -> Result<u32, String> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o777 => Ok(m),
+            _ => Err(format!(
+                "{:?} is not an octal permission mode like \"0666\"",
+                self.socket_mode
+            )),
+        }
+    }
+
+    /// Where ingested keys are kept.
+    pub fn key_store_dir(&self) -> PathBuf {
+        self.state_dir.join("keys")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_object_gives_defaults() {
+        let c = Config::parse("{}", Path::new("t.json")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = Config::parse(r#"{"socket_pth": "/x"}"#, Path::new("t.json")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("socket_pth"), "{msg}");
+        assert!(msg.contains("t.json"), "{msg}");
+        let err =
+            Config::parse(r#"{"limits": {"max_conns": 3}}"#, Path::new("t.json")).unwrap_err();
+        assert!(err.to_string().contains("max_conns"));
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_field() {
+        for (json, field) in [
+            (r#"{"socket_mode": "rwx"}"#, "socket_mode"),
+            (r#"{"log_level": "loud"}"#, "log_level"),
+            (r#"{"socket_path": "relative.sock"}"#, "socket_path"),
+            (r#"{"limits": {"max_connections": 0}}"#, "max_connections"),
+            (r#"{"task_socket_name": "a/b"}"#, "task_socket_name"),
+        ] {
+            let msg = Config::parse(json, Path::new("t.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(field), "{json}: {msg}");
+        }
+    }
+
+    #[test]
+    fn default_config_round_trips_and_ingest_defaults_by_kind() {
+        let c = Config::default();
+        let text = serde_json::to_string_pretty(&c).unwrap();
+        assert_eq!(Config::parse(&text, Path::new("t")).unwrap(), c);
+        assert!(c.key_sources[0].ingest());
+        let kv = KeySource {
+            kind: KeySourceKind::Keyvault,
+            path: "/x".into(),
+            ingest: None,
+            passphrase_file: None,
+        };
+        assert!(!kv.ingest());
+        assert_eq!(c.socket_mode_bits().unwrap(), 0o666);
+    }
+
+    #[test]
+    fn missing_non_default_file_is_an_error() {
+        let err = Config::load(Path::new("/nonexistent/nodeseal.json")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/nodeseal.json"));
+    }
+}

@@ -1,0 +1,215 @@
+//! `nodeseal-agent demo`: the whole path on a throwaway node layout, no Azure and no root.
+//! A key and its PFX drop as Batch makes them, a task env file with sealed values as Batch
+//! Shipyard writes it, the real agent serving it, and a task fetching its values.
+
+use crate::config::{Config, KeySource, KeySourceKind};
+use anyhow::{bail, Context, Result};
+use nodeseal_client::protocol::{ErrorCode, Operation, Request, Response};
+use nodeseal_envelope::{legacy, token, KeyPair, SealOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+const DEMO_VALUES: &[(&str, &str, &str)] = &[
+    (
+        "SHIPYARD_STORAGE_ENV",
+        "v1",
+        "demoaccount:core.windows.net:ZGVtby1zdG9yYWdlLWtleQ==",
+    ),
+    (
+        "DOCKER_LOGIN_PASSWORD",
+        "shipyard",
+        "demo-registry-password",
+    ),
+    (
+        "DATABASE_URL",
+        "v1",
+        "postgres://demo:demo-db-password@db.internal/app",
+    ),
+    ("LOG_LEVEL", "plain", "debug"),
+];
+
+fn step(n: u32, text: &str) {
+    println!("\n[{n}] {text}");
+}
+
+/// Run the demo; with `keep`, leave the agent running until Ctrl-C.
+pub async fn run(keep: bool) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("nodeseal-demo-")
+        .tempdir()?;
+    let root = tmp.path();
+    let certs = root.join("startup/certs");
+    let workitems = root.join("workitems");
+    let task_dir = workitems.join("demo-job/job-1/task-1");
+    let wd = task_dir.join("wd");
+    std::fs::create_dir_all(&certs)?;
+    std::fs::create_dir_all(&wd)?;
+
+    step(
+        1,
+        "Workstation: create an RSA key pair and certificate (what `nodeseal cert create` does)",
+    );
+    let pair =
+        tokio::task::spawn_blocking(|| KeyPair::generate(2048, 30, "nodeseal demo pool")).await??;
+    let tp = pair.thumbprint();
+    println!("    certificate thumbprint: {tp}");
+
+    step(
+        2,
+        "Batch: the pool's certificate lands on the node as a PFX plus password file",
+    );
+    let passphrase = format!("demo-{}", std::process::id());
+    let pfx = pair.to_pkcs12(passphrase.as_bytes(), false)?;
+    let pfx_path = certs.join(format!("sha1-{tp}.pfx"));
+    std::fs::write(&pfx_path, &pfx)?;
+    std::fs::write(certs.join(format!("sha1-{tp}.pfx.pw")), &passphrase)?;
+    println!("    {}", pfx_path.display());
+
+    step(
+        3,
+        "Workstation: seal the task's values; the scheduler only ever sees ciphertext",
+    );
+    let recipient = pair.recipient();
+    let mut env = String::from("# written by the job submitter: only ciphertext below\n");
+    for (name, format, value) in DEMO_VALUES {
+        let sealed = match *format {
+            "v1" => token::seal(
+                value.as_bytes(),
+                std::slice::from_ref(&recipient),
+                &SealOptions {
+                    name: Some((*name).to_owned()),
+                    not_after: None,
+                },
+            )?,
+            "shipyard" => legacy::seal(value.as_bytes(), &recipient.public_key)?,
+            _ => (*value).to_owned(),
+        };
+        let shown = if sealed.len() > 60 {
+            format!("{}... ({} chars, {format})", &sealed[..48], sealed.len())
+        } else {
+            format!("{sealed} ({format})")
+        };
+        println!("    {name}={shown}");
+        env.push_str(&format!("{name}={sealed}\n"));
+    }
+    let env_path = wd.join(".shipyard.envlist");
+    std::fs::write(&env_path, env)?;
+
+    step(4, "Node: start nodeseal-agent on this layout");
+    let socket = root.join("agent.sock");
+    let config = Config {
+        socket_path: socket.clone(),
+        state_dir: root.join("state"),
+        key_sources: vec![KeySource {
+            kind: KeySourceKind::BatchCerts,
+            path: certs.clone(),
+            ingest: Some(true),
+            passphrase_file: None,
+        }],
+        revocation_list: None,
+        env_roots: vec![workitems.clone()],
+        ..Config::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(crate::run(
+        config,
+        crate::RunOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |_| {
+            let _ = ready_tx.send(());
+        },
+    ));
+    if ready_rx.await.is_err() {
+        return agent.await?.context("the agent failed to start");
+    }
+    println!("    listening on {}", socket.display());
+    println!(
+        "    the PFX was ingested into the agent's root-only store; original still readable by tasks: {}",
+        pfx_path.exists()
+    );
+
+    step(
+        5,
+        "Task: fetch each value through the agent, as a task process would",
+    );
+    let task = task_dir.display().to_string();
+    let socket2 = socket.clone();
+    let task2 = task.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> Result<()> {
+        for (name, _, expected) in DEMO_VALUES {
+            let got = request(
+                &socket2,
+                Operation::Get {
+                    name: (*name).to_owned(),
+                    task: Some(task2.clone()),
+                },
+            )?;
+            let value = got.value.as_deref().map(|v| v.as_str()).unwrap_or_default();
+            if value != *expected {
+                bail!("{name}: the agent returned a different value than was sealed");
+            }
+            println!("    get {name:<22} -> {value}");
+        }
+        step(
+            6,
+            "A token replayed under another name is refused (it is bound to its variable)",
+        );
+        let bound = request(
+            &socket2,
+            Operation::List {
+                task: Some(task2.clone()),
+            },
+        )?;
+        println!("    list -> {:?}", bound.names.clone().unwrap_or_default());
+        let denied = request(
+            &socket2,
+            Operation::Get {
+                name: "NO_SUCH_VALUE".into(),
+                task: Some(task2.clone()),
+            },
+        )?;
+        if let Some(e) = &denied.error {
+            println!("    get NO_SUCH_VALUE -> {} ({})", e.code, e.message);
+            if e.code != ErrorCode::NotFound {
+                bail!("expected not_found");
+            }
+        }
+        Ok(())
+    })
+    .await?;
+
+    if outcome.is_ok() && keep {
+        println!("\nThe agent keeps running (Ctrl-C to stop). Try:");
+        println!(
+            "    printf '%s\\n' '{{\"op\":\"get\",\"name\":\"DATABASE_URL\",\"task\":\"{task}\"}}' | socat - UNIX-CONNECT:{}",
+            socket.display()
+        );
+        println!(
+            "    NODESEAL_SOCKET={} AZ_BATCH_TASK_DIR={task} nodeseal-client env",
+            socket.display()
+        );
+        crate::termination().await;
+    }
+    let _ = stop_tx.send(());
+    agent.await??;
+    outcome?;
+    println!(
+        "\nDemo complete: every value reached the task; the layout in {} is removed.",
+        root.display()
+    );
+    Ok(())
+}
+
+fn request(socket: &Path, op: Operation) -> Result<Response> {
+    let mut stream = UnixStream::connect(socket)?;
+    let mut line = serde_json::to_vec(&Request::new(op))?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    Ok(serde_json::from_str(&reply)?)
+}

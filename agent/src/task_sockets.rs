@@ -1,0 +1,103 @@
+//! Per-task sockets: for each known task, a socket inside its task directory that answers only
+//! for that task, whoever connects. A container that has the task directory mounted reaches its
+//! own secrets through it, with no host-wide socket and no uid mapping.
+
+use crate::server::{serve, ServeContext};
+use crate::service::Scope;
+use std::collections::HashMap;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use tokio::task::JoinHandle;
+
+/// The per-task sockets currently served.
+#[derive(Default)]
+pub struct TaskSockets {
+    served: HashMap<PathBuf, (PathBuf, JoinHandle<()>)>,
+}
+
+impl TaskSockets {
+    /// Make the set of served sockets match the set of known tasks.
+    pub fn sync(&mut self, ctx: &ServeContext) {
+        let config = ctx.agent.config();
+        let Some(name) = config.task_socket_name.clone() else {
+            self.clear();
+            return;
+        };
+        let mut wanted: HashMap<PathBuf, u32> = HashMap::new();
+        for e in ctx.agent.tasks.entries() {
+            wanted.entry(e.task_dir.clone()).or_insert(e.owner_uid);
+        }
+        let gone: Vec<PathBuf> = self
+            .served
+            .keys()
+            .filter(|d| !wanted.contains_key(*d))
+            .cloned()
+            .collect();
+        for dir in gone {
+            if let Some((path, handle)) = self.served.remove(&dir) {
+                handle.abort();
+                remove_socket(&path);
+                tracing::info!(task_dir = %dir.display(), "task gone; its socket removed");
+            }
+        }
+        for (dir, owner) in wanted {
+            if self.served.contains_key(&dir) {
+                continue;
+            }
+            let path = dir.join(&name);
+            match bind(&path, owner) {
+                Ok(listener) => {
+                    let handle =
+                        tokio::spawn(serve(ctx.clone(), listener, Scope::Task(dir.clone())));
+                    tracing::info!(task_dir = %dir.display(), socket = %path.display(), owner_uid = owner, "task socket ready");
+                    self.served.insert(dir, (path, handle));
+                }
+                Err(e) => {
+                    tracing::warn!(task_dir = %dir.display(), socket = %path.display(), error = %e, "cannot create task socket; the task can still use the host socket");
+                    // Remember the failure so we do not retry on every event; a reload retries.
+                    self.served
+                        .insert(dir, (PathBuf::new(), tokio::spawn(async {})));
+                }
+            }
+        }
+    }
+
+    /// Stop serving and remove every task socket.
+    pub fn clear(&mut self) {
+        for (_, (path, handle)) in self.served.drain() {
+            handle.abort();
+            if !path.as_os_str().is_empty() {
+                remove_socket(&path);
+            }
+        }
+    }
+}
+
+/// Remove `path` only if it is a socket: the task directory belongs to the task's user, who may
+/// have put anything there.
+fn remove_socket(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn bind(path: &Path, owner: u32) -> std::io::Result<tokio::net::UnixListener> {
+    // A socket left by an earlier run is ours to replace; anything else is not.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a non-socket file is in the way",
+            ))
+        }
+        Err(_) => {}
+    }
+    // The process umask (0077) makes the socket 0600 at creation: no chmod that could follow a
+    // symlink swapped in by the directory's owner.
+    let listener = tokio::net::UnixListener::bind(path)?;
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(path, Some(owner), None)?;
+    }
+    Ok(listener)
+}

@@ -1,0 +1,394 @@
+//! Task env files: which files exist, who owns them, which task they belong to, and what each
+//! variable holds (a v1 token, a legacy Shipyard ciphertext, or a plain value). Decrypted values
+//! are cached per variable and dropped (zeroized) with their file entry.
+
+use nodeseal_envelope::envfile::EnvFile;
+use nodeseal_envelope::token::{self, Format};
+use nodeseal_envelope::Thumbprint;
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+use zeroize::Zeroizing;
+
+/// How a variable's value is stored in its env file.
+pub enum ValueKind {
+    /// Served as it is.
+    Plain(Zeroizing<String>),
+    /// A v1 token and the key ids it names.
+    V1 {
+        /// The token text.
+        token: String,
+        /// Its recipients.
+        recipients: Vec<Thumbprint>,
+    },
+    /// A Batch Shipyard ciphertext (standard base64 of RSA PKCS#1 v1.5).
+    Shipyard {
+        /// The base64 text.
+        token: String,
+        /// Decoded length (the modulus length of the key that can open it).
+        len: usize,
+    },
+    /// Looks like a v1 token but does not parse: served as an error, never as plain text.
+    Invalid(String),
+}
+
+/// A decrypted value and where it came from.
+pub struct Cached {
+    /// Cleartext, wiped on drop.
+    pub value: Arc<Zeroizing<String>>,
+    /// The key that opened it.
+    pub key: Thumbprint,
+    /// When it stops being served from cache.
+    pub expires: Instant,
+}
+
+/// One variable of an env file.
+pub struct Var {
+    /// Name.
+    pub name: String,
+    /// Stored form.
+    pub kind: ValueKind,
+    /// Decrypted value, if opened recently.
+    pub cache: Mutex<Option<Cached>>,
+}
+
+/// A parsed env file and its task.
+pub struct EnvEntry {
+    /// The file.
+    pub path: PathBuf,
+    /// The task directory (parent of `wd/` when the file is in `wd/`).
+    pub task_dir: PathBuf,
+    /// Batch job id, from the path.
+    pub job_id: Option<String>,
+    /// Batch task id, from the path.
+    pub task_id: Option<String>,
+    /// The file's owner: the only non-root uid that may read these values.
+    pub owner_uid: u32,
+    /// Variables in file order.
+    pub vars: Vec<Var>,
+}
+
+impl EnvEntry {
+    /// Drop every cached value opened with `key`.
+    pub fn evict_key(&self, key: &Thumbprint) -> usize {
+        let mut n = 0;
+        for v in &self.vars {
+            let mut c = v.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if c.as_ref().is_some_and(|c| c.key == *key) {
+                *c = None;
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Everything the agent knows about tasks, by env-file path.
+#[derive(Default)]
+pub struct Tasks {
+    files: RwLock<BTreeMap<PathBuf, Arc<EnvEntry>>>,
+}
+
+/// Outcome of (re)reading one env file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileUpdate {
+    /// Loaded or reloaded.
+    Loaded {
+        /// Number of variables.
+        vars: usize,
+    },
+    /// Gone (deleted or no longer readable): forgotten.
+    Removed,
+    /// Still being written: retry after it settles.
+    Unsettled,
+    /// Unparseable: forgotten until it changes.
+    Invalid(String),
+}
+
+/// How recently modified a file without a final newline must be to count as still being written.
+pub const SETTLE: Duration = Duration::from_millis(300);
+
+/// The rules that classify values, taken from the config.
+pub struct Classifier<'a> {
+    /// Names whose values may be Shipyard ciphertexts.
+    pub legacy_names: &'a [String],
+    /// Also any value whose decoded length is a loaded key's modulus length.
+    pub legacy_by_length: bool,
+    /// Modulus lengths of the loaded keys.
+    pub modulus_lengths: &'a HashSet<usize>,
+}
+
+impl Classifier<'_> {
+    /// Classify one value.
+    pub fn classify(&self, name: &str, value: &str) -> ValueKind {
+        match token::detect(value) {
+            Some(Format::V1) => match token::inspect(value) {
+                Ok(info) => ValueKind::V1 {
+                    token: value.to_owned(),
+                    recipients: info.recipients,
+                },
+                Err(e) => ValueKind::Invalid(e.to_string()),
+            },
+            Some(Format::Shipyard) => {
+                let len = nodeseal_envelope::legacy::decode(value).map_or(0, |d| d.len());
+                let by_name = self.legacy_names.iter().any(|n| n == name);
+                let by_length = self.legacy_by_length && self.modulus_lengths.contains(&len);
+                if by_name || by_length {
+                    ValueKind::Shipyard {
+                        token: value.to_owned(),
+                        len,
+                    }
+                } else {
+                    ValueKind::Plain(Zeroizing::new(value.to_owned()))
+                }
+            }
+            _ => ValueKind::Plain(Zeroizing::new(value.to_owned())),
+        }
+    }
+}
+
+/// Read a regular file without following a symlink at its last component, and stat the very
+/// file that was read: the owner decides who may read the values, so the check and the read
+/// must concern the same inode.
+fn read_no_follow(path: &Path) -> std::io::Result<(Zeroizing<Vec<u8>>, std::fs::Metadata)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    file.read_to_end(&mut bytes)?;
+    Ok((bytes, meta))
+}
+
+/// Task directory, job id and task id implied by an env file's path under `root`.
+///
+/// Batch lays tasks out as `workitems/<job>/job-1/<task>/wd/` (a job schedule adds a level
+/// above the job); Shipyard writes its env file into `wd/`.
+pub fn task_of(path: &Path, root: &Path) -> (PathBuf, Option<String>, Option<String>) {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let task_dir = if parent.file_name().is_some_and(|n| n == "wd") {
+        parent.parent().unwrap_or(parent).to_path_buf()
+    } else {
+        parent.to_path_buf()
+    };
+    let task_id = task_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let rel: Vec<String> = task_dir
+        .strip_prefix(root)
+        .map(|r| {
+            r.components()
+                .filter_map(|c| match c {
+                    Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // The job id sits just before the `job-<n>` level.
+    let job_id = rel
+        .iter()
+        .position(|c| {
+            c.strip_prefix("job-")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|&i| i > 0)
+        .map(|i| rel[i - 1].clone())
+        .or_else(|| (rel.len() >= 2).then(|| rel[0].clone()));
+    (task_dir, job_id, task_id)
+}
+
+/// Normalise what a caller names as its task: its task dir or its `wd/`.
+pub fn normalize_task_dir(s: &str) -> PathBuf {
+    let p = Path::new(s.trim_end_matches('/'));
+    if p.file_name().is_some_and(|n| n == "wd") {
+        p.parent().unwrap_or(p).to_path_buf()
+    } else {
+        p.to_path_buf()
+    }
+}
+
+impl Tasks {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// (Re)read `path`, which lies under `root`.
+    pub fn update_file(&self, path: &Path, root: &Path, classifier: &Classifier<'_>) -> FileUpdate {
+        let Ok((bytes, meta)) = read_no_follow(path) else {
+            return if self.remove(path) {
+                FileUpdate::Removed
+            } else {
+                FileUpdate::Invalid("not readable".into())
+            };
+        };
+        let parsed = match EnvFile::parse_bytes(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                self.remove(path);
+                return FileUpdate::Invalid(e.to_string());
+            }
+        };
+        if !parsed.terminated {
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .unwrap_or(Duration::MAX);
+            if age < SETTLE {
+                // A writer may still be appending to the last line: never serve half a value.
+                return FileUpdate::Unsettled;
+            }
+        }
+        let (task_dir, job_id, task_id) = task_of(path, root);
+        let vars: Vec<Var> = parsed
+            .vars()
+            .map(|(name, value)| Var {
+                name: name.to_owned(),
+                kind: classifier.classify(name, value),
+                cache: Mutex::new(None),
+            })
+            .collect();
+        let n = vars.len();
+        let entry = Arc::new(EnvEntry {
+            path: path.to_owned(),
+            task_dir,
+            job_id,
+            task_id,
+            owner_uid: meta.uid(),
+            vars,
+        });
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_owned(), entry);
+        FileUpdate::Loaded { vars: n }
+    }
+
+    /// Forget a file; its cached values are zeroized when the last request using them ends.
+    pub fn remove(&self, path: &Path) -> bool {
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path)
+            .is_some()
+    }
+
+    /// Forget every file under `dir` (a directory that was removed or moved away).
+    pub fn remove_under(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<PathBuf> = files
+            .keys()
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
+        for p in &gone {
+            files.remove(p);
+        }
+        gone
+    }
+
+    /// Every known file path.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> Vec<Arc<EnvEntry>> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Entries of one task directory, in path order.
+    pub fn entries_of(&self, task_dir: &Path) -> Vec<Arc<EnvEntry>> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.task_dir == task_dir)
+            .cloned()
+            .collect()
+    }
+
+    /// Distinct task directories whose files `uid` owns.
+    pub fn task_dirs_owned_by(&self, uid: u32) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = self
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.owner_uid == uid)
+            .map(|e| e.task_dir.clone())
+            .collect();
+        dirs.dedup();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    /// Drop cached values opened with `key`; returns how many.
+    pub fn evict_key(&self, key: &Thumbprint) -> usize {
+        self.entries().iter().map(|e| e.evict_key(key)).sum()
+    }
+
+    /// Drop every cached value.
+    pub fn evict_all(&self) {
+        for e in self.entries() {
+            for v in &e.vars {
+                *v.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_of_follows_the_batch_layout() {
+        let root = Path::new("/mnt/batch/tasks/workitems");
+        let (dir, job, task) = task_of(
+            Path::new("/mnt/batch/tasks/workitems/myjob/job-1/task-3/wd/.shipyard.envlist"),
+            root,
+        );
+        assert_eq!(
+            dir,
+            Path::new("/mnt/batch/tasks/workitems/myjob/job-1/task-3")
+        );
+        assert_eq!(job.as_deref(), Some("myjob"));
+        assert_eq!(task.as_deref(), Some("task-3"));
+        // A job schedule adds a level above the job.
+        let (_, job, task) = task_of(
+            Path::new("/mnt/batch/tasks/workitems/sched/myjob/job-1/t1/nodeseal.env"),
+            root,
+        );
+        assert_eq!(job.as_deref(), Some("myjob"));
+        assert_eq!(task.as_deref(), Some("t1"));
+    }
+
+    #[test]
+    fn callers_may_name_the_task_dir_or_its_wd() {
+        assert_eq!(normalize_task_dir("/a/b/t/wd"), Path::new("/a/b/t"));
+        assert_eq!(normalize_task_dir("/a/b/t/wd/"), Path::new("/a/b/t"));
+        assert_eq!(normalize_task_dir("/a/b/t"), Path::new("/a/b/t"));
+    }
+}

@@ -1,0 +1,259 @@
+//! Filesystem watching: inotify (through `notify`) on the env roots, key source dirs and the
+//! revocation list, debounced into rescans of exactly what changed; a full rescan at start, on
+//! reload, when the kernel reports lost events, and every minute as a safety net.
+
+use crate::lifecycle;
+use crate::server::ServeContext;
+use crate::task_sockets::TaskSockets;
+use notify::{Event, EventKind, RecursiveMode, Watcher};
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+
+/// Quiet time after an event before acting, so a file written in several steps is read once.
+const DEBOUNCE: Duration = Duration::from_millis(25);
+/// How often missing directories are retried and the safety-net rescan considered.
+const TICK: Duration = Duration::from_millis(500);
+const FULL_RESCAN_EVERY: Duration = Duration::from_secs(60);
+
+struct Watches {
+    watcher: Option<notify::RecommendedWatcher>,
+    /// Directories watched, with whether recursively.
+    active: HashSet<(PathBuf, bool)>,
+    /// Directories that did not exist yet.
+    missing: Vec<(PathBuf, bool)>,
+}
+
+impl Watches {
+    fn new(tx: mpsc::UnboundedSender<notify::Result<Event>>) -> Self {
+        let watcher = notify::recommended_watcher(move |res| {
+            let _ = tx.send(res);
+        })
+        .map_err(|e| tracing::error!(error = %e, "cannot start the file watcher; relying on periodic rescans"))
+        .ok();
+        Self {
+            watcher,
+            active: HashSet::new(),
+            missing: Vec::new(),
+        }
+    }
+
+    /// Watch what `config` names; returns directories that became watchable (to scan them).
+    fn setup(&mut self, ctx: &ServeContext) -> Vec<PathBuf> {
+        let config = ctx.agent.config();
+        let mut wanted: Vec<(PathBuf, bool)> = Vec::new();
+        for root in &config.env_roots {
+            wanted.push((root.clone(), true));
+        }
+        for s in lifecycle::key_sources(&config) {
+            wanted.push((s.path.clone(), false));
+        }
+        if let Some(list) = &config.revocation_list {
+            if let Some(parent) = list.parent() {
+                wanted.push((parent.to_path_buf(), false));
+            }
+        }
+        if let Some(w) = self.watcher.as_mut() {
+            for (path, _) in self.active.iter() {
+                if !wanted.iter().any(|(p, _)| p == path) {
+                    let _ = w.unwatch(path);
+                }
+            }
+        }
+        self.active.retain(|a| wanted.contains(a));
+        self.missing = wanted
+            .into_iter()
+            .filter(|w| !self.active.contains(w))
+            .collect();
+        self.retry_missing()
+    }
+
+    fn retry_missing(&mut self) -> Vec<PathBuf> {
+        let Some(w) = self.watcher.as_mut() else {
+            return Vec::new();
+        };
+        let mut added = Vec::new();
+        let mut still = Vec::new();
+        for (path, recursive) in std::mem::take(&mut self.missing) {
+            if !path.is_dir() {
+                still.push((path, recursive));
+                continue;
+            }
+            let mode = if recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match w.watch(&path, mode) {
+                Ok(()) => {
+                    tracing::debug!(path = %path.display(), recursive, "watching");
+                    self.active.insert((path.clone(), recursive));
+                    added.push(path);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot watch; will retry");
+                    still.push((path, recursive));
+                }
+            }
+        }
+        self.missing = still;
+        added
+    }
+}
+
+/// Everything a batch of events asks for.
+#[derive(Default)]
+struct Work {
+    full: bool,
+    keys: bool,
+    env_files: BTreeSet<PathBuf>,
+    env_dirs: BTreeSet<PathBuf>,
+    gone: BTreeSet<PathBuf>,
+}
+
+fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
+    let event = match event {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "file watcher error; doing a full rescan");
+            work.full = true;
+            return;
+        }
+    };
+    if event.need_rescan() {
+        tracing::warn!("file watcher lost events (queue overflow); doing a full rescan");
+        work.full = true;
+        return;
+    }
+    if matches!(event.kind, EventKind::Access(_)) {
+        return;
+    }
+    let config = ctx.agent.config();
+    let key_dirs: Vec<PathBuf> = lifecycle::key_sources(&config)
+        .into_iter()
+        .map(|s| s.path)
+        .collect();
+    for path in event.paths {
+        if config.revocation_list.as_deref() == Some(path.as_path())
+            || key_dirs
+                .iter()
+                .any(|d| path.parent() == Some(d.as_path()) || &path == d)
+        {
+            work.keys = true;
+        }
+        if !config.env_roots.iter().any(|r| path.starts_with(r)) {
+            continue;
+        }
+        let is_env_name = path
+            .file_name()
+            .is_some_and(|n| config.env_file_names.iter().any(|e| n == e.as_str()));
+        if is_env_name {
+            work.env_files.insert(path);
+        } else if path.is_dir() {
+            work.env_dirs.insert(path);
+        } else if !path.exists() {
+            // A removed or renamed-away directory takes its tasks with it.
+            work.gone.insert(path);
+        }
+    }
+}
+
+fn root_of<'a>(roots: &'a [PathBuf], path: &Path) -> Option<&'a PathBuf> {
+    roots.iter().find(|r| path.starts_with(r))
+}
+
+/// Run the watcher until shutdown. `reload` is notified on SIGHUP, after the new config is set.
+pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watches = Watches::new(tx);
+    let mut sockets = TaskSockets::default();
+    watches.setup(&ctx);
+    sockets.sync(&ctx);
+    let mut unsettled: Vec<(PathBuf, Instant)> = Vec::new();
+    let mut last_full = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let mut work = Work::default();
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                classify(&ctx, ev, &mut work);
+                // Debounce: gather whatever else arrives in the next few milliseconds.
+                tokio::time::sleep(DEBOUNCE).await;
+                while let Ok(ev) = rx.try_recv() {
+                    classify(&ctx, ev, &mut work);
+                }
+            }
+            _ = tick.tick() => {
+                let appeared = watches.retry_missing();
+                if !appeared.is_empty() {
+                    work.full = true;
+                }
+                let now = Instant::now();
+                for (path, _) in unsettled.iter().filter(|(_, due)| *due <= now) {
+                    work.env_files.insert(path.clone());
+                }
+                unsettled.retain(|(_, due)| *due > now);
+                if last_full.elapsed() >= FULL_RESCAN_EVERY {
+                    work.full = true;
+                }
+            }
+            _ = reload.notified() => {
+                watches.setup(&ctx);
+                sockets.clear();
+                work.full = true;
+            }
+            _ = crate::server::stopped(&mut shutdown) => break,
+        }
+        let agent = ctx.agent.clone();
+        let roots = agent.config().env_roots.clone();
+        let lengths_before = agent.keys.modulus_lengths();
+        let full = work.full;
+        // Key loading and file reads block: keep them off the reactor.
+        let newly_unsettled = tokio::task::spawn_blocking(move || {
+            let mut pending = Vec::new();
+            if full || work.keys {
+                lifecycle::rescan_keys(&agent);
+            }
+            // Which values count as legacy ciphertexts depends on the loaded key sizes.
+            let relabel = agent.keys.modulus_lengths() != lengths_before;
+            if full || relabel {
+                pending.extend(lifecycle::rescan_env(&agent));
+                if full {
+                    lifecycle::warn_expiring(&agent);
+                }
+                return pending;
+            }
+            for path in &work.gone {
+                for f in agent.tasks.remove_under(path) {
+                    tracing::info!(path = %f.display(), "env file gone; its values are forgotten");
+                }
+            }
+            for dir in &work.env_dirs {
+                pending.extend(lifecycle::scan_env_dir(&agent, dir));
+            }
+            for file in &work.env_files {
+                if let Some(root) = root_of(&roots, file) {
+                    if let crate::tasks::FileUpdate::Unsettled =
+                        lifecycle::update_env_file(&agent, file, root)
+                    {
+                        pending.push(file.clone());
+                    }
+                }
+            }
+            pending
+        })
+        .await
+        .unwrap_or_default();
+        if full {
+            last_full = Instant::now();
+        }
+        let due = Instant::now() + crate::tasks::SETTLE;
+        unsettled.extend(newly_unsettled.into_iter().map(|p| (p, due)));
+        sockets.sync(&ctx);
+    }
+    sockets.clear();
+}

@@ -1,0 +1,341 @@
+//! End-to-end tests of `nodeseal-agent`: values sealed with the real `nodeseal` CLI, dropped
+//! into a fake node, fetched over the real socket.
+
+use crate::node::{code_of, is_root, request_as, skip_unless_root, wait_until, TestNode};
+use crate::util::bin;
+use nix::sys::signal::Signal;
+use serde_json::json;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const STORAGE: &str = "acct:core.windows.net:c3RvcmFnZS1rZXktZTJl-STORAGE-SECRET";
+const DOCKER_PW: &str = "docker-Password-e2e-9d3a";
+const DB_URL: &str = "postgres://u:db-Secret-e2e-41@db/app";
+
+/// A node with one key and one task holding a v1 value, a legacy value and a plain value.
+fn node_with_task() -> (TestNode, std::path::PathBuf) {
+    let node = TestNode::new();
+    let cert = node.create_cert("pool");
+    node.drop_pfx(&cert);
+    let task = node.task("job-a", "task-1");
+    let v1 = node.seal(&cert, Some("SHIPYARD_STORAGE_ENV"), STORAGE, "v1");
+    let legacy = node.seal(&cert, None, DOCKER_PW, "shipyard");
+    let db = node.seal(&cert, Some("DATABASE_URL"), DB_URL, "v1");
+    node.write_env(
+        &task,
+        &format!("# sealed\nSHIPYARD_STORAGE_ENV={v1}\nDOCKER_LOGIN_PASSWORD={legacy}\nDATABASE_URL={db}\nLOG_LEVEL=debug\n"),
+    );
+    (node, task)
+}
+
+#[test]
+fn serves_v1_legacy_and_plain_values_and_ingests_the_pfx() {
+    let (mut node, task) = node_with_task();
+    node.start();
+    assert_eq!(node.get(&task, "SHIPYARD_STORAGE_ENV")["value"], STORAGE);
+    assert_eq!(node.get(&task, "DOCKER_LOGIN_PASSWORD")["value"], DOCKER_PW);
+    assert_eq!(node.get(&task, "LOG_LEVEL")["value"], "debug");
+    // The client may name its working directory instead of the task dir.
+    assert_eq!(node.get(&task.join("wd"), "DATABASE_URL")["value"], DB_URL);
+
+    let list = node.request(json!({"op": "list", "task": task}));
+    assert_eq!(
+        list["names"],
+        json!(["SHIPYARD_STORAGE_ENV", "DOCKER_LOGIN_PASSWORD", "DATABASE_URL", "LOG_LEVEL"])
+    );
+    let env = node.request(json!({"op": "env", "task": task}));
+    let values = env["values"].as_array().unwrap();
+    assert_eq!(values.len(), 4);
+    assert_eq!(values[1], json!({"name": "DOCKER_LOGIN_PASSWORD", "value": DOCKER_PW}));
+
+    let missing = node.get(&task, "NOPE");
+    assert_eq!(code_of(&missing), "not_found");
+    assert_eq!(missing["error"]["retryable"], false);
+
+    // Ingest: the readable originals are gone and the store holds the key, root-only.
+    let store = node.state.join("keys");
+    assert!(wait_until(Duration::from_secs(5), || fs::read_dir(&node.certs).unwrap().count() == 0));
+    let stored: Vec<_> = fs::read_dir(&store).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(fs::metadata(&store).unwrap().mode() & 0o777, 0o700);
+    for f in &stored {
+        assert_eq!(fs::metadata(f).unwrap().mode() & 0o777, 0o600, "{}", f.display());
+        let bytes = fs::read(f).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"), "store holds a bare PEM key");
+    }
+
+    // A restarted agent still has the key although the originals are gone.
+    assert!(node.stop().success());
+    node.start();
+    assert_eq!(node.get(&task, "SHIPYARD_STORAGE_ENV")["value"], STORAGE);
+}
+
+#[test]
+fn files_added_after_start_are_served_and_deleted_ones_forgotten() {
+    let mut node = TestNode::new();
+    let cert = node.create_cert("pool");
+    node.drop_pfx(&cert);
+    node.start();
+    // A job directory tree created after the agent started, file renamed into place.
+    let task = node.task("late-job", "t9");
+    let token = node.seal(&cert, Some("API_TOKEN"), "late-Secret-77", "v1");
+    let start = Instant::now();
+    node.write_env(&task, &format!("API_TOKEN={token}\n"));
+    assert!(
+        wait_until(Duration::from_secs(5), || node.get(&task, "API_TOKEN")["value"] == "late-Secret-77"),
+        "new file never served; log:\n{}",
+        node.logs()
+    );
+    eprintln!("file written -> first successful get: {:?}", start.elapsed());
+
+    // Rewritten in place in two steps: the final content wins.
+    let env_path = task.join("wd/.shipyard.envlist");
+    let token2 = node.seal(&cert, Some("API_TOKEN"), "rotated-Secret-78", "v1");
+    fs::write(&env_path, format!("API_TOKEN={}", &token2[..20])).unwrap();
+    fs::write(&env_path, format!("API_TOKEN={token2}\n")).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || node.get(&task, "API_TOKEN")["value"] == "rotated-Secret-78"));
+
+    // The task ends: its directory is removed and its values are forgotten.
+    fs::remove_dir_all(node.workitems.join("late-job")).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || code_of(&node.get(&task, "API_TOKEN")) == "not_found"));
+}
+
+#[test]
+fn tampered_misnamed_and_unknown_key_tokens_get_distinct_errors() {
+    let mut node = TestNode::new();
+    let cert = node.create_cert("pool");
+    let other = node.create_cert("other-pool");
+    node.drop_pfx(&cert);
+    let task = node.task("j", "t");
+    let good = node.seal(&cert, Some("A"), "value-a", "v1");
+    let wrong_name = node.seal(&cert, Some("SOMETHING_ELSE"), "value-b", "v1");
+    let foreign = node.seal(&other, Some("C"), "value-c", "v1");
+    let mut tampered = good.clone().into_bytes();
+    let i = tampered.len() - 10;
+    tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    node.write_env(&task, &format!("A={good}\nB={wrong_name}\nC={foreign}\nD={tampered}\n"));
+    node.start();
+    assert_eq!(node.get(&task, "A")["value"], "value-a");
+    assert_eq!(code_of(&node.get(&task, "B")), "bad_token");
+    let c = node.get(&task, "C");
+    assert_eq!(code_of(&c), "key_unavailable");
+    assert_eq!(c["error"]["retryable"], true);
+    assert!(c["error"]["message"].as_str().unwrap().contains(&other.thumbprint));
+    assert_eq!(code_of(&node.get(&task, "D")), "bad_token");
+
+    // `open`: a presented token must be opened under the name it is bound to.
+    let opened = node.request(json!({"op": "open", "token": good, "name": "A"}));
+    if is_root() {
+        // Host root may open.
+        assert_eq!(opened["value"], "value-a");
+    }
+    let misnamed = node.request(json!({"op": "open", "token": good, "name": "NOT_A"}));
+    let code = code_of(&misnamed);
+    assert!(code == "bad_token" || code == "forbidden", "{misnamed}");
+}
+
+#[test]
+fn a_corrupt_or_wrong_password_pfx_is_skipped_and_the_rest_load() {
+    let mut node = TestNode::new();
+    let good = node.create_cert("good");
+    let bad = node.create_cert("bad");
+    node.drop_pfx(&good);
+    // Wrong password for one, garbage for another, a PFX still waiting for its .pw.
+    let bad_pfx = node.certs.join(format!("sha1-{}.pfx", bad.thumbprint));
+    fs::copy(&bad.pfx, &bad_pfx).unwrap();
+    fs::write(format!("{}.pw", bad_pfx.display()), "not-the-password\n").unwrap();
+    let garbage = node.certs.join(format!("sha1-{}.pfx", "ab".repeat(20)));
+    fs::write(&garbage, b"this is not a pfx").unwrap();
+    fs::write(format!("{}.pw", garbage.display()), "x").unwrap();
+    node.write_config(json!({"key_sources": [{"kind": "batch_certs", "path": node.certs, "ingest": false}]}));
+    let task = node.task("j", "t");
+    let token = node.seal(&good, Some("A"), "value-a", "v1");
+    node.write_env(&task, &format!("A={token}\n"));
+    node.start();
+    assert_eq!(node.get(&task, "A")["value"], "value-a");
+    let logs = node.logs();
+    assert!(logs.contains(&bad_pfx.display().to_string()), "log names the wrong-password PFX:\n{logs}");
+    assert!(logs.contains("wrong passphrase"), "{logs}");
+    assert!(logs.contains(&garbage.display().to_string()), "{logs}");
+    // The agent still serves after all that.
+    assert_eq!(node.request(json!({"op": "health"}))["info"]["keys"], 1);
+}
+
+#[test]
+fn other_uids_are_refused_and_owners_served() {
+    if skip_unless_root("other_uids_are_refused_and_owners_served") {
+        return;
+    }
+    let (mut node, task) = node_with_task();
+    let env = task.join("wd/.shipyard.envlist");
+    std::os::unix::fs::chown(&env, Some(4242), Some(4242)).unwrap();
+    node.start();
+    let req = json!({"op": "get", "name": "DATABASE_URL", "task": task});
+    assert_eq!(request_as(4242, &node.socket, &req)["value"], DB_URL);
+    let denied = request_as(4243, &node.socket, &req);
+    assert_eq!(code_of(&denied), "forbidden", "{denied}");
+    assert!(!denied.to_string().contains(DB_URL));
+    // The owner does not even need to name the task when it owns exactly one.
+    let implicit = request_as(4242, &node.socket, &json!({"op": "get", "name": "DATABASE_URL"}));
+    assert_eq!(implicit["value"], DB_URL);
+    // Only host root gets status.
+    assert_eq!(code_of(&request_as(4242, &node.socket, &json!({"op": "status"}))), "forbidden");
+    let status = node.request(json!({"op": "status"}));
+    assert_eq!(status["info"]["tasks"][0]["owner_uid"], 4242);
+    assert!(!status.to_string().contains(DB_URL));
+    // Every decision is audited with the peer uid and the outcome.
+    let logs = node.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("peer_uid=4243") && l.contains("outcome=\"forbidden\"")),
+        "{logs}"
+    );
+}
+
+#[test]
+fn revoke_and_restore_by_command_and_by_list() {
+    if skip_unless_root("revoke_and_restore_by_command_and_by_list") {
+        return;
+    }
+    let (mut node, task) = node_with_task();
+    node.start();
+    let tp = {
+        let status = node.request(json!({"op": "status"}));
+        status["info"]["keys"][0]["thumbprint"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(node.get(&task, "DATABASE_URL")["value"], DB_URL);
+    let agent = |args: &[&str]| {
+        Command::new(bin("nodeseal-agent"))
+            .arg("--config")
+            .arg(&node.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(agent(&["revoke", &tp]).status.success());
+    let r = node.get(&task, "DATABASE_URL");
+    assert_eq!(code_of(&r), "key_unavailable", "cached value must be evicted: {r}");
+    assert!(agent(&["restore", &tp]).status.success());
+    assert_eq!(node.get(&task, "DATABASE_URL")["value"], DB_URL);
+
+    // By list: within a second of the file changing.
+    fs::write(&node.revoked, format!("# incident 42\n{}\n", tp.to_uppercase())).unwrap();
+    let t = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || code_of(&node.get(&task, "DATABASE_URL")) == "key_unavailable"));
+    eprintln!("revocation by list took {:?}", t.elapsed());
+    fs::write(&node.revoked, "").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || node.get(&task, "DATABASE_URL")["value"] == DB_URL));
+
+    let keys = agent(&["keys"]);
+    assert!(String::from_utf8_lossy(&keys.stdout).contains(&tp), "{keys:?}");
+}
+
+#[test]
+fn sighup_reloads_config_and_sigterm_stops_cleanly() {
+    let mut node = TestNode::new();
+    let cert = node.create_cert("pool");
+    node.drop_pfx(&cert);
+    let second_root = node.root.join("more-work");
+    fs::create_dir_all(second_root.join("j/job-1/t/wd")).unwrap();
+    let token = node.seal(&cert, Some("X"), "from-second-root", "v1");
+    fs::write(second_root.join("j/job-1/t/wd/.shipyard.envlist"), format!("X={token}\n")).unwrap();
+    node.start();
+    let task = second_root.join("j/job-1/t");
+    assert_eq!(code_of(&node.get(&task, "X")), "not_found");
+    node.write_config(json!({"env_roots": [node.workitems, second_root]}));
+    node.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || node.get(&task, "X")["value"] == "from-second-root"),
+        "reload did not pick up the new root; log:\n{}",
+        node.logs()
+    );
+    // A connection open across the reload still works.
+    let status = node.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!node.socket.exists(), "socket removed on stop");
+}
+
+#[test]
+fn no_cleartext_in_logs_at_trace_level() {
+    let (mut node, task) = node_with_task();
+    node.start();
+    for name in ["SHIPYARD_STORAGE_ENV", "DOCKER_LOGIN_PASSWORD", "DATABASE_URL"] {
+        assert!(node.get(&task, name)["ok"] == true);
+    }
+    node.request(json!({"op": "env", "task": task}));
+    node.stop();
+    let logs = node.logs();
+    assert!(logs.contains("outcome"), "logs captured: {logs}");
+    for secret in [STORAGE, DOCKER_PW, DB_URL, crate::node::PFX_PASS] {
+        assert!(!logs.contains(secret), "cleartext {secret:?} found in the agent's log");
+    }
+}
+
+#[test]
+fn limits_cut_off_oversized_and_unfinished_lines() {
+    let mut node = TestNode::new();
+    node.write_config(json!({"limits": {"max_request_bytes": 4096, "idle_timeout_secs": 1}}));
+    node.start();
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    s.write_all(&vec![b'x'; 10_000]).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("too_large"), "{line}");
+    // Unfinished line: cut off after the idle timeout with an error.
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    s.write_all(b"{\"op\":").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("bad_request"), "{line}");
+    // Garbage gets an error and the connection stays usable.
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    s.write_all(b"not json\n{\"op\":\"health\"}\n").unwrap();
+    let mut r = BufReader::new(&s);
+    let mut a = String::new();
+    let mut b = String::new();
+    r.read_line(&mut a).unwrap();
+    r.read_line(&mut b).unwrap();
+    assert!(a.contains("bad_request"), "{a}");
+    assert!(b.contains("\"ok\":true"), "{b}");
+}
+
+#[test]
+fn check_and_print_default_config() {
+    let node = TestNode::new();
+    let cert = node.create_cert("pool");
+    node.drop_pfx(&cert);
+    let out = Command::new(bin("nodeseal-agent"))
+        .args(["--config"])
+        .arg(&node.config_path)
+        .arg("check")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&cert.thumbprint), "{text}");
+    fs::write(node.certs.join(format!("sha1-{}.pfx", "cd".repeat(20))), b"junk").unwrap();
+    fs::write(node.certs.join(format!("sha1-{}.pfx.pw", "cd".repeat(20))), b"junk").unwrap();
+    let out = Command::new(bin("nodeseal-agent"))
+        .args(["--config"])
+        .arg(&node.config_path)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let defaults = Command::new(bin("nodeseal-agent")).arg("print-default-config").output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&defaults.stdout).unwrap();
+    assert_eq!(v["socket_path"], "/run/nodeseal/agent.sock");
+    // Unknown fields are named.
+    fs::write(&node.config_path, r#"{"sockt_path": "/x"}"#).unwrap();
+    let out = Command::new(bin("nodeseal-agent"))
+        .args(["--config"])
+        .arg(&node.config_path)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sockt_path"));
+}

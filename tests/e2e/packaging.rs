@@ -1,0 +1,465 @@
+//! Packaging: the systemd units, the shipped default config, the release tarball and the Batch
+//! start-task installer (`packaging/batch/install.sh`), run against a fake node root.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The node binaries the installer ships (the seal CLI stays on the submit side).
+const NODE_BINARIES: [&str; 3] = [
+    "nodeseal-agent",
+    "nodeseal-client",
+    "docker-credential-nodeseal",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `target/debug` (or wherever this test binary was built): the test executable lives in its
+/// `deps/` subdirectory, which keeps this right under a custom CARGO_TARGET_DIR.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable is in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Fails with what to do when the binaries were not built.
+fn require_binaries() -> PathBuf {
+    let dir = bin_dir();
+    for b in NODE_BINARIES {
+        assert!(
+            dir.join(b).is_file(),
+            "{} is missing: run `cargo build --workspace --bins` (scripts/test.sh does) before the packaging tests",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn describe(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{} should exist: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let raw = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&raw).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+#[test]
+fn units_pass_verify_and_security_threshold() {
+    let script = repo_root().join("packaging/check-units.sh");
+    let out = Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    if out.status.code() == Some(77) {
+        eprintln!(
+            "SKIPPED units_pass_verify_and_security_threshold: {}",
+            text(&out.stderr).trim()
+        );
+        return;
+    }
+    assert!(out.status.success(), "{}", describe("check-units.sh", &out));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("exposure: "),
+        "check-units.sh printed no exposure score:\n{stdout}"
+    );
+}
+
+#[test]
+fn check_units_rejects_a_too_low_threshold() {
+    // Proves the threshold check can fail: no unit running as root scores 0.0.
+    let out = Command::new(repo_root().join("packaging/check-units.sh"))
+        .args(["--threshold", "0.0"])
+        .output()
+        .expect("run check-units.sh");
+    if out.status.code() == Some(77) {
+        eprintln!("SKIPPED check_units_rejects_a_too_low_threshold: systemd-analyze missing");
+        return;
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        describe("check-units.sh --threshold 0.0", &out)
+    );
+    assert!(
+        text(&out.stderr).contains("is above 0.0"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn shipped_default_config_matches_the_agent_defaults() {
+    let dir = bin_dir();
+    let agent = dir.join("nodeseal-agent");
+    assert!(
+        agent.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the packaging tests",
+        agent.display()
+    );
+    let out = Command::new(&agent)
+        .arg("print-default-config")
+        .env_remove("NODESEAL_CONFIG")
+        .output()
+        .expect("run nodeseal-agent print-default-config");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("nodeseal-agent print-default-config", &out)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "print-default-config did not print JSON ({e}):\n{}",
+            text(&out.stdout)
+        )
+    });
+    let shipped = read_json(&repo_root().join("packaging/agent.json"));
+    assert_eq!(
+        shipped, printed,
+        "packaging/agent.json differs from `nodeseal-agent print-default-config`; update one of them"
+    );
+}
+
+/// A fake Batch node: `root` plays `/`, with the Batch dirs below it.
+struct FakeNode {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    node_root: PathBuf,
+    startup: PathBuf,
+}
+
+impl FakeNode {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("node");
+        let node_root = root.join("mnt/resource/batch/tasks");
+        let startup = node_root.join("startup");
+        fs::create_dir_all(startup.join("wd")).unwrap();
+        fs::create_dir_all(node_root.join("workitems")).unwrap();
+        Self {
+            _tmp: tmp,
+            root,
+            node_root,
+            startup,
+        }
+    }
+
+    /// Builds the release tarball from the debug binaries into the start task's wd/, where
+    /// Batch puts resource files.
+    fn stage_tarball(&self, bins: &Path) -> PathBuf {
+        let out = Command::new(repo_root().join("packaging/build-tarball.sh"))
+            .arg("--no-build")
+            .arg("--out-dir")
+            .arg(self.startup.join("wd"))
+            .env("NODESEAL_BIN_DIR", bins)
+            .output()
+            .expect("run build-tarball.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            describe("build-tarball.sh", &out)
+        );
+        let path = PathBuf::from(text(&out.stdout).lines().last().unwrap_or("").trim());
+        assert!(
+            path.is_file(),
+            "build-tarball.sh did not make {}",
+            path.display()
+        );
+        path
+    }
+
+    fn installer(&self) -> Command {
+        let mut cmd = Command::new(repo_root().join("packaging/batch/install.sh"));
+        cmd.current_dir(&self.root)
+            .env_remove("NODESEAL_INSTALL_NO_SYSTEMD")
+            .env_remove("NODESEAL_READY_TIMEOUT")
+            .env("DESTDIR", &self.root)
+            .env("AZ_BATCH_NODE_ROOT_DIR", &self.node_root)
+            .env("AZ_BATCH_NODE_STARTUP_DIR", &self.startup);
+        cmd
+    }
+
+    fn install(&self) -> Output {
+        let out = self.installer().output().expect("run install.sh");
+        assert!(out.status.success(), "{}", describe("install.sh", &out));
+        out
+    }
+
+    /// Every file and directory under `etc`, `usr`, `lib`, `var` with its mode and content,
+    /// to prove a rerun changes nothing.
+    fn snapshot(&self) -> BTreeMap<String, (u32, Vec<u8>)> {
+        fn walk(dir: &Path, base: &Path, acc: &mut BTreeMap<String, (u32, Vec<u8>)>) {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries {
+                let p = e.unwrap().path();
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                if p.is_dir() {
+                    acc.insert(rel, (mode(&p), Vec::new()));
+                    walk(&p, base, acc);
+                } else {
+                    acc.insert(rel, (mode(&p), fs::read(&p).unwrap()));
+                }
+            }
+        }
+        let mut acc = BTreeMap::new();
+        for top in ["etc", "usr", "lib", "var"] {
+            walk(&self.root.join(top), &self.root, &mut acc);
+        }
+        acc
+    }
+}
+
+#[test]
+fn installer_lays_down_a_node_and_is_idempotent() {
+    let bins = require_binaries();
+    let node = FakeNode::new();
+    node.stage_tarball(&bins);
+
+    let first = node.install();
+    assert!(
+        text(&first.stdout).contains("not starting the agent (DESTDIR is set)"),
+        "{}",
+        describe("install.sh", &first)
+    );
+    let r = &node.root;
+
+    for b in NODE_BINARIES {
+        let installed = r.join("usr/bin").join(b);
+        assert_eq!(mode(&installed), 0o755, "{}", installed.display());
+        assert!(
+            fs::read(&installed).unwrap() == fs::read(bins.join(b)).unwrap(),
+            "{} is not the built {b}",
+            installed.display()
+        );
+    }
+    for (file, src) in [
+        (
+            "lib/systemd/system/nodeseal-agent.service",
+            "systemd/nodeseal-agent.service",
+        ),
+        (
+            "lib/systemd/system/nodeseal-agent.socket",
+            "systemd/nodeseal-agent.socket",
+        ),
+        (
+            "usr/lib/tmpfiles.d/nodeseal.conf",
+            "systemd/nodeseal.tmpfiles.conf",
+        ),
+        (
+            "usr/share/nodeseal/agent.json.default",
+            "packaging/agent.json",
+        ),
+    ] {
+        assert_eq!(mode(&r.join(file)), 0o644, "{file}");
+        assert_eq!(
+            fs::read(r.join(file)).unwrap(),
+            fs::read(repo_root().join(src)).unwrap(),
+            "{file} differs from {src}"
+        );
+    }
+    assert_eq!(mode(&r.join("etc/nodeseal")), 0o755);
+    assert_eq!(mode(&r.join("var/lib/nodeseal")), 0o700);
+    assert_eq!(mode(&r.join("var/lib/nodeseal/keys")), 0o700);
+
+    // The unit cannot know this node's root; the drop-in makes it writable for the agent.
+    let dropin = r.join("etc/systemd/system/nodeseal-agent.service.d/10-batch-root.conf");
+    assert_eq!(mode(&dropin), 0o644);
+    let dropin_text = fs::read_to_string(&dropin).unwrap();
+    assert!(
+        dropin_text.contains(&format!("ReadWritePaths=-{}\n", node.node_root.display())),
+        "{dropin_text}"
+    );
+
+    // The config: node paths from AZ_BATCH_*, everything else the shipped defaults.
+    let config_path = r.join("etc/nodeseal/agent.json");
+    assert_eq!(mode(&config_path), 0o644);
+    let config = read_json(&config_path);
+    let mut expected = read_json(&repo_root().join("packaging/agent.json"));
+    expected["key_sources"][0]["path"] =
+        serde_json::Value::from(node.startup.join("certs").display().to_string());
+    expected["env_roots"] =
+        serde_json::json!([node.node_root.join("workitems").display().to_string()]);
+    assert_eq!(config, expected);
+    assert_eq!(config["key_sources"][0]["kind"], "batch_certs");
+    assert_eq!(config["key_sources"][0]["ingest"], true);
+
+    // A rerun (every reboot reruns the start task) changes nothing and duplicates nothing.
+    let before = node.snapshot();
+    let second = node.install();
+    assert!(
+        text(&second.stdout).contains("is up to date"),
+        "{}",
+        describe("second install.sh", &second)
+    );
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        node.snapshot().keys().collect::<Vec<_>>()
+    );
+    assert!(before == node.snapshot(), "a rerun changed installed files");
+    assert_eq!(
+        fs::read_to_string(&dropin)
+            .unwrap()
+            .matches("ReadWritePaths")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn installer_keeps_an_operator_edited_config() {
+    let bins = require_binaries();
+    let node = FakeNode::new();
+    node.stage_tarball(&bins);
+    node.install();
+
+    let config_path = node.root.join("etc/nodeseal/agent.json");
+    let mut edited = read_json(&config_path);
+    edited["log_level"] = serde_json::Value::from("debug");
+    let edited_text = serde_json::to_string_pretty(&edited).unwrap();
+    fs::write(&config_path, &edited_text).unwrap();
+
+    let out = node.install();
+    assert!(
+        text(&out.stdout).contains("leaving"),
+        "{}",
+        describe("install.sh", &out)
+    );
+    assert_eq!(fs::read_to_string(&config_path).unwrap(), edited_text);
+}
+
+#[test]
+fn installer_rewrites_its_own_config_when_the_node_root_moves() {
+    let bins = require_binaries();
+    let node = FakeNode::new();
+    node.stage_tarball(&bins);
+    node.install();
+
+    // Same node reimaged with another AZ_BATCH_NODE_ROOT_DIR: the installer's own config (never
+    // edited) follows it.
+    let moved = node.root.join("opt/batch/data");
+    let out = node
+        .installer()
+        .env("AZ_BATCH_NODE_ROOT_DIR", &moved)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe("install.sh", &out));
+    let config = read_json(&node.root.join("etc/nodeseal/agent.json"));
+    assert_eq!(
+        config["env_roots"],
+        serde_json::json!([moved.join("workitems").display().to_string()])
+    );
+}
+
+#[test]
+fn installer_fails_clearly() {
+    let bins = require_binaries();
+    let node = FakeNode::new();
+    node.stage_tarball(&bins);
+
+    let cases: Vec<(&str, Command, &str)> = vec![
+        (
+            "no AZ_BATCH_NODE_ROOT_DIR",
+            {
+                let mut c = node.installer();
+                c.env_remove("AZ_BATCH_NODE_ROOT_DIR");
+                c
+            },
+            "AZ_BATCH_NODE_ROOT_DIR is not set",
+        ),
+        (
+            "no AZ_BATCH_NODE_STARTUP_DIR",
+            {
+                let mut c = node.installer();
+                c.env_remove("AZ_BATCH_NODE_STARTUP_DIR");
+                c
+            },
+            "AZ_BATCH_NODE_STARTUP_DIR is not set",
+        ),
+        (
+            "relative root dir",
+            {
+                let mut c = node.installer();
+                c.env("AZ_BATCH_NODE_ROOT_DIR", "mnt/batch/tasks");
+                c
+            },
+            "must be an absolute path",
+        ),
+        (
+            "bad timeout",
+            {
+                let mut c = node.installer();
+                c.env("NODESEAL_READY_TIMEOUT", "soon");
+                c
+            },
+            "NODESEAL_READY_TIMEOUT",
+        ),
+        (
+            "no artifact",
+            {
+                let mut c = node.installer();
+                c.env("AZ_BATCH_NODE_STARTUP_DIR", node.root.join("elsewhere"));
+                c
+            },
+            "no nodeseal artifact found",
+        ),
+        (
+            "not a tarball",
+            {
+                // Not in the installer's search path, so it cannot disturb "no artifact".
+                let bogus_dir = node.root.join("downloads");
+                fs::create_dir_all(&bogus_dir).unwrap();
+                let bogus = bogus_dir.join("nodeseal-9.9.9-linux-x86_64.tar.gz");
+                fs::write(&bogus, b"not gzip").unwrap();
+                let mut c = node.installer();
+                c.arg(bogus);
+                c
+            },
+            "cannot unpack",
+        ),
+    ];
+    for (what, mut cmd, reason) in cases {
+        let out = cmd.output().expect("run install.sh");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            describe(&format!("install.sh ({what})"), &out)
+        );
+        assert!(
+            text(&out.stderr).contains(reason),
+            "install.sh ({what}) should say '{reason}' on stderr: {}",
+            text(&out.stderr)
+        );
+    }
+    // Nothing was installed by the failed runs.
+    assert!(!node.root.join("usr/bin/nodeseal-agent").exists());
+}
