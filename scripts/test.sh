@@ -5,3 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"
+python3 -m unittest discover -s client/python

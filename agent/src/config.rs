@@ -16,8 +16,7 @@ pub enum ConfigError {
     Io {
         /// Config path.
         path: PathBuf,
-        /// OS error.
-        #[source]
+        /// OS error (part of the message, so not chained again).
         source: std::io::Error,
     },
     /// Not valid JSON, an unknown field, or a wrong type.
@@ -26,7 +25,6 @@ pub enum ConfigError {
         /// Config path.
         path: PathBuf,
         /// serde_json's error, which names the unknown field and its line.
-        #[source]
         source: serde_json::Error,
     },
     /// A value out of range.
@@ -65,6 +63,10 @@ pub struct Config {
     pub legacy_names: Vec<String>,
     /// Also treat any value whose base64 decodes to a loaded key's modulus length as legacy.
     pub legacy_by_length: bool,
+    /// Thumbprint of the key that opens legacy ciphertexts when several keys of the same size
+    /// are loaded. Legacy ciphertexts name no key, and implicit rejection means a wrong key
+    /// yields garbage rather than an error, so the agent never guesses between keys.
+    pub legacy_key: Option<String>,
     /// Per-task socket file name created in each task directory; `null` disables them.
     pub task_socket_name: Option<String>,
     /// How long a decrypted value stays cached.
@@ -86,10 +88,10 @@ pub struct KeySource {
     /// The directory.
     pub path: PathBuf,
     /// Copy keys into the agent's store and delete the readable originals.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<bool>,
     /// `key_dir` only: passphrase for PFX and encrypted PEM files in the directory.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passphrase_file: Option<PathBuf>,
 }
 
@@ -188,6 +190,7 @@ impl Default for Config {
                 "SHIPYARD_STORAGE_ENV".into(),
             ],
             legacy_by_length: true,
+            legacy_key: None,
             task_socket_name: Some("nodeseal.sock".into()),
             cache_ttl_secs: 300,
             limits: Limits::default(),
@@ -278,6 +281,9 @@ impl Config {
                     format!("{name:?} must be a plain file name"),
                 ));
             }
+        }
+        if let Some(tp) = &self.legacy_key {
+            nodeseal_envelope::Thumbprint::from_hex(tp).map_err(|e| invalid("legacy_key", e.to_string()))?;
         }
         let l = &self.limits;
         if l.max_request_bytes < 1024 {
@@ -376,6 +382,15 @@ mod tests {
         };
         assert!(!kv.ingest());
         assert_eq!(c.socket_mode_bits().unwrap(), 0o666);
+    }
+
+    #[test]
+    fn the_documented_defaults_are_the_real_ones() {
+        let doc = include_str!("../../docs/configuration.md");
+        let start = doc.find("```json\n").expect("docs/configuration.md has a JSON block") + 8;
+        let end = start + doc[start..].find("```").unwrap();
+        let documented = Config::parse(&doc[start..end], Path::new("docs/configuration.md")).unwrap();
+        assert_eq!(documented, Config::default());
     }
 
     #[test]

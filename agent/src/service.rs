@@ -557,34 +557,55 @@ impl Agent {
         Ok((utf8(opened.value)?, opened.key))
     }
 
+    /// The one key that may open a legacy ciphertext of `len` bytes: `legacy_key` if set, else
+    /// the only loaded key of that size. Never several: with implicit rejection a wrong key
+    /// "succeeds" with garbage, so trying keys in turn would serve a wrong value.
+    fn legacy_key_for(&self, len: usize) -> Result<Arc<KeyPair>, Failure> {
+        let config = self.config();
+        if let Some(tp) = config.legacy_key.as_deref().and_then(|t| Thumbprint::from_hex(t).ok()) {
+            return match self.keys.get(&tp) {
+                Ok(k) if k.modulus_len() == len => Ok(k),
+                Ok(k) => fail(
+                    ErrorCode::BadToken,
+                    format!("legacy ciphertext is {} bits but legacy_key {tp} is {} bits", len * 8, k.bits()),
+                ),
+                Err(_) => fail(
+                    ErrorCode::KeyUnavailable,
+                    format!("legacy_key {tp} is not available on this node; retry later"),
+                ),
+            };
+        }
+        let mut keys = self.keys.with_modulus_len(len);
+        match keys.len() {
+            0 => fail(
+                ErrorCode::KeyUnavailable,
+                format!("no {}-bit key is available on this node for this legacy ciphertext; retry later", len * 8),
+            ),
+            1 => Ok(keys.remove(0)),
+            n => fail(
+                ErrorCode::KeyUnavailable,
+                format!(
+                    "{n} keys of {} bits are loaded and legacy ciphertexts name none; set legacy_key in the agent config",
+                    len * 8
+                ),
+            ),
+        }
+    }
+
     async fn open_shipyard(
         &self,
         token_text: &str,
         len: usize,
     ) -> Result<(Zeroizing<String>, Thumbprint), Failure> {
-        let keys = self.keys.with_modulus_len(len);
-        if keys.is_empty() {
-            return fail(
-                ErrorCode::KeyUnavailable,
-                format!("no {}-bit key is available on this node for this legacy ciphertext; retry later", len * 8),
-            );
-        }
+        let key = self.legacy_key_for(len)?;
         let token_text = token_text.to_owned();
-        let (value, key) = self
-            .blocking(move || {
-                let mut last = None;
-                for k in &keys {
-                    match legacy::open(&token_text, k) {
-                        Ok(v) => return Ok((v, k.thumbprint())),
-                        Err(e) => last = Some(e),
-                    }
-                }
-                Err(last.unwrap_or_else(|| TokenError::Malformed("no key tried".into())))
-            })
+        let tp = key.thumbprint();
+        let value = self
+            .blocking(move || legacy::open(&token_text, &key))
             .await?
             .map_err(token_failure)?;
-        self.keys.count_open(&key);
-        Ok((utf8(value)?, key))
+        self.keys.count_open(&tp);
+        Ok((utf8(value)?, tp))
     }
 
     /// Run RSA work on the blocking pool, at most one job per core at a time.

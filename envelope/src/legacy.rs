@@ -5,9 +5,12 @@ use crate::error::TokenError;
 use crate::keys::KeyPair;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use openssl::encrypt::{Decrypter, Encrypter};
-use openssl::pkey::{PKey, Public};
+use openssl::bn::BigNum;
+use openssl::encrypt::Encrypter;
+use openssl::pkey::{PKey, Private, Public};
 use openssl::rsa::Padding;
+use openssl::sha::Sha256;
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq, ConstantTimeGreater};
 use zeroize::Zeroizing;
 
 /// Largest value for a modulus of `modulus_len` bytes (PKCS#1 v1.5: k - 11).
@@ -44,6 +47,17 @@ pub fn decode(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Decrypt with `key`. The decoded length must equal the key's modulus length.
+///
+/// **Implicit rejection.** A ciphertext whose PKCS#1 v1.5 padding is invalid does *not* produce
+/// an error: it yields a deterministic pseudo-random "synthetic" message (see
+/// [`decrypt_implicit_rejection`]). Only publicly checkable structure is reported as an error
+/// (bad base64, wrong length for the key, ciphertext not below the modulus). This removes the
+/// Bleichenbacher/Marvin padding oracle, and it has one consequence for callers:
+///
+/// - **A wrong key is not detected.** Opening with a key the value was not sealed for returns
+///   garbage, never `Err`. Callers holding several keys of the same size must not "try keys until
+///   one succeeds" — the first one always "succeeds". Choose the key by configuration (the one
+///   certificate a legacy pool was given), never by trial decryption.
 pub fn open(token: &str, key: &KeyPair) -> Result<Zeroizing<Vec<u8>>, TokenError> {
     let ct = decode(token).ok_or_else(|| {
         TokenError::Malformed(
@@ -61,21 +75,154 @@ pub fn open(token: &str, key: &KeyPair) -> Result<Zeroizing<Vec<u8>>, TokenError
             key.modulus_len()
         )));
     }
-    decrypt_pkcs1(&ct, key).ok_or(TokenError::Tampered)
+    decrypt_implicit_rejection(&ct, key.private_key())
 }
 
-/// The one place PKCS#1 v1.5 decryption happens, so that it can be swapped for an
-/// implicit-rejection implementation without touching the callers.
-fn decrypt_pkcs1(ct: &[u8], key: &KeyPair) -> Option<Zeroizing<Vec<u8>>> {
-    let mut dec = Decrypter::new(key.private_key()).ok()?;
-    dec.set_rsa_padding(Padding::PKCS1).ok()?;
-    let mut out = Zeroizing::new(vec![0u8; dec.decrypt_len(ct).ok()?]);
-    let result = dec.decrypt(ct, &mut out);
-    // Don't leave padding errors queued for unrelated OpenSSL calls to report.
+/// RSAES-PKCS1-v1_5 decryption with implicit rejection, following
+/// draft-irtf-cfrg-rsa-guidance ("Implicit rejection") exactly as OpenSSL >= 3.2 implements it
+/// (`crypto/rsa/rsa_ossl.c` `derive_kdk`, `crypto/rsa/rsa_pk1.c` `ossl_rsa_prf` and
+/// `ossl_rsa_padding_check_PKCS1_type_2`), so a value opened here and by OpenSSL 3.2+ is the same
+/// bytes — valid or not. The machine's OpenSSL is 3.0, which would report padding errors, so
+/// the padding is removed here from a raw (`RSA_NO_PADDING`) private-key operation:
+///
+/// 1. `em = c^d mod n`, `k` bytes (OpenSSL blinds the exponentiation).
+/// 2. `KDK = HMAC-SHA256(key = SHA-256(d as k big-endian bytes), msg = c)`.
+/// 3. `synthetic = PRF(KDK, "message", 8k bits)`; 128 candidate lengths from
+///    `PRF(KDK, "length", 4096 bits)`, each 16-bit big-endian value masked to the bit width of
+///    `k - 10`; the last candidate below `k - 10` wins (0 if none: probability 2^-128).
+///    `PRF(key, label, bits)` is the concatenation over `i = 0, 1, ...` of
+///    `HMAC-SHA256(key, be16(i) || label || be16(bits))`, truncated to `bits / 8` bytes.
+/// 4. Check `em = 00 02 PS 00 M` with `|PS| >= 8` in constant time (every byte examined, `subtle`
+///    selects, no branch on secret data) and return `M`, or the last `synthetic_length` bytes of
+///    `synthetic` if the check failed.
+///
+/// The length of the result is not a padding signal: synthetic messages have random lengths
+/// too. `Err` only for public problems: `ct` not `k` bytes, or not below the modulus.
+pub fn decrypt_implicit_rejection(
+    ct: &[u8],
+    key: &PKey<Private>,
+) -> Result<Zeroizing<Vec<u8>>, TokenError> {
+    let crypto = |source| TokenError::Crypto {
+        during: "decrypting a Shipyard value",
+        source,
+    };
+    let rsa = key.rsa().map_err(crypto)?;
+    let k = rsa.size() as usize;
+    if ct.len() != k {
+        return Err(TokenError::Malformed(format!(
+            "RSA ciphertext is {} bytes; this key needs exactly {k}",
+            ct.len()
+        )));
+    }
+    // Public: the modulus and the ciphertext are both known to everyone.
+    let c = BigNum::from_slice(ct).map_err(crypto)?;
+    if c.ucmp(rsa.n()) != std::cmp::Ordering::Less {
+        return Err(TokenError::Malformed(
+            "RSA ciphertext is not smaller than the key's modulus: not sealed for this key, or \
+             damaged"
+                .to_owned(),
+        ));
+    }
+    let mut em = Zeroizing::new(vec![0u8; k]);
+    let n = rsa.private_decrypt(ct, &mut em, Padding::NONE);
+    // Leave no queued errors behind for unrelated OpenSSL calls to report.
     let _ = openssl::error::ErrorStack::get();
-    let n = result.ok()?;
-    out.truncate(n);
-    Some(out)
+    if n.map_err(crypto)? != k {
+        return Err(TokenError::Crypto {
+            during: "decrypting a Shipyard value (short raw RSA output)",
+            source: openssl::error::ErrorStack::get(),
+        });
+    }
+    let d = Zeroizing::new(rsa.d().to_vec_padded(k as i32).map_err(crypto)?);
+    let d_hash = Zeroizing::new(sha256(&d));
+    let kdk = Zeroizing::new(hmac_sha256(&d_hash, &[ct]));
+    Ok(unpad_implicit(&em, &kdk))
+}
+
+/// Step 3 and 4 of [`decrypt_implicit_rejection`] on the raw RSA output `em` (`k` bytes).
+fn unpad_implicit(em: &[u8], kdk: &[u8; 32]) -> Zeroizing<Vec<u8>> {
+    const LEN_CANDIDATES: usize = 128;
+    let k = em.len();
+    let synthetic = prf(kdk, b"message", k);
+    let lengths = prf(kdk, b"length", LEN_CANDIDATES * 2);
+    // Largest message a k-byte block can carry: k minus 00 02, 8 bytes of PS.
+    let max_sep_offset = (k - 10) as u32;
+    let mut len_mask = max_sep_offset;
+    len_mask |= len_mask >> 1;
+    len_mask |= len_mask >> 2;
+    len_mask |= len_mask >> 4;
+    len_mask |= len_mask >> 8;
+    let mut synthetic_len = 0u32;
+    for pair in lengths.chunks_exact(2) {
+        let candidate = u32::from(u16::from_be_bytes([pair[0], pair[1]])) & len_mask;
+        let fits = max_sep_offset.ct_gt(&candidate);
+        synthetic_len = u32::conditional_select(&synthetic_len, &candidate, fits);
+    }
+    let synth_index = k as u32 - synthetic_len;
+
+    let mut good = em[0].ct_eq(&0) & em[1].ct_eq(&2);
+    let mut found_zero = Choice::from(0);
+    let mut zero_index = 0u32;
+    for (i, &b) in em.iter().enumerate().skip(2) {
+        let is_zero = b.ct_eq(&0);
+        zero_index = u32::conditional_select(&zero_index, &(i as u32), !found_zero & is_zero);
+        found_zero |= is_zero;
+    }
+    // PS starts at index 2 and needs 8 bytes, so the separator is at index 10 or later; a
+    // missing separator leaves zero_index at 0, which fails this too.
+    good &= zero_index.ct_gt(&9);
+    let msg_index = u32::conditional_select(&synth_index, &(zero_index + 1), good) as usize;
+    // Read both buffers at every position so the cache footprint does not depend on `good`.
+    let mut out = Zeroizing::new(Vec::with_capacity(k));
+    for i in msg_index..k {
+        out.push(u8::conditional_select(&synthetic[i], &em[i], good));
+    }
+    out
+}
+
+/// `PRF(key, label, 8 * len bits)` of draft-irtf-cfrg-rsa-guidance (OpenSSL `ossl_rsa_prf`).
+fn prf(key: &[u8; 32], label: &[u8], len: usize) -> Zeroizing<Vec<u8>> {
+    // len <= 512 for RSA-4096, so the bit length always fits the 16-bit field.
+    let bits = u16::try_from(len * 8).unwrap_or(u16::MAX).to_be_bytes();
+    let mut out = Zeroizing::new(Vec::with_capacity(len + 32));
+    let mut iter: u16 = 0;
+    while out.len() < len {
+        let block = Zeroizing::new(hmac_sha256(key, &[&iter.to_be_bytes(), label, &bits]));
+        out.extend_from_slice(&block[..]);
+        iter = iter.wrapping_add(1);
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(data);
+    h.finish()
+}
+
+/// HMAC-SHA256 (RFC 2104) over the concatenation of `parts`, for a key of at most 64 bytes.
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    debug_assert!(key.len() <= 64);
+    let mut k0 = Zeroizing::new([0u8; 64]);
+    k0[..key.len()].copy_from_slice(key);
+    let mut pad = Zeroizing::new([0u8; 64]);
+    for (p, k) in pad.iter_mut().zip(k0.iter()) {
+        *p = k ^ 0x36;
+    }
+    let mut inner = Sha256::new();
+    inner.update(&pad[..]);
+    for part in parts {
+        inner.update(part);
+    }
+    let inner = Zeroizing::new(inner.finish());
+    for (p, k) in pad.iter_mut().zip(k0.iter()) {
+        *p = k ^ 0x5c;
+    }
+    let mut outer = Sha256::new();
+    outer.update(&pad[..]);
+    outer.update(&inner[..]);
+    outer.finish()
 }
 
 #[cfg(test)]

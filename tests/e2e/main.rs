@@ -3,3 +3,4 @@ mod packaging;
 mod seal;
 mod agent;
 mod node;
+mod keys;

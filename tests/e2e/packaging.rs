@@ -134,6 +134,7 @@ fn shipped_default_config_matches_the_agent_defaults() {
         "{}",
         describe("nodeseal-agent print-default-config", &out)
     );
+    assert_agent_accepts(&agent, &repo_root().join("packaging/agent.json"));
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "print-default-config did not print JSON ({e}):\n{}",
@@ -142,8 +143,42 @@ fn shipped_default_config_matches_the_agent_defaults() {
     });
     let shipped = read_json(&repo_root().join("packaging/agent.json"));
     assert_eq!(
-        shipped, printed,
+        without_null_source_fields(shipped),
+        without_null_source_fields(printed),
         "packaging/agent.json differs from `nodeseal-agent print-default-config`; update one of them"
+    );
+}
+
+/// Key source fields are optional: `"ingest": null` and no `ingest` mean the same, and the
+/// shipped file lists only the fields that apply to each kind.
+fn without_null_source_fields(mut config: serde_json::Value) -> serde_json::Value {
+    if let Some(sources) = config["key_sources"].as_array_mut() {
+        for source in sources {
+            if let Some(fields) = source.as_object_mut() {
+                fields.retain(|_, v| !v.is_null());
+            }
+        }
+    }
+    config
+}
+
+/// The agent parses and validates `config` (missing key directories are not errors there:
+/// they appear when Batch installs certificates).
+fn assert_agent_accepts(agent: &Path, config: &Path) {
+    let out = Command::new(agent)
+        .arg("--config")
+        .arg(config)
+        .arg("check")
+        .output()
+        .expect("run nodeseal-agent check");
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !all.contains("invalid config") && !all.contains("cannot read config"),
+        "{}",
+        describe(
+            &format!("nodeseal-agent --config {} check", config.display()),
+            &out
+        )
     );
 }
 
@@ -172,13 +207,20 @@ impl FakeNode {
     }
 
     /// Builds the release tarball from the debug binaries into the start task's wd/, where
-    /// Batch puts resource files.
+    /// Batch puts resource files. Returns the copies of the binaries it was built from: the
+    /// shared target/debug may be rebuilt by a concurrent cargo while the test runs.
     fn stage_tarball(&self, bins: &Path) -> PathBuf {
+        let snapshot = self.root.parent().unwrap().join("bins");
+        fs::create_dir_all(&snapshot).unwrap();
+        for b in NODE_BINARIES {
+            fs::copy(bins.join(b), snapshot.join(b))
+                .unwrap_or_else(|e| panic!("copy {}: {e}", bins.join(b).display()));
+        }
         let out = Command::new(repo_root().join("packaging/build-tarball.sh"))
             .arg("--no-build")
             .arg("--out-dir")
             .arg(self.startup.join("wd"))
-            .env("NODESEAL_BIN_DIR", bins)
+            .env("NODESEAL_BIN_DIR", &snapshot)
             .output()
             .expect("run build-tarball.sh");
         assert!(
@@ -192,7 +234,7 @@ impl FakeNode {
             "build-tarball.sh did not make {}",
             path.display()
         );
-        path
+        snapshot
     }
 
     fn installer(&self) -> Command {
@@ -240,9 +282,8 @@ impl FakeNode {
 
 #[test]
 fn installer_lays_down_a_node_and_is_idempotent() {
-    let bins = require_binaries();
     let node = FakeNode::new();
-    node.stage_tarball(&bins);
+    let bins = node.stage_tarball(&require_binaries());
 
     let first = node.install();
     assert!(
@@ -311,6 +352,7 @@ fn installer_lays_down_a_node_and_is_idempotent() {
     assert_eq!(config, expected);
     assert_eq!(config["key_sources"][0]["kind"], "batch_certs");
     assert_eq!(config["key_sources"][0]["ingest"], true);
+    assert_agent_accepts(&bins.join("nodeseal-agent"), &config_path);
 
     // A rerun (every reboot reruns the start task) changes nothing and duplicates nothing.
     let before = node.snapshot();
@@ -336,9 +378,8 @@ fn installer_lays_down_a_node_and_is_idempotent() {
 
 #[test]
 fn installer_keeps_an_operator_edited_config() {
-    let bins = require_binaries();
     let node = FakeNode::new();
-    node.stage_tarball(&bins);
+    node.stage_tarball(&require_binaries());
     node.install();
 
     let config_path = node.root.join("etc/nodeseal/agent.json");
@@ -358,9 +399,8 @@ fn installer_keeps_an_operator_edited_config() {
 
 #[test]
 fn installer_rewrites_its_own_config_when_the_node_root_moves() {
-    let bins = require_binaries();
     let node = FakeNode::new();
-    node.stage_tarball(&bins);
+    node.stage_tarball(&require_binaries());
     node.install();
 
     // Same node reimaged with another AZ_BATCH_NODE_ROOT_DIR: the installer's own config (never
@@ -381,9 +421,8 @@ fn installer_rewrites_its_own_config_when_the_node_root_moves() {
 
 #[test]
 fn installer_fails_clearly() {
-    let bins = require_binaries();
     let node = FakeNode::new();
-    node.stage_tarball(&bins);
+    node.stage_tarball(&require_binaries());
 
     let cases: Vec<(&str, Command, &str)> = vec![
         (

@@ -1,0 +1,241 @@
+//! Key lifecycle end to end: every key source, rotation in place, removal and restore,
+//! late password files, bad key files, each checked by protocol outcome and by the 1 s bound.
+
+use crate::node::{code_of, wait_until, Cert, TestNode, PFX_PASS};
+use serde_json::json;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The bound the key-lifecycle issue sets for rotation, revocation and restore.
+const WITHIN: Duration = Duration::from_secs(1);
+
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The PEM (certificate + unencrypted key, with openssl's bag attributes) of a PFX, as the Key
+/// Vault extension writes one per certificate.
+fn pem_bundle(node: &TestNode, cert: &Cert) -> Vec<u8> {
+    let pass = node.workstation.join("pass");
+    openssl(&[
+        "pkcs12", "-in", s(&cert.pfx), "-nodes", "-passin", &format!("file:{}", s(&pass)),
+    ])
+}
+
+fn key_only(node: &TestNode, cert: &Cert) -> Vec<u8> {
+    let pass = node.workstation.join("pass");
+    openssl(&[
+        "pkcs12", "-in", s(&cert.pfx), "-nocerts", "-nodes", "-passin", &format!("file:{}", s(&pass)),
+    ])
+}
+
+/// Wait for `cond`, asserting it holds within the 1 s bound; returns how long it took.
+fn within_bound(what: &str, node: &TestNode, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    let ok = wait_until(Duration::from_secs(10), &mut cond);
+    let took = start.elapsed();
+    assert!(ok, "{what}: never happened; log:\n{}", node.logs());
+    eprintln!("{what}: {took:?}");
+    assert!(took <= WITHIN, "{what} took {took:?}, over the {WITHIN:?} bound");
+    took
+}
+
+fn task_with(node: &TestNode, pairs: &[(&str, String)]) -> PathBuf {
+    let task = node.task("job", "task");
+    let body: String = pairs.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    node.write_env(&task, &body);
+    task
+}
+
+#[test]
+fn keyvault_pem_is_loaded_rotated_in_place_removed_and_restored() {
+    let mut node = TestNode::new();
+    let kv = node.root.join("kv-store");
+    fs::create_dir_all(&kv).unwrap();
+    node.write_config(json!({"key_sources": [{"kind": "keyvault", "path": kv}]}));
+    let v1 = node.create_cert("v1");
+    let v2 = node.create_cert("v2");
+    let file = kv.join("myvault.poolcert");
+    fs::write(&file, pem_bundle(&node, &v1)).unwrap();
+    let old = node.seal(&v1, Some("OLD"), "sealed-for-v1", "v1");
+    let new = node.seal(&v2, Some("NEW"), "sealed-for-v2", "v1");
+    let task = task_with(&node, &[("OLD", old), ("NEW", new)]);
+    node.start();
+    assert_eq!(node.get(&task, "OLD")["value"], "sealed-for-v1");
+    assert_eq!(code_of(&node.get(&task, "NEW")), "key_unavailable");
+
+    // Key Vault rotates the certificate: the same file is rewritten in place.
+    fs::write(&file, pem_bundle(&node, &v2)).unwrap();
+    within_bound("rotation in place", &node, || node.get(&task, "NEW")["value"] == "sealed-for-v2");
+    within_bound("old key gone after rotation", &node, || code_of(&node.get(&task, "OLD")) == "key_unavailable");
+
+    // The file goes away: requests fail retryably; it comes back: they succeed.
+    fs::remove_file(&file).unwrap();
+    within_bound("removal", &node, || code_of(&node.get(&task, "NEW")) == "key_unavailable");
+    fs::write(&file, pem_bundle(&node, &v2)).unwrap();
+    within_bound("restore", &node, || node.get(&task, "NEW")["value"] == "sealed-for-v2");
+}
+
+#[test]
+fn waagent_pairs_and_key_dirs_with_a_passphrase_file() {
+    let mut node = TestNode::new();
+    let waagent = node.root.join("waagent");
+    let keydir = node.root.join("keys");
+    fs::create_dir_all(&waagent).unwrap();
+    fs::create_dir_all(&keydir).unwrap();
+    let a = node.create_cert("a");
+    let b = node.create_cert("b");
+    let c = node.create_cert("c");
+    let upper = a.thumbprint.to_uppercase();
+    fs::write(waagent.join(format!("{upper}.prv")), key_only(&node, &a)).unwrap();
+    fs::copy(&a.crt, waagent.join(format!("{upper}.crt"))).unwrap();
+    // key_dir: a PFX unlocked by the shared passphrase file, and a PEM key with a sibling .crt.
+    fs::copy(&b.pfx, keydir.join("b.pfx")).unwrap();
+    fs::write(keydir.join("c.key"), key_only(&node, &c)).unwrap();
+    fs::copy(&c.crt, keydir.join("c.crt")).unwrap();
+    let pass = node.root.join("keydir.pass");
+    fs::write(&pass, format!("{PFX_PASS}\n")).unwrap();
+    node.write_config(json!({"key_sources": [
+        {"kind": "waagent", "path": waagent},
+        {"kind": "key_dir", "path": keydir, "passphrase_file": pass},
+    ]}));
+    let task = task_with(
+        &node,
+        &[
+            ("A", node.seal(&a, Some("A"), "value-a", "v1")),
+            ("B", node.seal(&b, Some("B"), "value-b", "v1")),
+            ("C", node.seal(&c, Some("C"), "value-c", "v1")),
+        ],
+    );
+    node.start();
+    for (name, value) in [("A", "value-a"), ("B", "value-b"), ("C", "value-c")] {
+        assert_eq!(node.get(&task, name)["value"], value, "{name}");
+    }
+    let health = node.request(json!({"op": "health"}));
+    assert_eq!(health["info"]["keys"], 3);
+}
+
+#[test]
+fn a_password_file_arriving_after_its_pfx_is_waited_for() {
+    let mut node = TestNode::new();
+    node.write_config(json!({"key_sources": [{"kind": "batch_certs", "path": node.certs, "ingest": false}]}));
+    let cert = node.create_cert("late");
+    let pfx = node.certs.join(format!("sha1-{}.pfx", cert.thumbprint));
+    fs::copy(&cert.pfx, &pfx).unwrap();
+    let task = task_with(&node, &[("A", node.seal(&cert, Some("A"), "late-pw", "v1"))]);
+    node.start();
+    assert_eq!(code_of(&node.get(&task, "A")), "key_unavailable");
+    if crate::node::is_root() {
+        let status = node.request(json!({"op": "status"}));
+        assert_eq!(status["info"]["keys"][0]["state"], "pending", "{status}");
+    }
+    fs::write(format!("{}.pw", pfx.display()), PFX_PASS).unwrap();
+    within_bound("late .pw picked up", &node, || node.get(&task, "A")["value"] == "late-pw");
+}
+
+#[test]
+fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
+    let mut node = TestNode::new();
+    let keydir = node.root.join("keys");
+    fs::create_dir_all(&keydir).unwrap();
+    let good = node.create_cert("good");
+    let other = node.create_cert("other");
+    fs::write(keydir.join("good.key"), key_only(&node, &good)).unwrap();
+    fs::copy(&good.crt, keydir.join("good.crt")).unwrap();
+    // EC and 1024-bit RSA keys, a truncated PEM, and a key beside someone else's certificate.
+    let ec_key = keydir.join("ec.key");
+    openssl(&[
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", s(&ec_key), "-out", s(&keydir.join("ec.crt")), "-subj", "/CN=ec", "-days", "1",
+    ]);
+    let small = keydir.join("small.key");
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-keyout", s(&small), "-out",
+        s(&keydir.join("small.crt")), "-subj", "/CN=small", "-days", "1",
+    ]);
+    let pem = key_only(&node, &other);
+    fs::write(keydir.join("truncated.key"), &pem[..pem.len() / 2]).unwrap();
+    fs::write(keydir.join("mismatch.key"), key_only(&node, &other)).unwrap();
+    fs::copy(&good.crt, keydir.join("mismatch.crt")).unwrap();
+    // A Batch drop whose file name claims another thumbprint.
+    let lying = node.certs.join(format!("sha1-{}.pfx", good.thumbprint));
+    fs::copy(&other.pfx, &lying).unwrap();
+    fs::write(format!("{}.pw", lying.display()), PFX_PASS).unwrap();
+    node.write_config(json!({"key_sources": [
+        {"kind": "key_dir", "path": keydir},
+        {"kind": "batch_certs", "path": node.certs, "ingest": false},
+    ]}));
+    let task = task_with(&node, &[("A", node.seal(&good, Some("A"), "still-served", "v1"))]);
+    node.start();
+    assert_eq!(node.get(&task, "A")["value"], "still-served");
+    let logs = node.logs();
+    for (file, reason) in [
+        ("ec.key", "EC"),
+        ("small.key", "1024"),
+        ("truncated.key", ""),
+        ("mismatch.key", "does not match"),
+        (lying.file_name().unwrap().to_str().unwrap(), "file name says thumbprint"),
+    ] {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(file) && l.contains("skipped"))
+            .unwrap_or_else(|| panic!("no skip line for {file}:\n{logs}"));
+        assert!(line.contains(reason), "{file}: {line}");
+    }
+}
+
+#[test]
+fn a_token_for_two_keys_opens_with_whichever_is_present() {
+    let mut node = TestNode::new();
+    let kv = node.root.join("kv");
+    fs::create_dir_all(&kv).unwrap();
+    node.write_config(json!({"key_sources": [{"kind": "keyvault", "path": kv}]}));
+    let old = node.create_cert("old");
+    let new = node.create_cert("new");
+    let out = crate::util::run_with_stdin(
+        Command::new(crate::util::bin("nodeseal"))
+            .args(["seal", "--name", "BOTH", "--cert"])
+            .arg(&old.crt)
+            .arg("--cert")
+            .arg(&new.crt),
+        b"two-recipients",
+    );
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let task = task_with(&node, &[("BOTH", token)]);
+    fs::write(kv.join("v.old"), pem_bundle(&node, &old)).unwrap();
+    node.start();
+    assert_eq!(node.get(&task, "BOTH")["value"], "two-recipients");
+    fs::write(kv.join("v.new"), pem_bundle(&node, &new)).unwrap();
+    fs::remove_file(kv.join("v.old")).unwrap();
+    within_bound("switch to the other recipient", &node, || {
+        node.request(json!({"op": "health"}))["info"]["keys"] == 1
+            && node.get(&task, "BOTH")["value"] == "two-recipients"
+    });
+}
+
+#[test]
+fn a_store_dir_with_loose_permissions_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut node = TestNode::new();
+    let store = node.state.join("keys");
+    fs::create_dir_all(&store).unwrap();
+    fs::set_permissions(&store, fs::Permissions::from_mode(0o755)).unwrap();
+    let cert = node.create_cert("pool");
+    let pfx = node.drop_pfx(&cert);
+    let task = task_with(&node, &[("A", node.seal(&cert, Some("A"), "served-anyway", "v1"))]);
+    node.start();
+    // Keys still serve from their source; nothing is ingested into a store others can read.
+    assert_eq!(node.get(&task, "A")["value"], "served-anyway");
+    assert!(pfx.exists(), "original must stay when the store is unusable");
+    assert_eq!(fs::read_dir(&store).unwrap().count(), 0);
+    assert!(node.logs().contains("chmod 700"), "{}", node.logs());
+}
