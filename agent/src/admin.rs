@@ -2,28 +2,18 @@
 //! agent over its socket, printed for humans or as JSON.
 
 use anyhow::{bail, Context, Result};
-use nodeseal_client::protocol::{Operation, Request, Response};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use nodeseal_client::protocol::Operation;
 use std::path::Path;
 use std::time::Duration;
 
 /// Send one request and return the agent's `info` object, or the agent's error.
 pub fn call(socket: &Path, op: Operation) -> Result<serde_json::Value> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot connect to the agent at {}; is it running (systemctl status nodeseal-agent)?",
-            socket.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_vec(&Request::new(op))?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
-    let response: Response =
-        serde_json::from_str(&reply).context("the agent sent an invalid response")?;
+    let mut client = nodeseal_client::Client::builder()
+        .socket(socket)
+        .retry_for(Duration::from_secs(5))
+        .connect()
+        .context("is the agent running? (systemctl status nodeseal-agent)")?;
+    let response = client.request(op)?;
     if let Some(err) = &response.error {
         bail!("agent refused: {} ({})", err.message, err.code);
     }

@@ -283,7 +283,8 @@ impl Config {
             }
         }
         if let Some(tp) = &self.legacy_key {
-            nodeseal_envelope::Thumbprint::from_hex(tp).map_err(|e| invalid("legacy_key", e.to_string()))?;
+            nodeseal_envelope::Thumbprint::from_hex(tp)
+                .map_err(|e| invalid("legacy_key", e.to_string()))?;
         }
         let l = &self.limits;
         if l.max_request_bytes < 1024 {
@@ -387,9 +388,13 @@ mod tests {
     #[test]
     fn the_documented_defaults_are_the_real_ones() {
         let doc = include_str!("../../docs/configuration.md");
-        let start = doc.find("```json\n").expect("docs/configuration.md has a JSON block") + 8;
+        let start = doc
+            .find("```json\n")
+            .expect("docs/configuration.md has a JSON block")
+            + 8;
         let end = start + doc[start..].find("```").unwrap();
-        let documented = Config::parse(&doc[start..end], Path::new("docs/configuration.md")).unwrap();
+        let documented =
+            Config::parse(&doc[start..end], Path::new("docs/configuration.md")).unwrap();
         assert_eq!(documented, Config::default());
     }
 

@@ -4,11 +4,8 @@
 
 use crate::config::{Config, KeySource, KeySourceKind};
 use anyhow::{bail, Context, Result};
-use nodeseal_client::protocol::{ErrorCode, Operation, Request, Response};
+use nodeseal_client::protocol::ErrorCode;
 use nodeseal_envelope::{legacy, token, KeyPair, SealOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 
 const DEMO_VALUES: &[(&str, &str, &str)] = &[
     (
@@ -72,6 +69,7 @@ pub async fn run(keep: bool) -> Result<()> {
     );
     let recipient = pair.recipient();
     let mut env = String::from("# written by the job submitter: only ciphertext below\n");
+    let mut replay_token = String::new();
     for (name, format, value) in DEMO_VALUES {
         let sealed = match *format {
             "v1" => token::seal(
@@ -91,6 +89,9 @@ pub async fn run(keep: bool) -> Result<()> {
             format!("{sealed} ({format})")
         };
         println!("    {name}={shown}");
+        if *name == "DATABASE_URL" {
+            replay_token = sealed.clone();
+        }
         env.push_str(&format!("{name}={sealed}\n"));
     }
     let env_path = wd.join(".shipyard.envlist");
@@ -134,49 +135,39 @@ pub async fn run(keep: bool) -> Result<()> {
 
     step(
         5,
-        "Task: fetch each value through the agent, as a task process would",
+        "Task: fetch each value with the client library, as a task would",
     );
     let task = task_dir.display().to_string();
     let socket2 = socket.clone();
     let task2 = task.clone();
+    let replay = replay_token;
     let outcome = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut client = nodeseal_client::Client::builder()
+            .socket(&socket2)
+            .task(task2)
+            .connect()?;
         for (name, _, expected) in DEMO_VALUES {
-            let got = request(
-                &socket2,
-                Operation::Get {
-                    name: (*name).to_owned(),
-                    task: Some(task2.clone()),
-                },
-            )?;
-            let value = got.value.as_deref().map(|v| v.as_str()).unwrap_or_default();
-            if value != *expected {
+            let value = client.get(name)?;
+            if value.expose() != *expected {
                 bail!("{name}: the agent returned a different value than was sealed");
             }
-            println!("    get {name:<22} -> {value}");
+            println!("    get {name:<22} -> {}", value.expose());
         }
         step(
             6,
-            "A token replayed under another name is refused (it is bound to its variable)",
+            "Misuse is refused: an unknown name, a token replayed under another name",
         );
-        let bound = request(
-            &socket2,
-            Operation::List {
-                task: Some(task2.clone()),
-            },
-        )?;
-        println!("    list -> {:?}", bound.names.clone().unwrap_or_default());
-        let denied = request(
-            &socket2,
-            Operation::Get {
-                name: "NO_SUCH_VALUE".into(),
-                task: Some(task2.clone()),
-            },
-        )?;
-        if let Some(e) = &denied.error {
-            println!("    get NO_SUCH_VALUE -> {} ({})", e.code, e.message);
-            if e.code != ErrorCode::NotFound {
-                bail!("expected not_found");
+        match client.get("NO_SUCH_VALUE") {
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                println!("    get NO_SUCH_VALUE -> {e}")
             }
+            other => bail!("expected not_found, got {:?}", other.map(|_| "a value")),
+        }
+        match client.open(&replay, Some("SOME_OTHER_NAME")) {
+            Err(e) if e.code() == Some(ErrorCode::BadToken) => {
+                println!("    open <DATABASE_URL token> as SOME_OTHER_NAME -> {e}")
+            }
+            other => bail!("expected bad_token, got {:?}", other.map(|_| "a value")),
         }
         Ok(())
     })
@@ -202,14 +193,4 @@ pub async fn run(keep: bool) -> Result<()> {
         root.display()
     );
     Ok(())
-}
-
-fn request(socket: &Path, op: Operation) -> Result<Response> {
-    let mut stream = UnixStream::connect(socket)?;
-    let mut line = serde_json::to_vec(&Request::new(op))?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
-    Ok(serde_json::from_str(&reply)?)
 }

@@ -2,12 +2,14 @@
 #![deny(unsafe_code)]
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use nodeseal_agent::config::{Config, DEFAULT_CONFIG_PATH};
 use nodeseal_agent::{admin, demo, lifecycle, logging, service::Agent, RunOptions};
 use nodeseal_client::protocol::Operation;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod cli_docs;
 
 /// Decrypts nodeseal and Batch Shipyard credentials for local task processes.
 #[derive(Parser)]
@@ -58,6 +60,13 @@ enum Command {
         /// Leave the agent running and print commands to try.
         #[arg(long)]
         keep: bool,
+    },
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory; gets man/ and completions/{bash,zsh,fish}/.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -209,6 +218,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Demo { keep } => {
             logging::init("warn");
             runtime()?.block_on(demo::run(*keep))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateDocs { out } => {
+            cli_docs::generate(Cli::command(), "nodeseal-agent", "8", out)?;
             Ok(ExitCode::SUCCESS)
         }
     }

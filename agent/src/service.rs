@@ -562,12 +562,20 @@ impl Agent {
     /// "succeeds" with garbage, so trying keys in turn would serve a wrong value.
     fn legacy_key_for(&self, len: usize) -> Result<Arc<KeyPair>, Failure> {
         let config = self.config();
-        if let Some(tp) = config.legacy_key.as_deref().and_then(|t| Thumbprint::from_hex(t).ok()) {
+        if let Some(tp) = config
+            .legacy_key
+            .as_deref()
+            .and_then(|t| Thumbprint::from_hex(t).ok())
+        {
             return match self.keys.get(&tp) {
                 Ok(k) if k.modulus_len() == len => Ok(k),
                 Ok(k) => fail(
                     ErrorCode::BadToken,
-                    format!("legacy ciphertext is {} bits but legacy_key {tp} is {} bits", len * 8, k.bits()),
+                    format!(
+                        "legacy ciphertext is {} bits but legacy_key {tp} is {} bits",
+                        len * 8,
+                        k.bits()
+                    ),
                 ),
                 Err(_) => fail(
                     ErrorCode::KeyUnavailable,

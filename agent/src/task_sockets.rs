@@ -93,9 +93,16 @@ fn bind(path: &Path, owner: u32) -> std::io::Result<tokio::net::UnixListener> {
         }
         Err(_) => {}
     }
-    // The process umask (0077) makes the socket 0600 at creation: no chmod that could follow a
-    // symlink swapped in by the directory's owner.
+    // The process umask (0077) keeps the socket private from its creation; the directory's
+    // owner may swap the path for a symlink at any time, so neither call below follows one.
     let listener = tokio::net::UnixListener::bind(path)?;
+    nix::sys::stat::fchmodat(
+        None,
+        path,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+    )
+    .map_err(std::io::Error::from)?;
     if nix::unistd::geteuid().is_root() {
         std::os::unix::fs::lchown(path, Some(owner), None)?;
     }

@@ -135,7 +135,7 @@ pub fn decrypt_implicit_rejection(
     }
     let d = Zeroizing::new(rsa.d().to_vec_padded(k as i32).map_err(crypto)?);
     let d_hash = Zeroizing::new(sha256(&d));
-    let kdk = Zeroizing::new(hmac_sha256(&d_hash, &[ct]));
+    let kdk = Zeroizing::new(hmac_sha256(&d_hash[..], &[ct]));
     Ok(unpad_implicit(&em, &kdk))
 }
 
@@ -226,7 +226,12 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 }
 
 #[cfg(test)]
+#[path = "legacy_vectors.rs"]
+mod vectors;
+
+#[cfg(test)]
 mod tests {
+    use super::vectors;
     use super::*;
     use crate::testutil::{key_a, key_b};
 
@@ -254,11 +259,11 @@ mod tests {
     #[test]
     fn bad_inputs() {
         let t = seal(b"v", &key_a().recipient().public_key).unwrap();
-        // Wrong key: PKCS#1 v1.5 padding check fails (or, with negligible probability, yields
-        // garbage), never the value.
+        // Wrong key: implicit rejection yields a synthetic value, never the cleartext and never
+        // a padding error; the only possible error is the public "not below the modulus" check.
         match open(&t, key_b()) {
-            Err(TokenError::Tampered) => {}
             Ok(v) => assert_ne!(&v[..], b"v"),
+            Err(TokenError::Malformed(m)) => assert!(m.contains("modulus"), "{m}"),
             Err(e) => panic!("{e}"),
         }
         assert!(matches!(
@@ -274,7 +279,139 @@ mod tests {
             open(&short, key_a()),
             Err(TokenError::Malformed(_))
         ));
+        // All-0xff is above any 2048-bit modulus: a public, structural error.
+        let big = STANDARD.encode([0xffu8; 256]);
+        match open(&big, key_a()) {
+            Err(TokenError::Malformed(m)) => assert!(m.contains("modulus"), "{m}"),
+            Ok(_) => panic!("ciphertext >= n accepted"),
+            Err(e) => panic!("{e}"),
+        }
         assert_eq!(decode("YQ=="), Some(b"a".to_vec()));
         assert_eq!(decode("YQ"), None);
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Appendix B.1 of draft-irtf-cfrg-rsa-guidance: valid ciphertexts give their message, and
+    /// every invalid one gives exactly the synthetic message the draft (and OpenSSL 3.2+)
+    /// computes. A slip in the KDK, PRF, length selection or padding check changes these bytes.
+    #[test]
+    fn draft_implicit_rejection_vectors() {
+        let key = PKey::private_key_from_pem(vectors::KEY_2048.as_bytes()).unwrap();
+        for (title, ct, want) in vectors::CASES_2048 {
+            let got = decrypt_implicit_rejection(&hex(ct), &key)
+                .unwrap_or_else(|e| panic!("{title}: {e}"));
+            assert_eq!(&got[..], &hex(want)[..], "{title}");
+        }
+    }
+
+    #[test]
+    fn hmac_matches_openssl() {
+        let key = [7u8; 32];
+        let pkey = PKey::hmac(&key).unwrap();
+        let mut signer =
+            openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &pkey).unwrap();
+        signer.update(b"abc").unwrap();
+        signer.update(b"defg").unwrap();
+        let want = signer.sign_to_vec().unwrap();
+        assert_eq!(&hmac_sha256(&key, &[b"abc", b"defg"])[..], &want[..]);
+    }
+
+    /// Ciphertexts made by the `openssl` command line tool (what Batch Shipyard ran) decrypt to
+    /// the value, including a 1-byte and a maximum-length one.
+    #[test]
+    fn opens_openssl_rsautl_ciphertexts() {
+        let dir = tempfile::tempdir().unwrap();
+        let pub_pem = dir.path().join("pub.pem");
+        std::fs::write(
+            &pub_pem,
+            key_a().recipient().public_key.public_key_to_pem().unwrap(),
+        )
+        .unwrap();
+        let max = "m".repeat(245);
+        for value in ["x", "pässword with spaces", max.as_str()] {
+            let mut child = std::process::Command::new("openssl")
+                .args(["rsautl", "-encrypt", "-pubin", "-inkey"])
+                .arg(&pub_pem)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("the openssl command is needed for this test");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(value.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let token = STANDARD.encode(&out.stdout);
+            assert_eq!(&open(&token, key_a()).unwrap()[..], value.as_bytes());
+        }
+    }
+
+    /// Encrypt a raw (unpadded) block with the public key: lets tests build any padding.
+    fn raw_encrypt(block: &[u8], key: &KeyPair) -> String {
+        let rsa = key.recipient().public_key.rsa().unwrap();
+        let mut out = vec![0u8; rsa.size() as usize];
+        rsa.public_encrypt(block, &mut out, Padding::NONE).unwrap();
+        STANDARD.encode(out)
+    }
+
+    /// A block with valid padding except for `breakage`.
+    fn block(breakage: usize, seed: u8) -> Vec<u8> {
+        let mut b = vec![0u8; 256];
+        b[1] = 2;
+        for (i, x) in b.iter_mut().enumerate().skip(2) {
+            *x = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
+        }
+        b[200] = 0; // separator: 54-byte message
+        match breakage {
+            0 => {}
+            1 => b[0] = 1,      // first byte not 00
+            2 => b[1] = 1,      // block type not 02
+            3 => b[5] = 0,      // separator inside the 8 PS bytes
+            4 => b[200] = 0x55, // no separator at all
+            _ => b[2] = 0,      // zero-length PS
+        }
+        b
+    }
+
+    #[test]
+    fn bad_padding_is_deterministic_never_an_error() {
+        let good = raw_encrypt(&block(0, 1), key_a());
+        assert_eq!(&open(&good, key_a()).unwrap()[..], &block(0, 1)[201..]);
+        let mut outputs = Vec::new();
+        for breakage in 1..=5 {
+            for seed in [1u8, 2] {
+                let t = raw_encrypt(&block(breakage, seed), key_a());
+                let first = open(&t, key_a()).unwrap_or_else(|e| panic!("{breakage}: {e}"));
+                let again = open(&t, key_a()).unwrap();
+                assert_eq!(&first[..], &again[..], "same ciphertext, same output");
+                assert!(first.len() <= 256 - 10, "{}", first.len());
+                outputs.push(first.to_vec());
+            }
+        }
+        for i in 0..outputs.len() {
+            for j in i + 1..outputs.len() {
+                assert_ne!(outputs[i], outputs[j], "cases {i} and {j} collide");
+            }
+        }
+        // Another key's synthetic value for the same bytes differs: the KDK depends on d.
+        let t = raw_encrypt(&block(1, 1), key_a());
+        if let Ok(other) = open(&t, key_b()) {
+            assert_ne!(&other[..], &outputs[0][..]);
+        }
     }
 }

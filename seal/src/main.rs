@@ -4,10 +4,11 @@
 #![forbid(unsafe_code)]
 
 mod cert;
+mod cli_docs;
 mod ops;
 mod util;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use nodeseal_envelope::{EnvFileError, KeyError, TokenError};
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,6 +53,13 @@ enum Command {
     /// Re-seal a token or every token of an env file (stdin) for new certificates.
     #[command(after_help = EXIT_CODES)]
     Rewrap(ops::RewrapArgs),
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory; gets man/ and completions/{bash,zsh,fish}/.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Where a PFX passphrase comes from when a command needs one.
@@ -145,6 +153,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => ops::inspect(a),
         Command::Open(a) => ops::open(a),
         Command::Rewrap(a) => ops::rewrap(a),
+        Command::GenerateDocs { out } => {
+            cli_docs::generate(Cli::command(), "nodeseal", "1", &out).map(drop)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,12 +43,20 @@ fn serves_v1_legacy_and_plain_values_and_ingests_the_pfx() {
     let list = node.request(json!({"op": "list", "task": task}));
     assert_eq!(
         list["names"],
-        json!(["SHIPYARD_STORAGE_ENV", "DOCKER_LOGIN_PASSWORD", "DATABASE_URL", "LOG_LEVEL"])
+        json!([
+            "SHIPYARD_STORAGE_ENV",
+            "DOCKER_LOGIN_PASSWORD",
+            "DATABASE_URL",
+            "LOG_LEVEL"
+        ])
     );
     let env = node.request(json!({"op": "env", "task": task}));
     let values = env["values"].as_array().unwrap();
     assert_eq!(values.len(), 4);
-    assert_eq!(values[1], json!({"name": "DOCKER_LOGIN_PASSWORD", "value": DOCKER_PW}));
+    assert_eq!(
+        values[1],
+        json!({"name": "DOCKER_LOGIN_PASSWORD", "value": DOCKER_PW})
+    );
 
     let missing = node.get(&task, "NOPE");
     assert_eq!(code_of(&missing), "not_found");
@@ -56,14 +64,30 @@ fn serves_v1_legacy_and_plain_values_and_ingests_the_pfx() {
 
     // Ingest: the readable originals are gone and the store holds the key, root-only.
     let store = node.state.join("keys");
-    assert!(wait_until(Duration::from_secs(5), || fs::read_dir(&node.certs).unwrap().count() == 0));
-    let stored: Vec<_> = fs::read_dir(&store).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(wait_until(Duration::from_secs(5), || fs::read_dir(
+        &node.certs
+    )
+    .unwrap()
+    .count()
+        == 0));
+    let stored: Vec<_> = fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert_eq!(fs::metadata(&store).unwrap().mode() & 0o777, 0o700);
     for f in &stored {
-        assert_eq!(fs::metadata(f).unwrap().mode() & 0o777, 0o600, "{}", f.display());
+        assert_eq!(
+            fs::metadata(f).unwrap().mode() & 0o777,
+            0o600,
+            "{}",
+            f.display()
+        );
         let bytes = fs::read(f).unwrap();
-        assert!(!String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"), "store holds a bare PEM key");
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"),
+            "store holds a bare PEM key"
+        );
     }
 
     // A restarted agent still has the key although the originals are gone.
@@ -84,22 +108,31 @@ fn files_added_after_start_are_served_and_deleted_ones_forgotten() {
     let start = Instant::now();
     node.write_env(&task, &format!("API_TOKEN={token}\n"));
     assert!(
-        wait_until(Duration::from_secs(5), || node.get(&task, "API_TOKEN")["value"] == "late-Secret-77"),
+        wait_until(Duration::from_secs(5), || node.get(&task, "API_TOKEN")
+            ["value"]
+            == "late-Secret-77"),
         "new file never served; log:\n{}",
         node.logs()
     );
-    eprintln!("file written -> first successful get: {:?}", start.elapsed());
+    eprintln!(
+        "file written -> first successful get: {:?}",
+        start.elapsed()
+    );
 
     // Rewritten in place in two steps: the final content wins.
     let env_path = task.join("wd/.shipyard.envlist");
     let token2 = node.seal(&cert, Some("API_TOKEN"), "rotated-Secret-78", "v1");
     fs::write(&env_path, format!("API_TOKEN={}", &token2[..20])).unwrap();
     fs::write(&env_path, format!("API_TOKEN={token2}\n")).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || node.get(&task, "API_TOKEN")["value"] == "rotated-Secret-78"));
+    assert!(wait_until(Duration::from_secs(5), || node
+        .get(&task, "API_TOKEN")["value"]
+        == "rotated-Secret-78"));
 
     // The task ends: its directory is removed and its values are forgotten.
     fs::remove_dir_all(node.workitems.join("late-job")).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || code_of(&node.get(&task, "API_TOKEN")) == "not_found"));
+    assert!(wait_until(Duration::from_secs(5), || code_of(
+        &node.get(&task, "API_TOKEN")
+    ) == "not_found"));
 }
 
 #[test]
@@ -116,14 +149,20 @@ fn tampered_misnamed_and_unknown_key_tokens_get_distinct_errors() {
     let i = tampered.len() - 10;
     tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
-    node.write_env(&task, &format!("A={good}\nB={wrong_name}\nC={foreign}\nD={tampered}\n"));
+    node.write_env(
+        &task,
+        &format!("A={good}\nB={wrong_name}\nC={foreign}\nD={tampered}\n"),
+    );
     node.start();
     assert_eq!(node.get(&task, "A")["value"], "value-a");
     assert_eq!(code_of(&node.get(&task, "B")), "bad_token");
     let c = node.get(&task, "C");
     assert_eq!(code_of(&c), "key_unavailable");
     assert_eq!(c["error"]["retryable"], true);
-    assert!(c["error"]["message"].as_str().unwrap().contains(&other.thumbprint));
+    assert!(c["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&other.thumbprint));
     assert_eq!(code_of(&node.get(&task, "D")), "bad_token");
 
     // `open`: a presented token must be opened under the name it is bound to.
@@ -150,14 +189,19 @@ fn a_corrupt_or_wrong_password_pfx_is_skipped_and_the_rest_load() {
     let garbage = node.certs.join(format!("sha1-{}.pfx", "ab".repeat(20)));
     fs::write(&garbage, b"this is not a pfx").unwrap();
     fs::write(format!("{}.pw", garbage.display()), "x").unwrap();
-    node.write_config(json!({"key_sources": [{"kind": "batch_certs", "path": node.certs, "ingest": false}]}));
+    node.write_config(
+        json!({"key_sources": [{"kind": "batch_certs", "path": node.certs, "ingest": false}]}),
+    );
     let task = node.task("j", "t");
     let token = node.seal(&good, Some("A"), "value-a", "v1");
     node.write_env(&task, &format!("A={token}\n"));
     node.start();
     assert_eq!(node.get(&task, "A")["value"], "value-a");
     let logs = node.logs();
-    assert!(logs.contains(&bad_pfx.display().to_string()), "log names the wrong-password PFX:\n{logs}");
+    assert!(
+        logs.contains(&bad_pfx.display().to_string()),
+        "log names the wrong-password PFX:\n{logs}"
+    );
     assert!(logs.contains("wrong passphrase"), "{logs}");
     assert!(logs.contains(&garbage.display().to_string()), "{logs}");
     // The agent still serves after all that.
@@ -179,17 +223,25 @@ fn other_uids_are_refused_and_owners_served() {
     assert_eq!(code_of(&denied), "forbidden", "{denied}");
     assert!(!denied.to_string().contains(DB_URL));
     // The owner does not even need to name the task when it owns exactly one.
-    let implicit = request_as(4242, &node.socket, &json!({"op": "get", "name": "DATABASE_URL"}));
+    let implicit = request_as(
+        4242,
+        &node.socket,
+        &json!({"op": "get", "name": "DATABASE_URL"}),
+    );
     assert_eq!(implicit["value"], DB_URL);
     // Only host root gets status.
-    assert_eq!(code_of(&request_as(4242, &node.socket, &json!({"op": "status"}))), "forbidden");
+    assert_eq!(
+        code_of(&request_as(4242, &node.socket, &json!({"op": "status"}))),
+        "forbidden"
+    );
     let status = node.request(json!({"op": "status"}));
     assert_eq!(status["info"]["tasks"][0]["owner_uid"], 4242);
     assert!(!status.to_string().contains(DB_URL));
     // Every decision is audited with the peer uid and the outcome.
     let logs = node.logs();
     assert!(
-        logs.lines().any(|l| l.contains("peer_uid=4243") && l.contains("outcome=\"forbidden\"")),
+        logs.lines()
+            .any(|l| l.contains("peer_uid=4243") && l.contains("outcome=\"forbidden\"")),
         "{logs}"
     );
 }
@@ -203,7 +255,10 @@ fn revoke_and_restore_by_command_and_by_list() {
     node.start();
     let tp = {
         let status = node.request(json!({"op": "status"}));
-        status["info"]["keys"][0]["thumbprint"].as_str().unwrap().to_owned()
+        status["info"]["keys"][0]["thumbprint"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     };
     assert_eq!(node.get(&task, "DATABASE_URL")["value"], DB_URL);
     let agent = |args: &[&str]| {
@@ -216,20 +271,36 @@ fn revoke_and_restore_by_command_and_by_list() {
     };
     assert!(agent(&["revoke", &tp]).status.success());
     let r = node.get(&task, "DATABASE_URL");
-    assert_eq!(code_of(&r), "key_unavailable", "cached value must be evicted: {r}");
+    assert_eq!(
+        code_of(&r),
+        "key_unavailable",
+        "cached value must be evicted: {r}"
+    );
     assert!(agent(&["restore", &tp]).status.success());
     assert_eq!(node.get(&task, "DATABASE_URL")["value"], DB_URL);
 
     // By list: within a second of the file changing.
-    fs::write(&node.revoked, format!("# incident 42\n{}\n", tp.to_uppercase())).unwrap();
+    fs::write(
+        &node.revoked,
+        format!("# incident 42\n{}\n", tp.to_uppercase()),
+    )
+    .unwrap();
     let t = Instant::now();
-    assert!(wait_until(Duration::from_secs(5), || code_of(&node.get(&task, "DATABASE_URL")) == "key_unavailable"));
+    assert!(wait_until(Duration::from_secs(5), || code_of(
+        &node.get(&task, "DATABASE_URL")
+    )
+        == "key_unavailable"));
     eprintln!("revocation by list took {:?}", t.elapsed());
     fs::write(&node.revoked, "").unwrap();
-    assert!(wait_until(Duration::from_secs(5), || node.get(&task, "DATABASE_URL")["value"] == DB_URL));
+    assert!(wait_until(Duration::from_secs(5), || node
+        .get(&task, "DATABASE_URL")["value"]
+        == DB_URL));
 
     let keys = agent(&["keys"]);
-    assert!(String::from_utf8_lossy(&keys.stdout).contains(&tp), "{keys:?}");
+    assert!(
+        String::from_utf8_lossy(&keys.stdout).contains(&tp),
+        "{keys:?}"
+    );
 }
 
 #[test]
@@ -240,14 +311,19 @@ fn sighup_reloads_config_and_sigterm_stops_cleanly() {
     let second_root = node.root.join("more-work");
     fs::create_dir_all(second_root.join("j/job-1/t/wd")).unwrap();
     let token = node.seal(&cert, Some("X"), "from-second-root", "v1");
-    fs::write(second_root.join("j/job-1/t/wd/.shipyard.envlist"), format!("X={token}\n")).unwrap();
+    fs::write(
+        second_root.join("j/job-1/t/wd/.shipyard.envlist"),
+        format!("X={token}\n"),
+    )
+    .unwrap();
     node.start();
     let task = second_root.join("j/job-1/t");
     assert_eq!(code_of(&node.get(&task, "X")), "not_found");
     node.write_config(json!({"env_roots": [node.workitems, second_root]}));
     node.signal(Signal::SIGHUP);
     assert!(
-        wait_until(Duration::from_secs(5), || node.get(&task, "X")["value"] == "from-second-root"),
+        wait_until(Duration::from_secs(5), || node.get(&task, "X")["value"]
+            == "from-second-root"),
         "reload did not pick up the new root; log:\n{}",
         node.logs()
     );
@@ -261,7 +337,11 @@ fn sighup_reloads_config_and_sigterm_stops_cleanly() {
 fn no_cleartext_in_logs_at_trace_level() {
     let (mut node, task) = node_with_task();
     node.start();
-    for name in ["SHIPYARD_STORAGE_ENV", "DOCKER_LOGIN_PASSWORD", "DATABASE_URL"] {
+    for name in [
+        "SHIPYARD_STORAGE_ENV",
+        "DOCKER_LOGIN_PASSWORD",
+        "DATABASE_URL",
+    ] {
         assert!(node.get(&task, name)["ok"] == true);
     }
     node.request(json!({"op": "env", "task": task}));
@@ -269,7 +349,10 @@ fn no_cleartext_in_logs_at_trace_level() {
     let logs = node.logs();
     assert!(logs.contains("outcome"), "logs captured: {logs}");
     for secret in [STORAGE, DOCKER_PW, DB_URL, crate::node::PFX_PASS] {
-        assert!(!logs.contains(secret), "cleartext {secret:?} found in the agent's log");
+        assert!(
+            !logs.contains(secret),
+            "cleartext {secret:?} found in the agent's log"
+        );
     }
 }
 
@@ -314,10 +397,22 @@ fn check_and_print_default_config() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains(&cert.thumbprint), "{text}");
-    fs::write(node.certs.join(format!("sha1-{}.pfx", "cd".repeat(20))), b"junk").unwrap();
-    fs::write(node.certs.join(format!("sha1-{}.pfx.pw", "cd".repeat(20))), b"junk").unwrap();
+    fs::write(
+        node.certs.join(format!("sha1-{}.pfx", "cd".repeat(20))),
+        b"junk",
+    )
+    .unwrap();
+    fs::write(
+        node.certs.join(format!("sha1-{}.pfx.pw", "cd".repeat(20))),
+        b"junk",
+    )
+    .unwrap();
     let out = Command::new(bin("nodeseal-agent"))
         .args(["--config"])
         .arg(&node.config_path)
@@ -325,7 +420,10 @@ fn check_and_print_default_config() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let defaults = Command::new(bin("nodeseal-agent")).arg("print-default-config").output().unwrap();
+    let defaults = Command::new(bin("nodeseal-agent"))
+        .arg("print-default-config")
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&defaults.stdout).unwrap();
     assert_eq!(v["socket_path"], "/run/nodeseal/agent.sock");
     // Unknown fields are named.

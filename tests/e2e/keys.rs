@@ -13,7 +13,11 @@ const WITHIN: Duration = Duration::from_secs(1);
 
 fn openssl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -26,14 +30,25 @@ fn s(p: &Path) -> &str {
 fn pem_bundle(node: &TestNode, cert: &Cert) -> Vec<u8> {
     let pass = node.workstation.join("pass");
     openssl(&[
-        "pkcs12", "-in", s(&cert.pfx), "-nodes", "-passin", &format!("file:{}", s(&pass)),
+        "pkcs12",
+        "-in",
+        s(&cert.pfx),
+        "-nodes",
+        "-passin",
+        &format!("file:{}", s(&pass)),
     ])
 }
 
 fn key_only(node: &TestNode, cert: &Cert) -> Vec<u8> {
     let pass = node.workstation.join("pass");
     openssl(&[
-        "pkcs12", "-in", s(&cert.pfx), "-nocerts", "-nodes", "-passin", &format!("file:{}", s(&pass)),
+        "pkcs12",
+        "-in",
+        s(&cert.pfx),
+        "-nocerts",
+        "-nodes",
+        "-passin",
+        &format!("file:{}", s(&pass)),
     ])
 }
 
@@ -44,7 +59,10 @@ fn within_bound(what: &str, node: &TestNode, mut cond: impl FnMut() -> bool) -> 
     let took = start.elapsed();
     assert!(ok, "{what}: never happened; log:\n{}", node.logs());
     eprintln!("{what}: {took:?}");
-    assert!(took <= WITHIN, "{what} took {took:?}, over the {WITHIN:?} bound");
+    assert!(
+        took <= WITHIN,
+        "{what} took {took:?}, over the {WITHIN:?} bound"
+    );
     took
 }
 
@@ -74,14 +92,22 @@ fn keyvault_pem_is_loaded_rotated_in_place_removed_and_restored() {
 
     // Key Vault rotates the certificate: the same file is rewritten in place.
     fs::write(&file, pem_bundle(&node, &v2)).unwrap();
-    within_bound("rotation in place", &node, || node.get(&task, "NEW")["value"] == "sealed-for-v2");
-    within_bound("old key gone after rotation", &node, || code_of(&node.get(&task, "OLD")) == "key_unavailable");
+    within_bound("rotation in place", &node, || {
+        node.get(&task, "NEW")["value"] == "sealed-for-v2"
+    });
+    within_bound("old key gone after rotation", &node, || {
+        code_of(&node.get(&task, "OLD")) == "key_unavailable"
+    });
 
     // The file goes away: requests fail retryably; it comes back: they succeed.
     fs::remove_file(&file).unwrap();
-    within_bound("removal", &node, || code_of(&node.get(&task, "NEW")) == "key_unavailable");
+    within_bound("removal", &node, || {
+        code_of(&node.get(&task, "NEW")) == "key_unavailable"
+    });
     fs::write(&file, pem_bundle(&node, &v2)).unwrap();
-    within_bound("restore", &node, || node.get(&task, "NEW")["value"] == "sealed-for-v2");
+    within_bound("restore", &node, || {
+        node.get(&task, "NEW")["value"] == "sealed-for-v2"
+    });
 }
 
 #[test]
@@ -126,11 +152,16 @@ fn waagent_pairs_and_key_dirs_with_a_passphrase_file() {
 #[test]
 fn a_password_file_arriving_after_its_pfx_is_waited_for() {
     let mut node = TestNode::new();
-    node.write_config(json!({"key_sources": [{"kind": "batch_certs", "path": node.certs, "ingest": false}]}));
+    node.write_config(
+        json!({"key_sources": [{"kind": "batch_certs", "path": node.certs, "ingest": false}]}),
+    );
     let cert = node.create_cert("late");
     let pfx = node.certs.join(format!("sha1-{}.pfx", cert.thumbprint));
     fs::copy(&cert.pfx, &pfx).unwrap();
-    let task = task_with(&node, &[("A", node.seal(&cert, Some("A"), "late-pw", "v1"))]);
+    let task = task_with(
+        &node,
+        &[("A", node.seal(&cert, Some("A"), "late-pw", "v1"))],
+    );
     node.start();
     assert_eq!(code_of(&node.get(&task, "A")), "key_unavailable");
     if crate::node::is_root() {
@@ -138,7 +169,9 @@ fn a_password_file_arriving_after_its_pfx_is_waited_for() {
         assert_eq!(status["info"]["keys"][0]["state"], "pending", "{status}");
     }
     fs::write(format!("{}.pw", pfx.display()), PFX_PASS).unwrap();
-    within_bound("late .pw picked up", &node, || node.get(&task, "A")["value"] == "late-pw");
+    within_bound("late .pw picked up", &node, || {
+        node.get(&task, "A")["value"] == "late-pw"
+    });
 }
 
 #[test]
@@ -153,13 +186,37 @@ fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
     // EC and 1024-bit RSA keys, a truncated PEM, and a key beside someone else's certificate.
     let ec_key = keydir.join("ec.key");
     openssl(&[
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", s(&ec_key), "-out", s(&keydir.join("ec.crt")), "-subj", "/CN=ec", "-days", "1",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        s(&ec_key),
+        "-out",
+        s(&keydir.join("ec.crt")),
+        "-subj",
+        "/CN=ec",
+        "-days",
+        "1",
     ]);
     let small = keydir.join("small.key");
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-keyout", s(&small), "-out",
-        s(&keydir.join("small.crt")), "-subj", "/CN=small", "-days", "1",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:1024",
+        "-nodes",
+        "-keyout",
+        s(&small),
+        "-out",
+        s(&keydir.join("small.crt")),
+        "-subj",
+        "/CN=small",
+        "-days",
+        "1",
     ]);
     let pem = key_only(&node, &other);
     fs::write(keydir.join("truncated.key"), &pem[..pem.len() / 2]).unwrap();
@@ -173,7 +230,10 @@ fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
         {"kind": "key_dir", "path": keydir},
         {"kind": "batch_certs", "path": node.certs, "ingest": false},
     ]}));
-    let task = task_with(&node, &[("A", node.seal(&good, Some("A"), "still-served", "v1"))]);
+    let task = task_with(
+        &node,
+        &[("A", node.seal(&good, Some("A"), "still-served", "v1"))],
+    );
     node.start();
     assert_eq!(node.get(&task, "A")["value"], "still-served");
     let logs = node.logs();
@@ -182,7 +242,10 @@ fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
         ("small.key", "1024"),
         ("truncated.key", ""),
         ("mismatch.key", "does not match"),
-        (lying.file_name().unwrap().to_str().unwrap(), "file name says thumbprint"),
+        (
+            lying.file_name().unwrap().to_str().unwrap(),
+            "file name says thumbprint",
+        ),
     ] {
         let line = logs
             .lines()
@@ -231,11 +294,17 @@ fn a_store_dir_with_loose_permissions_is_refused_with_the_fix() {
     fs::set_permissions(&store, fs::Permissions::from_mode(0o755)).unwrap();
     let cert = node.create_cert("pool");
     let pfx = node.drop_pfx(&cert);
-    let task = task_with(&node, &[("A", node.seal(&cert, Some("A"), "served-anyway", "v1"))]);
+    let task = task_with(
+        &node,
+        &[("A", node.seal(&cert, Some("A"), "served-anyway", "v1"))],
+    );
     node.start();
     // Keys still serve from their source; nothing is ingested into a store others can read.
     assert_eq!(node.get(&task, "A")["value"], "served-anyway");
-    assert!(pfx.exists(), "original must stay when the store is unusable");
+    assert!(
+        pfx.exists(),
+        "original must stay when the store is unusable"
+    );
     assert_eq!(fs::read_dir(&store).unwrap().count(), 0);
     assert!(node.logs().contains("chmod 700"), "{}", node.logs());
 }

@@ -1,6 +1,7 @@
-mod util;
+mod agent;
+mod client;
+mod keys;
+mod node;
 mod packaging;
 mod seal;
-mod agent;
-mod node;
-mod keys;
+mod util;

@@ -67,7 +67,10 @@ pub struct TestNode {
 impl TestNode {
     /// A fresh layout and a config pointing the agent at it.
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("nodeseal-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("nodeseal-e2e-")
+            .tempdir()
+            .unwrap();
         let root = dir.path().to_path_buf();
         // Task dirs must be traversable by the other uids root-only tests switch to.
         fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -105,21 +108,37 @@ impl TestNode {
         for (k, v) in extra.as_object().unwrap() {
             config[k] = v.clone();
         }
-        fs::write(&self.config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        fs::write(
+            &self.config_path,
+            serde_json::to_vec_pretty(&config).unwrap(),
+        )
+        .unwrap();
     }
 
     /// `nodeseal cert create` into the workstation dir.
     pub fn create_cert(&self, prefix: &str) -> Cert {
         let p = self.workstation.join(prefix);
         let out = Command::new(bin("nodeseal"))
-            .args(["cert", "create", "--bits", "2048", "--days", "30", "--prefix"])
+            .args([
+                "cert", "create", "--bits", "2048", "--days", "30", "--prefix",
+            ])
             .arg(&p)
             .arg("--passphrase-file")
             .arg(self.workstation.join("pass"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "cert create: {}", String::from_utf8_lossy(&out.stderr));
-        let thumbprint = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_owned();
+        assert!(
+            out.status.success(),
+            "cert create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let thumbprint = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_owned();
         assert_eq!(thumbprint.len(), 40);
         Cert {
             thumbprint,
@@ -141,12 +160,20 @@ impl TestNode {
     pub fn seal(&self, cert: &Cert, name: Option<&str>, value: &str, format: &str) -> String {
         let mut cmd = Command::new(bin("nodeseal"));
         cmd.args(["seal", "--format", format, "--cert"]);
-        cmd.arg(if format == "shipyard" { &cert.pem } else { &cert.crt });
+        cmd.arg(if format == "shipyard" {
+            &cert.pem
+        } else {
+            &cert.crt
+        });
         if let Some(n) = name {
             cmd.args(["--name", n]);
         }
         let out = run_with_stdin(&mut cmd, value.as_bytes());
-        assert!(out.status.success(), "seal: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "seal: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -154,7 +181,12 @@ impl TestNode {
     pub fn task(&self, job: &str, task: &str) -> PathBuf {
         let dir = self.workitems.join(job).join("job-1").join(task);
         fs::create_dir_all(dir.join("wd")).unwrap();
-        for d in [self.workitems.join(job), self.workitems.join(job).join("job-1"), dir.clone(), dir.join("wd")] {
+        for d in [
+            self.workitems.join(job),
+            self.workitems.join(job).join("job-1"),
+            dir.clone(),
+            dir.join("wd"),
+        ] {
             fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         }
         dir
@@ -176,7 +208,11 @@ impl TestNode {
 
     /// Start with extra environment variables.
     pub fn start_with(&mut self, env: &[(&str, &str)]) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
         let mut cmd = Command::new(bin("nodeseal-agent"));
         cmd.arg("--config")
             .arg(&self.config_path)
@@ -193,7 +229,8 @@ impl TestNode {
         }
         self.child = Some(cmd.spawn().unwrap());
         let ok = wait_until(Duration::from_secs(30), || {
-            self.try_request(&json!({"op": "health"})).is_some_and(|r| r["ok"] == true)
+            self.try_request(&json!({"op": "health"}))
+                .is_some_and(|r| r["ok"] == true)
         });
         if !ok {
             panic!("agent did not become ready; log:\n{}", self.logs());
@@ -229,8 +266,13 @@ impl TestNode {
 
     /// One request; panics if the agent is unreachable.
     pub fn request(&self, req: Value) -> Value {
-        self.try_request(&req)
-            .unwrap_or_else(|| panic!("agent unreachable at {}; log:\n{}", self.socket.display(), self.logs()))
+        self.try_request(&req).unwrap_or_else(|| {
+            panic!(
+                "agent unreachable at {}; log:\n{}",
+                self.socket.display(),
+                self.logs()
+            )
+        })
     }
 
     /// `get` for `task_dir`.
@@ -320,6 +362,10 @@ sys.stdout.write(buf.decode())
         .gid(uid)
         .output()
         .unwrap();
-    assert!(out.status.success(), "client as uid {uid}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client as uid {uid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }

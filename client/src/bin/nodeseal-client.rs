@@ -6,7 +6,7 @@
 //! the command cannot be run. No secret is ever written to stderr.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use nodeseal_client::protocol::ErrorCode;
 use nodeseal_client::{exit, Builder, Client, Secret};
 use std::collections::BTreeSet;
@@ -20,6 +20,9 @@ use std::process::{Command, ExitCode};
 
 /// Prefix of a v1 token; variables holding one are opened by `exec`.
 const TOKEN_PREFIX: &str = "nodeseal.v1.";
+
+#[path = "../cli_docs.rs"]
+mod cli_docs;
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +80,13 @@ enum Cmd {
     },
     /// Print the agent's health as JSON.
     Health,
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory; gets man/ and completions/{bash,zsh,fish}/.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -170,6 +180,10 @@ fn connect(socket: Option<PathBuf>, task: Option<String>) -> anyhow::Result<Clie
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::GenerateDocs { out } = &cli.cmd {
+        // Needs no agent: runs at package build time.
+        return cli_docs::generate(Cli::command(), "nodeseal-client", "1", out).map(drop);
+    }
     let mut client = connect(cli.socket, cli.task)?;
     match cli.cmd {
         Cmd::Get { name, no_newline } => {
@@ -206,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write_stdout(text.as_bytes())
         }
         Cmd::Exec { only, command } => exec(&mut client, &only, &command),
+        Cmd::GenerateDocs { .. } => Ok(()), // handled above, before connecting
     }
 }
 
