@@ -437,3 +437,117 @@ fn check_and_print_default_config() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sockt_path"));
 }
+
+#[test]
+fn tells_systemd_ready_and_pings_the_watchdog() {
+    let (mut node, task) = node_with_task();
+    let notify_path = node.root.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // systemd sets WATCHDOG_PID to the service's pid; `exec` from a shell keeps the pid.
+    node.start_with(&[
+        ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "200000"),
+        ("NODESEAL_TEST_EXEC_WITH_WATCHDOG_PID", "1"),
+    ]);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && !(seen.iter().any(|m: &String| m.contains("READY=1"))
+            && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = notify.recv(&mut buf).unwrap();
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    assert!(seen.iter().any(|m| m.contains("WATCHDOG=1")), "{seen:?}");
+    // READY comes only once keys and env files are loaded: the first get right after it works.
+    assert_eq!(node.get(&task, "DATABASE_URL")["value"], DB_URL);
+    assert!(node.stop().success());
+    let mut stopping = false;
+    while let Ok(n) = notify.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 sent on shutdown");
+}
+
+#[test]
+fn accepts_a_socket_passed_by_systemd() {
+    let Ok(activate) = which("systemd-socket-activate") else {
+        eprintln!(
+            "SKIPPED accepts_a_socket_passed_by_systemd: systemd-socket-activate not installed"
+        );
+        return;
+    };
+    let (node, task) = node_with_task();
+    let activated = node.root.join("activated.sock");
+    let log = fs::File::create(node.root.join("activated.log")).unwrap();
+    let mut child = Command::new(activate)
+        .arg("-l")
+        .arg(&activated)
+        .arg(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("run")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(&mut child);
+    assert!(wait_until(Duration::from_secs(10), || activated.exists()));
+    // The first connection starts the agent, which adopts the listening socket (LISTEN_FDS).
+    let r = crate::node::request_at(
+        &activated,
+        &json!({"op": "get", "name": "DATABASE_URL", "task": task}),
+    );
+    assert_eq!(r.unwrap()["value"], DB_URL);
+    assert!(
+        !node.socket.exists(),
+        "the agent must not bind its own socket when one is passed"
+    );
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.is_file())
+        })
+        .ok_or(())
+}
+
+#[test]
+fn a_connection_open_across_a_reload_keeps_working() {
+    let (mut node, task) = node_with_task();
+    node.start();
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |s: &mut std::os::unix::net::UnixStream| {
+        let req = json!({"op": "get", "name": "DATABASE_URL", "task": task});
+        s.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    assert_eq!(ask(&mut s)["value"], DB_URL);
+    node.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ask(&mut s)["value"], DB_URL);
+    assert!(node.logs().contains("SIGHUP"), "{}", node.logs());
+}

@@ -213,7 +213,19 @@ impl TestNode {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let mut cmd = Command::new(bin("nodeseal-agent"));
+        let with_watchdog_pid = env
+            .iter()
+            .any(|(k, _)| *k == "NODESEAL_TEST_EXEC_WITH_WATCHDOG_PID");
+        let mut cmd = if with_watchdog_pid {
+            // systemd sets WATCHDOG_PID to the service's own pid; a shell's `exec` keeps its pid.
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+                .arg(bin("nodeseal-agent"));
+            c
+        } else {
+            Command::new(bin("nodeseal-agent"))
+        };
         cmd.arg("--config")
             .arg(&self.config_path)
             .arg("run")
