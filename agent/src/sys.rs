@@ -3,6 +3,7 @@
 //!   over a raw descriptor number, and turning a number into an owned socket is unchecked;
 //! - `mlockall` with `MCL_ONFAULT`, which nix does not expose: without it `MCL_FUTURE` would
 //!   fault in every reserved thread stack and multiply the agent's resident memory.
+//!
 //! Everything else goes through safe wrappers (tokio, nix).
 #![allow(unsafe_code)]
 
