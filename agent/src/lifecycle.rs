@@ -349,6 +349,7 @@ pub fn update_env_file(agent: &Agent, path: &Path, root: &Path) -> FileUpdate {
         FileUpdate::Invalid(reason) => {
             tracing::warn!(path = %path.display(), %reason, "env file skipped")
         }
+        FileUpdate::Unchanged => {}
     }
     update
 }
@@ -370,17 +371,33 @@ fn find_env_files(dir: &Path, names: &[String], depth: usize, out: &mut Vec<Path
     }
 }
 
-/// Warn about certificates that expire within 30 days (once per start and reload).
+/// Warn about certificates that expired or expire within 30 days, at most once a day per key
+/// (rescans run every minute; the journal should not).
 pub fn warn_expiring(agent: &Agent) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
+    let mut warned = agent
+        .expiry_warned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     for e in agent.keys.loaded_entries() {
+        let tp = e.pair.thumbprint();
         let left = e.pair.not_after_unix() - now;
+        if left >= 30 * 86_400 {
+            continue;
+        }
+        if warned
+            .get(&tp)
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(86_400))
+        {
+            continue;
+        }
+        warned.insert(tp, std::time::Instant::now());
         if left < 0 {
-            tracing::warn!(key_id = %e.pair.thumbprint(), path = %e.origin.display(), "certificate has expired; tokens still open, but rotate the key");
-        } else if left < 30 * 86_400 {
-            tracing::warn!(key_id = %e.pair.thumbprint(), path = %e.origin.display(), days_left = left / 86_400, "certificate expires within 30 days; rotate the key");
+            tracing::warn!(key_id = %tp, path = %e.origin.display(), "certificate has expired; its tokens still open, but rotate the key");
+        } else {
+            tracing::warn!(key_id = %tp, path = %e.origin.display(), days_left = left / 86_400, "certificate expires within 30 days; rotate the key");
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct Agent {
     decrypt_permits: Semaphore,
     rate: Mutex<HashMap<u32, Bucket>>,
     started: Instant,
+    /// When each expiring certificate was last warned about.
+    pub expiry_warned: Mutex<HashMap<Thumbprint, Instant>>,
 }
 
 impl Agent {
@@ -81,6 +83,7 @@ impl Agent {
             decrypt_permits: Semaphore::new(cores),
             rate: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            expiry_warned: Mutex::new(HashMap::new()),
         }
     }
 

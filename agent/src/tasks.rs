@@ -68,6 +68,32 @@ pub struct EnvEntry {
     pub owner_uid: u32,
     /// Variables in file order.
     pub vars: Vec<Var>,
+    /// What the file looked like when read, so an unchanged file keeps its cached values.
+    stamp: FileStamp,
+    /// Key sizes the values were classified against (legacy detection depends on them).
+    lengths: Vec<usize>,
+}
+
+/// Identity and version of a file as `stat` sees it; ctime covers chown and chmod too.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileStamp {
+    len: u64,
+    ino: u64,
+    uid: u32,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            len: m.len(),
+            ino: m.ino(),
+            uid: m.uid(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
 }
 
 impl EnvEntry {
@@ -101,11 +127,16 @@ pub enum FileUpdate {
     },
     /// Gone (deleted or no longer readable): forgotten.
     Removed,
+    /// Same file, same content, same classification: kept with its cached values.
+    Unchanged,
     /// Still being written: retry after it settles.
     Unsettled,
     /// Unparseable: forgotten until it changes.
     Invalid(String),
 }
+
+/// Env files larger than this are refused: a task must not make the agent read gigabytes.
+const MAX_ENV_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How recently modified a file without a final newline must be to count as still being written.
 pub const SETTLE: Duration = Duration::from_millis(300);
@@ -162,6 +193,9 @@ fn read_no_follow(path: &Path) -> std::io::Result<(Zeroizing<Vec<u8>>, std::fs::
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_ENV_FILE_BYTES {
+        return Err(std::io::Error::other("larger than an env file can be"));
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
     file.read_to_end(&mut bytes)?;
@@ -224,6 +258,19 @@ impl Tasks {
 
     /// (Re)read `path`, which lies under `root`.
     pub fn update_file(&self, path: &Path, root: &Path, classifier: &Classifier<'_>) -> FileUpdate {
+        let mut lengths: Vec<usize> = classifier.modulus_lengths.iter().copied().collect();
+        lengths.sort_unstable();
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            let known = self
+                .files
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(path)
+                .cloned();
+            if known.is_some_and(|e| e.stamp == FileStamp::of(&m) && e.lengths == lengths) {
+                return FileUpdate::Unchanged;
+            }
+        }
         let Ok((bytes, meta)) = read_no_follow(path) else {
             return if self.remove(path) {
                 FileUpdate::Removed
@@ -266,6 +313,8 @@ impl Tasks {
             task_id,
             owner_uid: meta.uid(),
             vars,
+            stamp: FileStamp::of(&meta),
+            lengths,
         });
         self.files
             .write()

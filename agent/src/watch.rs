@@ -70,6 +70,24 @@ impl Watches {
         self.retry_missing()
     }
 
+    /// A watched directory that was deleted takes its inotify watch with it: treat it as
+    /// missing again so it is re-watched (and rescanned) when it comes back.
+    fn forget_vanished(&mut self) {
+        let vanished: Vec<(PathBuf, bool)> = self
+            .active
+            .iter()
+            .filter(|(p, _)| !p.is_dir())
+            .cloned()
+            .collect();
+        for v in vanished {
+            if let Some(w) = self.watcher.as_mut() {
+                let _ = w.unwatch(&v.0);
+            }
+            self.active.remove(&v);
+            self.missing.push(v);
+        }
+    }
+
     fn retry_missing(&mut self) -> Vec<PathBuf> {
         let Some(w) = self.watcher.as_mut() else {
             return Vec::new();
@@ -188,6 +206,7 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
                 }
             }
             _ = tick.tick() => {
+                watches.forget_vanished();
                 let appeared = watches.retry_missing();
                 if !appeared.is_empty() {
                     work.full = true;

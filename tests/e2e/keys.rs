@@ -308,3 +308,35 @@ fn a_store_dir_with_loose_permissions_is_refused_with_the_fix() {
     assert_eq!(fs::read_dir(&store).unwrap().count(), 0);
     assert!(node.logs().contains("chmod 700"), "{}", node.logs());
 }
+
+#[test]
+fn an_expiring_certificate_is_warned_about_once() {
+    let mut node = TestNode::new();
+    let soon = node.root.join("workstation/soon");
+    let out = Command::new(crate::util::bin("nodeseal"))
+        .args([
+            "cert", "create", "--bits", "2048", "--days", "5", "--prefix",
+        ])
+        .arg(&soon)
+        .arg("--passphrase-file")
+        .arg(node.workstation.join("pass"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tp = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let pfx = node.certs.join(format!("sha1-{tp}.pfx"));
+    fs::copy(soon.with_extension("pfx"), &pfx).unwrap();
+    fs::write(format!("{}.pw", pfx.display()), PFX_PASS).unwrap();
+    node.start();
+    let logs = node.logs();
+    let warnings: Vec<_> = logs
+        .lines()
+        .filter(|l| l.contains("expires within 30 days") && l.contains(&tp))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(
+        warnings[0].contains("days_left=4") || warnings[0].contains("days_left=5"),
+        "{}",
+        warnings[0]
+    );
+}
