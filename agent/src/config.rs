@@ -2,6 +2,7 @@
 //! unknown fields refused by name. Documented field by field in `docs/configuration.md`.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where the agent looks for its config when neither `--config` nor `NODESEAL_CONFIG` is given.
@@ -77,6 +78,18 @@ pub struct Config {
     pub open_allowed_uids: Option<Vec<u32>>,
     /// Gids allowed to use `open` in addition to `open_allowed_uids`.
     pub open_allowed_gids: Vec<u32>,
+    /// Per-key `open` rules by thumbprint, replacing the two fields above for that key.
+    pub open_allowed_by_key: BTreeMap<String, OpenRule>,
+}
+
+/// Who may `open` tokens of one key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenRule {
+    /// Uids allowed.
+    pub uids: Vec<u32>,
+    /// Gids allowed.
+    pub gids: Vec<u32>,
 }
 
 /// One key source.
@@ -196,6 +209,7 @@ impl Default for Config {
             limits: Limits::default(),
             open_allowed_uids: None,
             open_allowed_gids: Vec::new(),
+            open_allowed_by_key: BTreeMap::new(),
         }
     }
 }
@@ -281,6 +295,10 @@ impl Config {
                     format!("{name:?} must be a plain file name"),
                 ));
             }
+        }
+        for tp in self.open_allowed_by_key.keys() {
+            nodeseal_envelope::Thumbprint::from_hex(tp)
+                .map_err(|e| invalid("open_allowed_by_key", e.to_string()))?;
         }
         if let Some(tp) = &self.legacy_key {
             nodeseal_envelope::Thumbprint::from_hex(tp)

@@ -237,8 +237,9 @@ impl Agent {
             }
             Operation::Open { token, name } => {
                 audit.secret_name = name.clone();
-                self.check_open_allowed(peer, scope)?;
-                let (value, key) = self.open_presented(&token, name.as_deref()).await?;
+                let (value, key) = self
+                    .open_presented(peer, scope, &token, name.as_deref())
+                    .await?;
                 audit.key_id = Some(key);
                 let mut r = Response::ok();
                 r.value = Some(value);
@@ -436,26 +437,26 @@ impl Agent {
         Ok(readable)
     }
 
-    fn check_open_allowed(&self, peer: &Peer, scope: &Scope) -> Result<(), Failure> {
+    /// Whether `peer` may `open` tokens of key `tp`: host root and per-task sockets always;
+    /// otherwise the key's rule in `open_allowed_by_key`, else the global rule.
+    fn may_open_with(&self, peer: &Peer, scope: &Scope, tp: &Thumbprint) -> bool {
         if peer.host_root || matches!(scope, Scope::Task(_)) {
-            return Ok(());
+            return true;
         }
         let config = self.config();
+        if let Some(rule) = config
+            .open_allowed_by_key
+            .iter()
+            .find(|(k, _)| Thumbprint::from_hex(k).ok() == Some(*tp))
+            .map(|(_, r)| r)
+        {
+            return rule.uids.contains(&peer.uid) || rule.gids.contains(&peer.gid);
+        }
         let by_uid = match &config.open_allowed_uids {
             None => peer.uid != 0,
             Some(uids) => uids.contains(&peer.uid),
         };
-        if by_uid || config.open_allowed_gids.contains(&peer.gid) {
-            Ok(())
-        } else {
-            fail(
-                ErrorCode::Forbidden,
-                format!(
-                    "uid {} may not use open (see open_allowed_uids in the agent config)",
-                    peer.uid
-                ),
-            )
-        }
+        by_uid || config.open_allowed_gids.contains(&peer.gid)
     }
 
     /// The cleartext of variable `index` of `entry`, from cache or by decrypting.
@@ -504,17 +505,41 @@ impl Agent {
 
     async fn open_presented(
         &self,
+        peer: &Peer,
+        scope: &Scope,
         token_text: &str,
         name: Option<&str>,
     ) -> Result<(Zeroizing<String>, Thumbprint), Failure> {
+        let forbidden = |tp: &Thumbprint| {
+            (
+                ErrorCode::Forbidden,
+                format!(
+                    "uid {} may not open tokens of key {tp} (see open_allowed_uids and open_allowed_by_key in the agent config)",
+                    peer.uid
+                ),
+            )
+        };
         match token::detect(token_text) {
             Some(Format::V1) => {
                 let info = token::inspect(token_text).map_err(token_failure)?;
-                self.open_v1(token_text, &info.recipients, Some(name.unwrap_or("")))
+                let allowed: Vec<Thumbprint> = info
+                    .recipients
+                    .iter()
+                    .filter(|tp| self.may_open_with(peer, scope, tp))
+                    .copied()
+                    .collect();
+                if allowed.is_empty() {
+                    return Err(forbidden(&info.recipients[0]));
+                }
+                self.open_v1(token_text, &allowed, Some(name.unwrap_or("")))
                     .await
             }
             Some(Format::Shipyard) => {
                 let len = legacy::decode(token_text).map_or(0, |d| d.len());
+                let key = self.legacy_key_for(len)?;
+                if !self.may_open_with(peer, scope, &key.thumbprint()) {
+                    return Err(forbidden(&key.thumbprint()));
+                }
                 self.open_shipyard(token_text, len).await
             }
             _ => fail(
