@@ -138,6 +138,8 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Concurrent connections over all sockets.
     pub max_connections: usize,
+    /// Concurrent connections of one peer uid, so one user cannot take every slot.
+    pub max_connections_per_uid: usize,
     /// A connection idle (or mid-line) this long is closed.
     pub idle_timeout_secs: u64,
     /// Sustained requests per second per peer uid.
@@ -153,6 +155,7 @@ impl Default for Limits {
         Self {
             max_request_bytes: nodeseal_client::protocol::DEFAULT_MAX_REQUEST_BYTES,
             max_connections: 1024,
+            max_connections_per_uid: 128,
             idle_timeout_secs: 30,
             requests_per_sec_per_uid: 200,
             burst_per_uid: 400,
@@ -309,6 +312,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_request_bytes",
                 "must be at least 1024".into(),
+            ));
+        }
+        if l.max_connections_per_uid == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_uid",
+                "must be at least 1".into(),
             ));
         }
         if l.max_connections == 0 {

@@ -137,6 +137,22 @@ async fn handle_connection(ctx: &ServeContext, stream: UnixStream, scope: Scope)
             return;
         }
     };
+    let Some(_slot) = ctx.agent.admit_connection(peer.uid) else {
+        ctx.agent.counters.limited.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            outcome = "busy",
+            "per-uid connection limit reached; refusing a connection"
+        );
+        let mut stream = stream;
+        let line = error_line(
+            ErrorCode::Busy,
+            "too many connections from this uid; retry shortly",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
+        return;
+    };
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
     let mut shutdown = ctx.shutdown.clone();

@@ -26,6 +26,28 @@ pub enum Scope {
     Task(PathBuf),
 }
 
+/// One open connection of a uid; dropping it frees the slot.
+pub struct ConnectionSlot {
+    agent: Arc<Agent>,
+    uid: u32,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .agent
+            .connections_by_uid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// An error answer: a stable code and a message that never holds a secret.
 pub type Failure = (ErrorCode, String);
 
@@ -67,6 +89,8 @@ pub struct Agent {
     decrypt_permits: Semaphore,
     rate: Mutex<HashMap<u32, Bucket>>,
     started: Instant,
+    /// Open connections per peer uid.
+    connections_by_uid: Mutex<HashMap<u32, usize>>,
     /// When each expiring certificate was last warned about.
     pub expiry_warned: Mutex<HashMap<Thumbprint, Instant>>,
 }
@@ -84,6 +108,7 @@ impl Agent {
             rate: Mutex::new(HashMap::new()),
             started: Instant::now(),
             expiry_warned: Mutex::new(HashMap::new()),
+            connections_by_uid: Mutex::new(HashMap::new()),
         }
     }
 
@@ -98,6 +123,25 @@ impl Agent {
     /// Replace the config (SIGHUP).
     pub fn set_config(&self, config: Config) {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    /// Count a new connection of `uid`; `None` when the uid is at its limit. The returned guard
+    /// gives the slot back when dropped.
+    pub fn admit_connection(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
+        let max = self.config().limits.max_connections_per_uid;
+        let mut map = self
+            .connections_by_uid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            agent: self.clone(),
+            uid,
+        })
     }
 
     /// Take one request from `uid`'s budget; false means "answer busy".
