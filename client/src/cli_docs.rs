@@ -30,7 +30,7 @@ pub fn generate(
     // Building fills in each subcommand's display name (`<bin>-<sub>`) and bin name
     // (`<bin> <sub>`), which the page names and synopses use.
     cmd.build();
-    man_pages(&cmd, section, &man_dir, &mut written)?;
+    man_pages(&cmd, bin, section, &man_dir, &mut written)?;
 
     for (shell, dir, file) in [
         (Shell::Bash, "bash", bin.to_owned()),
@@ -50,15 +50,18 @@ pub fn generate(
 
 fn man_pages(
     cmd: &clap::Command,
+    bin: &str,
     section: &str,
     dir: &Path,
     written: &mut Vec<PathBuf>,
 ) -> Result<()> {
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        man_pages(sub, section, dir, written)?;
+        man_pages(sub, bin, section, dir, written)?;
     }
     let man = clap_mangen::Man::new(cmd.clone())
         .section(section)
+        // Subcommands have no version of their own; the footer names the package's.
+        .source(format!("{bin} {}", env!("CARGO_PKG_VERSION")))
         // An empty date makes clap_mangen drop the argument from `.TH`, shifting the rest.
         .date(page_date())
         .manual("nodeseal");
@@ -162,6 +165,12 @@ mod tests {
         assert!(!man.join("demo-bin-help.8").exists());
         let page = fs::read_to_string(man.join("demo-bin.8")).unwrap();
         assert!(page.contains(".TH demo-bin 8 "), "{page}");
+        let sub_page = fs::read_to_string(man.join("demo-bin-visible.8")).unwrap();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            sub_page.contains(&format!(" \"demo-bin {version}\" nodeseal")),
+            "{sub_page}"
+        );
         assert!(page.contains("demo\\-bin\\-visible(8)"), "{page}");
         for rel in ["bash/demo-bin", "zsh/_demo-bin", "fish/demo-bin.fish"] {
             let text = fs::read_to_string(dir.path().join("completions").join(rel)).unwrap();

@@ -45,8 +45,17 @@ impl<'de> Deserialize<'de> for Request {
                 .ok_or_else(|| D::Error::custom("`v` must be a small unsigned integer"))?,
         };
         let id = map.remove("id");
+        // serde ignores extra fields on unit variants of an internally tagged enum; refuse them
+        // here so every operation follows the same "unknown fields are an error" rule.
+        let extra = map.keys().find(|k| *k != "op").cloned();
         let op =
             Operation::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)?;
+        if let (Operation::Health | Operation::Status, Some(field)) = (&op, extra) {
+            return Err(D::Error::custom(format!(
+                "unknown field `{field}` for op `{}`",
+                op.name()
+            )));
+        }
         Ok(Self { v, id, op })
     }
 }

@@ -188,7 +188,8 @@ fn mutated_requests_never_panic() {
 #[test]
 fn unknown_fields_and_versions_are_refused() {
     for bad in [
-        r#"{"op":"health","extra":1}"#,
+        r#"{"op":"get","name":"A","extra":1}"#,
+        r#"{"op":"env","task":"/t","token":"x"}"#,
         r#"{"op":"get"}"#,
         r#"{"op":"nope"}"#,
         r#"{"v":-1,"op":"health"}"#,
@@ -199,4 +200,16 @@ fn unknown_fields_and_versions_are_refused() {
     }
     let r: Request = serde_json::from_str(r#"{"op":"health"}"#).unwrap();
     assert_eq!(r.v, 1);
+}
+
+/// serde's `deny_unknown_fields` does not reach the unit variants of an internally tagged enum,
+/// so `Request`'s own `Deserialize` refuses extra fields on them.
+#[test]
+fn unit_variants_refuse_unknown_fields() {
+    for bad in [
+        r#"{"op":"health","extra":1}"#,
+        r#"{"op":"status","task":"/x"}"#,
+    ] {
+        assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+    }
 }

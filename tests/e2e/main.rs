@@ -1,5 +1,8 @@
+mod abuse;
 mod agent;
 mod client;
+mod faults;
+mod hygiene;
 mod keys;
 mod node;
 mod packaging;
