@@ -3,6 +3,8 @@
 #   nodeseal-<version>-linux-x86_64/
 #     bin/nodeseal-agent bin/nodeseal-client bin/docker-credential-nodeseal
 #     systemd/nodeseal-agent.service systemd/nodeseal-agent.socket systemd/nodeseal.tmpfiles.conf
+#     man/man1/*.1.gz man/man8/*.8.gz (packaging/gen-docs.sh, generated from the binaries)
+#     completions/bash/<bin> completions/zsh/_<bin> completions/fish/<bin>.fish
 #     agent.json (default config)  install.sh (Batch start task installer)  README.md  VERSION
 #
 #   packaging/build-tarball.sh [--no-build] [--bin-dir DIR] [--out-dir DIR]
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
         --no-build) build=0; shift ;;
         --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
         --out-dir) out_dir="${2:?--out-dir needs a directory}"; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -55,6 +57,14 @@ for b in nodeseal-agent nodeseal-client docker-credential-nodeseal; do
         echo "build-tarball.sh: WARNING: $bin_dir/$b not found; the tarball will not contain it" >&2
     fi
 done
+# Reproducible: SOURCE_DATE_EPOCH if set, else the last commit, dates the man pages and the
+# tarball's entries.
+epoch="${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}"
+export SOURCE_DATE_EPOCH="$epoch"
+# Generated from the binaries being shipped, so the pages describe exactly their options.
+"$repo/packaging/gen-docs.sh" --bin-dir "$bin_dir" --out "$stage/docs" \
+    || die "cannot generate the man pages and completions (see above)"
+cp -R "$stage/docs/man" "$stage/docs/completions" "$root/"
 install -m 0644 "$repo/systemd/nodeseal-agent.service" "$repo/systemd/nodeseal-agent.socket" \
     "$repo/systemd/nodeseal.tmpfiles.conf" "$root/systemd/"
 install -m 0644 "$repo/packaging/agent.json" "$root/agent.json"
@@ -65,8 +75,7 @@ chmod 0644 "$root/VERSION"
 
 mkdir -p "$out_dir"
 out="$(cd "$out_dir" && pwd)/$name.tar.gz"
-# Reproducible: fixed order, owner and mtime (SOURCE_DATE_EPOCH if set, else the last commit).
-epoch="${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}"
+# Reproducible: fixed order, owner and mtime (set above).
 tar -C "$stage" --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$epoch" \
     -cf - "$name" | gzip -n > "$out.tmp"
 mv -f "$out.tmp" "$out"

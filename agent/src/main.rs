@@ -9,7 +9,6 @@ use nodeseal_client::protocol::Operation;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-mod cli_docs;
 
 /// Decrypts nodeseal and Batch Shipyard credentials for local task processes.
 #[derive(Parser)]
@@ -221,7 +220,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::GenerateDocs { out } => {
-            cli_docs::generate(Cli::command(), "nodeseal-agent", "8", out)?;
+            nodeseal_cli_docs::generate(Cli::command(), "nodeseal-agent", "8", out)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -124,6 +124,32 @@ put() { # mode source target
     install -D -m "$1" "$2" "$target" || die "cannot install $3"
     changed=1
 }
+# Man pages and completions: installed like the rest, but a change to them is no reason to
+# restart the agent.
+put_doc() { # source target
+    local was="$changed"
+    put 0644 "$1" "$2"
+    changed="$was"
+}
+# Tarballs and packages older than the generated docs have none; that is not an error.
+put_docs() { # root-with-man-and-completions-dirs: man/man1 man/man8 completions/{bash,zsh,fish}
+    local f f_dir
+    for f in "$1"/man/man1/*.1.gz "$1"/man/man8/*.8.gz; do
+        [ -f "$f" ] || continue
+        f_dir="$(basename "$(dirname "$f")")"
+        put_doc "$f" "/usr/share/man/$f_dir/$(basename "$f")"
+    done
+    for f in "$1"/completions/bash/*; do
+        [ -f "$f" ] && put_doc "$f" "/usr/share/bash-completion/completions/$(basename "$f")"
+    done
+    for f in "$1"/completions/zsh/*; do
+        [ -f "$f" ] && put_doc "$f" "/usr/share/zsh/vendor-completions/$(basename "$f")"
+    done
+    for f in "$1"/completions/fish/*; do
+        [ -f "$f" ] && put_doc "$f" "/usr/share/fish/vendor_completions.d/$(basename "$f")"
+    done
+    return 0
+}
 mkdir_mode() { # mode dir
     install -d -m "$1" "$destdir$2" || die "cannot create $2"
     chmod "$1" "$destdir$2"
@@ -151,6 +177,13 @@ else
         done
         put 0644 "$work/deb/usr/lib/tmpfiles.d/nodeseal.conf" /usr/lib/tmpfiles.d/nodeseal.conf
         put 0644 "$work/deb$template" "$template"
+        # Rearranged into the tarball's layout for put_docs.
+        mkdir -p "$work/debdocs/completions"
+        [ ! -d "$work/deb/usr/share/man" ] || cp -R "$work/deb/usr/share/man" "$work/debdocs/man"
+        d="$work/deb/usr/share/bash-completion/completions"; [ ! -d "$d" ] || cp -R "$d" "$work/debdocs/completions/bash"
+        d="$work/deb/usr/share/zsh/vendor-completions"; [ ! -d "$d" ] || cp -R "$d" "$work/debdocs/completions/zsh"
+        d="$work/deb/usr/share/fish/vendor_completions.d"; [ ! -d "$d" ] || cp -R "$d" "$work/debdocs/completions/fish"
+        put_docs "$work/debdocs"
     else
         [ -x "$src/bin/nodeseal-agent" ] || die "$src/bin/nodeseal-agent is missing or not executable"
         for b in "$src"/bin/*; do put 0755 "$b" "/usr/bin/$(basename "$b")"; done
@@ -161,6 +194,7 @@ else
         put 0644 "$src/systemd/nodeseal-agent.socket" /lib/systemd/system/nodeseal-agent.socket
         put 0644 "$src/systemd/nodeseal.tmpfiles.conf" /usr/lib/tmpfiles.d/nodeseal.conf
         put 0644 "$src/agent.json" "$template"
+        put_docs "$src"
     fi
 fi
 [ -f "$destdir$template" ] || die "$template was not installed; the artifact is incomplete"

@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 mod cert;
-mod cli_docs;
 mod ops;
 mod util;
 
@@ -154,7 +153,7 @@ fn main() -> ExitCode {
         Command::Open(a) => ops::open(a),
         Command::Rewrap(a) => ops::rewrap(a),
         Command::GenerateDocs { out } => {
-            cli_docs::generate(Cli::command(), "nodeseal", "1", &out).map(drop)
+            nodeseal_cli_docs::generate(Cli::command(), "nodeseal", "1", &out).map(drop)
         }
     };
     match result {

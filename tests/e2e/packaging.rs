@@ -327,6 +327,7 @@ fn installer_lays_down_a_node_and_is_idempotent() {
             "{file} differs from {src}"
         );
     }
+    assert_installed_docs(r);
     assert_eq!(mode(&r.join("etc/nodeseal")), 0o755);
     assert_eq!(mode(&r.join("var/lib/nodeseal")), 0o700);
     assert_eq!(mode(&r.join("var/lib/nodeseal/keys")), 0o700);
@@ -373,6 +374,170 @@ fn installer_lays_down_a_node_and_is_idempotent() {
             .matches("ReadWritePaths")
             .count(),
         1
+    );
+}
+
+/// The man pages and completions from the tarball, where man, bash-completion, zsh and fish
+/// look for them.
+fn assert_installed_docs(root: &Path) {
+    let mut files = vec![
+        "usr/share/man/man8/nodeseal-agent.8.gz".to_string(),
+        "usr/share/man/man8/nodeseal-agent-status.8.gz".to_string(),
+        "usr/share/man/man1/nodeseal-client.1.gz".to_string(),
+        "usr/share/man/man1/nodeseal-client-exec.1.gz".to_string(),
+        "usr/share/man/man1/docker-credential-nodeseal.1.gz".to_string(),
+    ];
+    for b in ["nodeseal-agent", "nodeseal-client"] {
+        files.push(format!("usr/share/bash-completion/completions/{b}"));
+        files.push(format!("usr/share/zsh/vendor-completions/_{b}"));
+        files.push(format!("usr/share/fish/vendor_completions.d/{b}.fish"));
+    }
+    for f in &files {
+        assert_eq!(mode(&root.join(f)), 0o644, "{f}");
+    }
+    // The submit-side CLI is not shipped to nodes, so neither are its docs.
+    assert!(!root.join("usr/share/man/man1/nodeseal.1.gz").exists());
+
+    let page = gunzip(&root.join("usr/share/man/man8/nodeseal-agent.8.gz"));
+    assert!(page.contains(".TH nodeseal-agent 8 "), "{page}");
+    assert_eq!(
+        gunzip(&root.join("usr/share/man/man1/docker-credential-nodeseal.1.gz")),
+        fs::read_to_string(repo_root().join("packaging/man/docker-credential-nodeseal.1")).unwrap()
+    );
+}
+
+fn gunzip(path: &Path) -> String {
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .expect("run gzip -dc");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&format!("gzip -dc {}", path.display()), &out)
+    );
+    text(&out.stdout)
+}
+
+#[test]
+fn generate_docs_writes_man_pages_and_completions() {
+    let dir = require_binaries();
+    // (binary, man section, subcommands listed on its main page, nested subcommands)
+    let cases: [(&str, &str, &[&str], &[&str]); 3] = [
+        (
+            "nodeseal-agent",
+            "8",
+            &[
+                "run",
+                "check",
+                "print-default-config",
+                "status",
+                "keys",
+                "revoke",
+                "restore",
+                "demo",
+            ],
+            &[],
+        ),
+        (
+            "nodeseal",
+            "1",
+            &["cert", "seal", "seal-env", "inspect", "open", "rewrap"],
+            &["cert-create", "cert-thumbprint"],
+        ),
+        (
+            "nodeseal-client",
+            "1",
+            &["get", "env", "list", "exec", "health"],
+            &[],
+        ),
+    ];
+    for (bin, section, subcommands, nested) in cases {
+        let exe = dir.join(bin);
+        assert!(
+            exe.is_file(),
+            "{} is missing: run `cargo build --workspace --bins` before the packaging tests",
+            exe.display()
+        );
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = Command::new(&exe)
+            .arg("generate-docs")
+            .arg("--out")
+            .arg(out_dir.path())
+            .env_remove("NODESEAL_CONFIG")
+            .output()
+            .expect("run generate-docs");
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("{bin} generate-docs"), &out)
+        );
+        let man = out_dir.path().join("man");
+        let main_page = man.join(format!("{bin}.{section}"));
+        let page = fs::read_to_string(&main_page)
+            .unwrap_or_else(|e| panic!("{} should exist: {e}", main_page.display()));
+        // roff escapes hyphens; compare the text a reader sees.
+        let page = page.replace("\\-", "-");
+        assert!(page.contains(&format!(".TH {bin} {section} ")), "{page}");
+        for sub in subcommands.iter().chain(nested) {
+            let sub_page = man.join(format!("{bin}-{sub}.{section}"));
+            assert!(sub_page.is_file(), "{} is missing", sub_page.display());
+        }
+        for sub in subcommands {
+            assert!(
+                page.contains(&format!("{bin}-{sub}({section})")),
+                "{} does not list {sub}:\n{page}",
+                main_page.display()
+            );
+        }
+        // Hidden means hidden: no page, no completion, no --help line.
+        assert!(!man.join(format!("{bin}-generate-docs.{section}")).exists());
+        assert!(!page.contains("generate-docs"), "{page}");
+        for rel in [
+            format!("bash/{bin}"),
+            format!("zsh/_{bin}"),
+            format!("fish/{bin}.fish"),
+        ] {
+            let path = out_dir.path().join("completions").join(&rel);
+            let script = fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{} should exist: {e}", path.display()));
+            for sub in subcommands {
+                assert!(script.contains(sub), "{rel} does not complete {sub}");
+            }
+            assert!(
+                !script.contains("generate-docs"),
+                "{rel} offers generate-docs"
+            );
+        }
+        let help = Command::new(&exe).arg("--help").output().unwrap();
+        assert!(!text(&help.stdout).contains("generate-docs"));
+    }
+}
+
+#[test]
+fn generate_docs_reports_an_unwritable_directory() {
+    let dir = require_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("file");
+    fs::write(&blocker, b"not a directory").unwrap();
+    let out = Command::new(dir.join("nodeseal-agent"))
+        .arg("generate-docs")
+        .arg("--out")
+        .arg(&blocker)
+        .env_remove("NODESEAL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        describe("generate-docs", &out)
+    );
+    assert!(
+        text(&out.stderr).contains(&blocker.join("man").display().to_string()),
+        "{}",
+        text(&out.stderr)
     );
 }
 

@@ -21,8 +21,6 @@ use std::process::{Command, ExitCode};
 /// Prefix of a v1 token; variables holding one are opened by `exec`.
 const TOKEN_PREFIX: &str = "nodeseal.v1.";
 
-#[path = "../cli_docs.rs"]
-mod cli_docs;
 
 #[derive(Parser)]
 #[command(
@@ -182,7 +180,7 @@ fn connect(socket: Option<PathBuf>, task: Option<String>) -> anyhow::Result<Clie
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::GenerateDocs { out } = &cli.cmd {
         // Needs no agent: runs at package build time.
-        return cli_docs::generate(Cli::command(), "nodeseal-client", "1", out).map(drop);
+        return nodeseal_cli_docs::generate(Cli::command(), "nodeseal-client", "1", out).map(drop);
     }
     let mut client = connect(cli.socket, cli.task)?;
     match cli.cmd {

@@ -1,9 +1,10 @@
 //! The hidden `generate-docs` subcommand: man pages and shell completions for the packages
 //! (packaging/build-deb.sh, packaging/build-tarball.sh), generated from the clap definition so
 //! they cannot drift from the real options.
-//!
-//! The same file exists in seal/src and client/src: each CLI is its own crate and none of them
-//! may depend on another's clap tree, so the ~80 lines are copied rather than shared.
+//! Shared by the three CLIs (`nodeseal-agent`, `nodeseal`, `nodeseal-client`); build-time
+//! tooling only, never linked into the client library (it sits behind the client's `cli`
+//! feature).
+#![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
 use clap_complete::Shell;
