@@ -9,7 +9,6 @@ use nodeseal_client::protocol::Operation;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-
 /// Decrypts nodeseal and Batch Shipyard credentials for local task processes.
 #[derive(Parser)]
 #[command(name = "nodeseal-agent", version, about, long_about = None)]

@@ -562,16 +562,30 @@ fn open_follows_the_per_key_rules() {
     let locked = node.create_cert("locked");
     node.drop_pfx(&cert);
     node.drop_pfx(&locked);
-    node.write_config(json!({"open_allowed_by_key": {locked.thumbprint.clone(): {"uids": [4243]}}}));
+    node.write_config(
+        json!({"open_allowed_by_key": {locked.thumbprint.clone(): {"uids": [4243]}}}),
+    );
     node.start();
     let open_tok = node.seal(&cert, Some("A"), "open-to-users", "v1");
     let locked_tok = node.seal(&locked, Some("B"), "only-4243", "v1");
     let req = |tok: &str, name: &str| json!({"op": "open", "token": tok, "name": name});
     // Default rule: any non-root uid.
-    assert_eq!(request_as(4242, &node.socket, &req(&open_tok, "A"))["value"], "open-to-users");
+    assert_eq!(
+        request_as(4242, &node.socket, &req(&open_tok, "A"))["value"],
+        "open-to-users"
+    );
     // Per-key rule: only uid 4243.
-    assert_eq!(code_of(&request_as(4242, &node.socket, &req(&locked_tok, "B"))), "forbidden");
-    assert_eq!(request_as(4243, &node.socket, &req(&locked_tok, "B"))["value"], "only-4243");
+    assert_eq!(
+        code_of(&request_as(4242, &node.socket, &req(&locked_tok, "B"))),
+        "forbidden"
+    );
+    assert_eq!(
+        request_as(4243, &node.socket, &req(&locked_tok, "B"))["value"],
+        "only-4243"
+    );
     // Bound to its name even for an allowed caller.
-    assert_eq!(code_of(&request_as(4243, &node.socket, &req(&locked_tok, "NOT_B"))), "bad_token");
+    assert_eq!(
+        code_of(&request_as(4243, &node.socket, &req(&locked_tok, "NOT_B"))),
+        "bad_token"
+    );
 }

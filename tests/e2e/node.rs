@@ -381,3 +381,74 @@ sys.stdout.write(buf.decode())
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+impl TestNode {
+    /// Pid of the running agent.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Whether the agent process is still running (not exited or killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGKILL the agent and reap it: a crash, leaving its socket file behind.
+    pub fn kill9(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        self.signal_child(&child, nix::sys::signal::Signal::SIGKILL);
+        wait_child(&mut child, Duration::from_secs(10))
+    }
+}
+
+/// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"))
+}
+
+/// Number of file descriptors `pid` has open.
+pub fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// Like [`request_as`], but tolerant of an agent that answers and hangs up before the request
+/// is sent (a `busy` refusal): returns the line the agent wrote, `None` if it wrote none.
+pub fn try_request_as(uid: u32, socket: &Path, req: &Value) -> Option<Value> {
+    use std::os::unix::process::CommandExt;
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+try:
+    s.sendall(sys.argv[2].encode() + b"\n")
+except OSError:
+    pass
+buf = b""
+while not buf.endswith(b"\n"):
+    try:
+        chunk = s.recv(65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    buf += chunk
+sys.stdout.write(buf.decode())
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(socket)
+        .arg(req.to_string())
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).ok()
+}

@@ -21,7 +21,6 @@ use std::process::{Command, ExitCode};
 /// Prefix of a v1 token; variables holding one are opened by `exec`.
 const TOKEN_PREFIX: &str = "nodeseal.v1.";
 
-
 #[derive(Parser)]
 #[command(
     name = "nodeseal-client",
