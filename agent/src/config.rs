@@ -62,7 +62,7 @@ pub struct Config {
     pub env_file_names: Vec<String>,
     /// Variables whose values may be legacy Batch Shipyard ciphertexts.
     pub legacy_names: Vec<String>,
-    /// Also treat any value whose base64 decodes to a loaded key's modulus length as legacy.
+    /// Also treat any value whose base64 decodes to 256, 384 or 512 bytes as legacy.
     pub legacy_by_length: bool,
     /// Thumbprint of the key that opens legacy ciphertexts when several keys of the same size
     /// are loaded. Legacy ciphertexts name no key, and implicit rejection means a wrong key

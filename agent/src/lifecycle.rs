@@ -329,11 +329,9 @@ pub fn scan_env_dir(agent: &Agent, dir: &Path) -> Vec<PathBuf> {
 /// (Re)read one env file and log what happened.
 pub fn update_env_file(agent: &Agent, path: &Path, root: &Path) -> FileUpdate {
     let config = agent.config();
-    let lengths = agent.keys.modulus_lengths();
     let classifier = Classifier {
         legacy_names: &config.legacy_names,
         legacy_by_length: config.legacy_by_length,
-        modulus_lengths: &lengths,
     };
     let update = agent.tasks.update_file(path, root, &classifier);
     match &update {

@@ -64,12 +64,7 @@ pub async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scope) {
             Err(_) => {
                 ctx.agent.counters.limited.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("connection limit reached; refusing a connection");
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let line = error_line(ErrorCode::Busy, "too many connections; retry shortly");
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
-                });
+                tokio::spawn(refuse(stream, "too many connections; retry shortly"));
             }
         }
     }
@@ -79,6 +74,28 @@ pub async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scope) {
 /// returning so callers stay `Send`.
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// Answer `busy` and hang up gracefully: stop writing, then read (and drop) what the client
+/// already sent for a moment, so its request write does not fail with a reset before it has read
+/// our answer. Bounded in time and bytes.
+async fn refuse(mut stream: UnixStream, message: &str) {
+    let line = error_line(ErrorCode::Busy, message);
+    let drain = async {
+        stream.write_all(&line).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(250), drain).await;
 }
 
 fn error_line(code: ErrorCode, message: &str) -> Vec<u8> {
@@ -145,12 +162,7 @@ async fn handle_connection(ctx: &ServeContext, stream: UnixStream, scope: Scope)
             outcome = "busy",
             "per-uid connection limit reached; refusing a connection"
         );
-        let mut stream = stream;
-        let line = error_line(
-            ErrorCode::Busy,
-            "too many connections from this uid; retry shortly",
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
+        refuse(stream, "too many connections from this uid; retry shortly").await;
         return;
     };
     let (read_half, mut write_half) = stream.into_split();

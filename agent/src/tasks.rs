@@ -5,7 +5,7 @@
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::token::{self, Format};
 use nodeseal_envelope::Thumbprint;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -70,8 +70,6 @@ pub struct EnvEntry {
     pub vars: Vec<Var>,
     /// What the file looked like when read, so an unchanged file keeps its cached values.
     stamp: FileStamp,
-    /// Key sizes the values were classified against (legacy detection depends on them).
-    lengths: Vec<usize>,
 }
 
 /// Identity and version of a file as `stat` sees it; ctime covers chown and chmod too.
@@ -127,7 +125,7 @@ pub enum FileUpdate {
     },
     /// Gone (deleted or no longer readable): forgotten.
     Removed,
-    /// Same file, same content, same classification: kept with its cached values.
+    /// Same file, same content: kept with its cached values.
     Unchanged,
     /// Still being written: retry after it settles.
     Unsettled,
@@ -145,11 +143,14 @@ pub const SETTLE: Duration = Duration::from_millis(300);
 pub struct Classifier<'a> {
     /// Names whose values may be Shipyard ciphertexts.
     pub legacy_names: &'a [String],
-    /// Also any value whose decoded length is a loaded key's modulus length.
+    /// Also any value whose decoded length is an RSA modulus length nodeseal accepts.
     pub legacy_by_length: bool,
-    /// Modulus lengths of the loaded keys.
-    pub modulus_lengths: &'a HashSet<usize>,
 }
+
+/// Modulus lengths of the RSA keys nodeseal accepts (2048, 3072, 4096 bits). Legacy detection
+/// by length uses these rather than the keys loaded right now: otherwise a ciphertext whose key
+/// is briefly missing would be reclassified as a plain value and served as it is.
+const RSA_MODULUS_LENGTHS: [usize; 3] = [256, 384, 512];
 
 impl Classifier<'_> {
     /// Classify one value.
@@ -165,7 +166,7 @@ impl Classifier<'_> {
             Some(Format::Shipyard) => {
                 let len = nodeseal_envelope::legacy::decode(value).map_or(0, |d| d.len());
                 let by_name = self.legacy_names.iter().any(|n| n == name);
-                let by_length = self.legacy_by_length && self.modulus_lengths.contains(&len);
+                let by_length = self.legacy_by_length && RSA_MODULUS_LENGTHS.contains(&len);
                 if by_name || by_length {
                     ValueKind::Shipyard {
                         token: value.to_owned(),
@@ -258,8 +259,6 @@ impl Tasks {
 
     /// (Re)read `path`, which lies under `root`.
     pub fn update_file(&self, path: &Path, root: &Path, classifier: &Classifier<'_>) -> FileUpdate {
-        let mut lengths: Vec<usize> = classifier.modulus_lengths.iter().copied().collect();
-        lengths.sort_unstable();
         if let Ok(m) = std::fs::symlink_metadata(path) {
             let known = self
                 .files
@@ -267,7 +266,7 @@ impl Tasks {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(path)
                 .cloned();
-            if known.is_some_and(|e| e.stamp == FileStamp::of(&m) && e.lengths == lengths) {
+            if known.is_some_and(|e| e.stamp == FileStamp::of(&m)) {
                 return FileUpdate::Unchanged;
             }
         }
@@ -314,7 +313,6 @@ impl Tasks {
             owner_uid: meta.uid(),
             vars,
             stamp: FileStamp::of(&meta),
-            lengths,
         });
         self.files
             .write()

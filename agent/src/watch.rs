@@ -17,6 +17,10 @@ const DEBOUNCE: Duration = Duration::from_millis(25);
 /// How often missing directories are retried and the safety-net rescan considered.
 const TICK: Duration = Duration::from_millis(500);
 const FULL_RESCAN_EVERY: Duration = Duration::from_secs(60);
+/// Full rescans asked for by lost events are at least this far apart: the rescan's own file
+/// opens generate inotify events, and on a huge tree they must not overflow the queue into an
+/// endless loop of rescans.
+const MIN_FULL_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Watches {
     watcher: Option<notify::RecommendedWatcher>,
@@ -88,6 +92,18 @@ impl Watches {
         }
     }
 
+    /// Watch every active directory again: notify then walks each tree and adds watches for
+    /// subdirectories whose creation events were lost.
+    fn rewatch(&mut self) {
+        for (path, recursive) in std::mem::take(&mut self.active) {
+            if let Some(w) = self.watcher.as_mut() {
+                let _ = w.unwatch(&path);
+            }
+            self.missing.push((path, recursive));
+        }
+        self.retry_missing();
+    }
+
     fn retry_missing(&mut self) -> Vec<PathBuf> {
         let Some(w) = self.watcher.as_mut() else {
             return Vec::new();
@@ -125,6 +141,8 @@ impl Watches {
 #[derive(Default)]
 struct Work {
     full: bool,
+    /// Events were lost: directories created meanwhile have no watch yet.
+    rewatch: bool,
     keys: bool,
     env_files: BTreeSet<PathBuf>,
     env_dirs: BTreeSet<PathBuf>,
@@ -135,14 +153,18 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
     let event = match event {
         Ok(e) => e,
         Err(e) => {
-            tracing::warn!(error = %e, "file watcher error; doing a full rescan");
+            tracing::warn!(error = %e, "file watcher error; re-adding watches and doing a full rescan");
             work.full = true;
+            work.rewatch = true;
             return;
         }
     };
     if event.need_rescan() {
-        tracing::warn!("file watcher lost events (queue overflow); doing a full rescan");
+        tracing::warn!(
+            "file watcher lost events (queue overflow); re-adding watches and doing a full rescan"
+        );
         work.full = true;
+        work.rewatch = true;
         return;
     }
     if matches!(event.kind, EventKind::Access(_)) {
@@ -191,6 +213,7 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
     sockets.sync(&ctx);
     let mut unsettled: Vec<(PathBuf, Instant)> = Vec::new();
     let mut last_full = Instant::now();
+    let mut full_pending = false;
     let mut tick = tokio::time::interval(TICK);
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -216,7 +239,7 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
                     work.env_files.insert(path.clone());
                 }
                 unsettled.retain(|(_, due)| *due > now);
-                if last_full.elapsed() >= FULL_RESCAN_EVERY {
+                if last_full.elapsed() >= FULL_RESCAN_EVERY || full_pending {
                     work.full = true;
                 }
             }
@@ -227,9 +250,16 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
             }
             _ = crate::server::stopped(&mut shutdown) => break,
         }
+        if work.rewatch {
+            watches.rewatch();
+        }
+        if work.full && last_full.elapsed() < MIN_FULL_INTERVAL {
+            // Too soon after the last one: the next tick does it.
+            full_pending = true;
+            work.full = false;
+        }
         let agent = ctx.agent.clone();
         let roots = agent.config().env_roots.clone();
-        let lengths_before = agent.keys.modulus_lengths();
         let full = work.full;
         // Key loading and file reads block: keep them off the reactor.
         let newly_unsettled = tokio::task::spawn_blocking(move || {
@@ -237,13 +267,9 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
             if full || work.keys {
                 lifecycle::rescan_keys(&agent);
             }
-            // Which values count as legacy ciphertexts depends on the loaded key sizes.
-            let relabel = agent.keys.modulus_lengths() != lengths_before;
-            if full || relabel {
+            if full {
                 pending.extend(lifecycle::rescan_env(&agent));
-                if full {
-                    lifecycle::warn_expiring(&agent);
-                }
+                lifecycle::warn_expiring(&agent);
                 return pending;
             }
             for path in &work.gone {
@@ -269,6 +295,7 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
         .unwrap_or_default();
         if full {
             last_full = Instant::now();
+            full_pending = false;
         }
         let due = Instant::now() + crate::tasks::SETTLE;
         unsettled.extend(newly_unsettled.into_iter().map(|p| (p, due)));

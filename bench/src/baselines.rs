@@ -10,7 +10,13 @@ use std::time::{Duration, Instant};
 /// -seconds <secs> rsa<bits>`, its `sign/s` column.
 pub fn openssl_rsa_sign_per_sec(bits: u32, cores: usize, secs: u32) -> Result<f64> {
     let out = Command::new("openssl")
-        .args(["speed", "-multi", &cores.to_string(), "-seconds", &secs.to_string()])
+        .args([
+            "speed",
+            "-multi",
+            &cores.to_string(),
+            "-seconds",
+            &secs.to_string(),
+        ])
         .arg(format!("rsa{bits}"))
         .stdin(Stdio::null())
         .output()

@@ -92,7 +92,9 @@ pub fn latency_cdf(out: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Re
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(e)?
             .label(label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

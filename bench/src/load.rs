@@ -54,13 +54,25 @@ pub fn one_connection(
     let (mut s, mut r) = connect(socket)?;
     let mut reply = String::new();
     for i in 0..warmup {
-        round_trip(&mut s, &mut r, &requests[i % requests.len()], &mut reply, check_ok)?;
+        round_trip(
+            &mut s,
+            &mut r,
+            &requests[i % requests.len()],
+            &mut reply,
+            check_ok,
+        )?;
     }
     let mut latencies_us = Vec::with_capacity(count);
     let start = Instant::now();
     for i in 0..count {
         let t = Instant::now();
-        round_trip(&mut s, &mut r, &requests[i % requests.len()], &mut reply, check_ok)?;
+        round_trip(
+            &mut s,
+            &mut r,
+            &requests[i % requests.len()],
+            &mut reply,
+            check_ok,
+        )?;
         latencies_us.push(t.elapsed().as_secs_f64() * 1e6);
         if start.elapsed() > deadline {
             break;
@@ -98,14 +110,26 @@ pub fn many_connections(
                 scope.spawn(move || -> Result<Vec<f64>> {
                     let mut reply = String::new();
                     // One unmeasured request: connection set-up is not what is measured.
-                    round_trip(&mut s, &mut r, &requests[c % requests.len()], &mut reply, check_ok)?;
+                    round_trip(
+                        &mut s,
+                        &mut r,
+                        &requests[c % requests.len()],
+                        &mut reply,
+                        check_ok,
+                    )?;
                     barrier.wait();
                     let start = Instant::now();
                     let mut lat = Vec::with_capacity(1024);
                     let mut i = c;
                     while start.elapsed() < duration && lat.len() < max_per_conn {
                         let t = Instant::now();
-                        round_trip(&mut s, &mut r, &requests[i % requests.len()], &mut reply, check_ok)?;
+                        round_trip(
+                            &mut s,
+                            &mut r,
+                            &requests[i % requests.len()],
+                            &mut reply,
+                            check_ok,
+                        )?;
                         lat.push(t.elapsed().as_secs_f64() * 1e6);
                         i += 1;
                     }

@@ -76,8 +76,6 @@ pub fn name_of(i: usize) -> String {
 /// The node layout and, once started, the agent.
 pub struct Node {
     _dir: tempfile::TempDir,
-    /// Root of everything.
-    pub root: PathBuf,
     /// Batch certificate drop dir.
     pub certs: PathBuf,
     /// Env root.
@@ -110,7 +108,6 @@ impl Node {
             state: root.join("state"),
             agent_bin: agent_bin.to_owned(),
             child: None,
-            root,
             _dir: dir,
         };
         for d in [&node.certs, &node.workitems] {
@@ -221,7 +218,10 @@ impl Node {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     self.child = None;
-                    bail!("agent exited with {status} before READY; log:\n{}", self.logs());
+                    bail!(
+                        "agent exited with {status} before READY; log:\n{}",
+                        self.logs()
+                    );
                 }
             }
             match notify.recv(&mut buf) {
@@ -291,11 +291,7 @@ impl Node {
     pub fn get_expect(&self, task: &Path, name: &str, want: &str) -> Result<()> {
         let r = self.request(&get_request(task, name))?;
         if r["ok"] != true || r["value"] != want {
-            bail!(
-                "get {name} answered {}; log:\n{}",
-                r["error"],
-                self.logs()
-            );
+            bail!("get {name} answered {}; log:\n{}", r["error"], self.logs());
         }
         Ok(())
     }
@@ -317,6 +313,12 @@ pub fn get_request(task: &Path, name: &str) -> Value {
 
 /// `VmRSS` and `VmLck` of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let f = status_fields(pid, &["VmRSS:", "VmLck:"])?;
+    Ok((f[0], f[1]))
+}
+
+/// Numeric fields (KiB) of `/proc/<pid>/status`, 0 when absent.
+pub fn status_fields(pid: u32, names: &[&str]) -> Result<Vec<u64>> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
     let field = |name: &str| {
@@ -327,5 +329,5 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Ok((field("VmRSS:"), field("VmLck:")))
+    Ok(names.iter().map(|n| field(n)).collect())
 }

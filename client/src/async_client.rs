@@ -216,8 +216,10 @@ impl AsyncClient {
                 }
                 Err(e) => {
                     self.conn = None;
-                    if was_used && !reconnected && wire::is_stale_connection(&e) {
-                        reconnected = true;
+                    if let Some(d) =
+                        wire::retry_after_io(&e, was_used, &mut reconnected, &mut backoff)
+                    {
+                        tokio::time::sleep(d).await;
                         continue;
                     }
                     return Err(Error::Io {
@@ -281,7 +283,11 @@ async fn exchange(
     id: u64,
     cfg: &Config,
 ) -> io::Result<Result<Response>> {
-    with_timeout(cfg.write_timeout, stream.write_all(line)).await?;
+    // A failed write is not the end: the agent may have answered (`busy`) and hung up before
+    // reading our request, and that answer is still waiting to be read.
+    let write_failed = with_timeout(cfg.write_timeout, stream.write_all(line))
+        .await
+        .err();
     loop {
         match buf.take_line() {
             Err(e) => return Ok(Err(e)),
@@ -293,11 +299,14 @@ async fn exchange(
             Ok(n) => n,
             Err(e) => {
                 buf.commit(0);
-                return Err(e);
+                return Err(write_failed.unwrap_or(e));
             }
         };
         buf.commit(n);
         if n == 0 {
+            if let Some(e) = write_failed {
+                return Err(e);
+            }
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the agent closed the connection without a complete answer",

@@ -271,8 +271,9 @@ impl Client {
                 }
                 Err(Failure::Io(e)) => {
                     self.conn = None;
-                    if used && !reconnected && wire::is_stale_connection(&e) {
-                        reconnected = true;
+                    if let Some(d) = wire::retry_after_io(&e, used, &mut reconnected, &mut backoff)
+                    {
+                        std::thread::sleep(d);
                         continue;
                     }
                     return Err(Error::Io {
@@ -332,8 +333,13 @@ fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
 }
 
 fn exchange(conn: &mut Conn, line: &[u8], id: u64) -> std::result::Result<Response, Failure> {
-    conn.stream.write_all(line).map_err(Failure::Io)?;
-    conn.stream.flush().map_err(Failure::Io)?;
+    // A failed write is not the end: the agent may have answered (`busy`) and hung up before
+    // reading our request, and that answer is still waiting to be read.
+    let write_failed = conn
+        .stream
+        .write_all(line)
+        .and_then(|()| conn.stream.flush())
+        .err();
     loop {
         if let Some(resp_line) = conn.buf.take_line().map_err(Failure::Other)? {
             return wire::decode(&resp_line, id).map_err(Failure::Other);
@@ -347,11 +353,14 @@ fn exchange(conn: &mut Conn, line: &[u8], id: u64) -> std::result::Result<Respon
             }
             Err(e) => {
                 conn.buf.commit(0);
-                return Err(Failure::Io(e));
+                return Err(Failure::Io(write_failed.unwrap_or(e)));
             }
         };
         conn.buf.commit(n);
         if n == 0 {
+            if let Some(e) = write_failed {
+                return Err(Failure::Io(e));
+            }
             let partial = conn.buf.has_partial();
             return Err(Failure::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -204,6 +204,26 @@ pub(crate) fn is_stale_connection(e: &io::Error) -> bool {
     )
 }
 
+/// After an I/O failure mid-request, how long to wait before retrying on a new connection, or
+/// `None` to give up. Every operation is idempotent, so a connection the agent dropped (it was
+/// restarting, or it refused us at a limit and hung up) is retried within the retry budget; a
+/// connection that went stale while idle is reopened once at once.
+pub(crate) fn retry_after_io(
+    e: &io::Error,
+    was_used: bool,
+    reconnected: &mut bool,
+    backoff: &mut Backoff,
+) -> Option<std::time::Duration> {
+    if !is_stale_connection(e) {
+        return None;
+    }
+    if was_used && !*reconnected {
+        *reconnected = true;
+        return Some(std::time::Duration::ZERO);
+    }
+    backoff.next_delay()
+}
+
 /// Exponential backoff within a total time budget.
 pub(crate) struct Backoff {
     deadline: Instant,
