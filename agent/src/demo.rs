@@ -128,6 +128,13 @@ pub async fn run(keep: bool) -> Result<()> {
         return agent.await?.context("the agent failed to start");
     }
     println!("    listening on {}", socket.display());
+    // Ingest runs right after READY; give it a moment before showing the result.
+    for _ in 0..100 {
+        if !pfx_path.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     println!(
         "    the PFX was ingested into the agent's root-only store; original still readable by tasks: {}",
         pfx_path.exists()

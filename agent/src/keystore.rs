@@ -283,15 +283,41 @@ impl KeyStore {
                 .map(|(p, t)| (p.clone(), t.stamp))
                 .collect()
         };
-        let mut fresh: Vec<(PathBuf, Tracked)> = Vec::new();
         let mut unchanged: HashSet<PathBuf> = HashSet::new();
+        let mut changed: Vec<(&Candidate, Option<Stamp>)> = Vec::new();
         for cand in &candidates {
             let stamp = stamp_of(&cand.path, cand.companion.as_deref());
             if stamp.is_some() && previous.get(&cand.path) == Some(&stamp) {
                 unchanged.insert(cand.path.clone());
-                continue;
+            } else {
+                changed.push((cand, stamp));
             }
-            let state = load_candidate(source, cand);
+        }
+        // PKCS#12 key derivation costs milliseconds per file: parse on every core, so start-up
+        // with many keys takes about (keys / cores) parses.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(changed.len().max(1));
+        let per_thread = changed.len().div_ceil(threads).max(1);
+        let states: Vec<FileState> = std::thread::scope(|scope| {
+            let workers: Vec<_> = changed
+                .chunks(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(cand, _)| load_candidate(source, cand))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        let mut fresh: Vec<(PathBuf, Tracked)> = Vec::new();
+        for ((cand, stamp), state) in changed.into_iter().zip(states) {
             match &state {
                 FileState::Loaded(e) => tracing::info!(
                     key_id = %e.pair.thumbprint(),
@@ -323,6 +349,33 @@ impl KeyStore {
             for (p, t) in fresh {
                 inner.files.insert(p, t);
             }
+        })
+    }
+
+    /// Track `path` (with its `companion`) as source `index`'s copy of an already parsed key:
+    /// the store copy written at ingest, so it is not parsed a second time.
+    pub fn adopt(
+        &self,
+        index: usize,
+        path: &Path,
+        companion: &Path,
+        pair: Arc<KeyPair>,
+    ) -> Changes {
+        let stamp = stamp_of(path, Some(companion));
+        let entry = Arc::new(KeyEntry {
+            pair,
+            origin: path.to_owned(),
+            kind: kind_name(KeySourceKind::BatchCerts),
+        });
+        self.mutate(|inner| {
+            inner.files.insert(
+                path.to_owned(),
+                Tracked {
+                    source: index,
+                    stamp,
+                    state: FileState::Loaded(entry),
+                },
+            );
         })
     }
 

@@ -63,7 +63,7 @@ pub async fn run(
     {
         let agent = agent.clone();
         tokio::task::spawn_blocking(move || {
-            lifecycle::rescan_keys(&agent);
+            lifecycle::rescan_keys_with(&agent, false);
             lifecycle::rescan_env(&agent);
             lifecycle::warn_expiring(&agent);
         })
@@ -126,6 +126,12 @@ pub async fn run(
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     }
     ready(&socket_shown);
+    // Ingest (store copies written with fsync, readable originals removed) right after READY:
+    // the keys are already in memory, so nothing waits for the disk.
+    {
+        let agent = agent.clone();
+        tokio::task::spawn_blocking(move || lifecycle::rescan_keys(&agent));
+    }
 
     let watchdog = options.daemon.then(|| tokio::spawn(watchdog()));
     let hup = tokio::spawn(reload_on_sighup(

@@ -94,6 +94,13 @@ pub fn check_store_dir(dir: &Path) -> Result<()> {
 /// Rescan every key source (and the store), ingest where configured, reload the revocation
 /// lists, and evict cached values of keys that went away.
 pub fn rescan_keys(agent: &Agent) {
+    rescan_keys_with(agent, true);
+}
+
+/// [`rescan_keys`], optionally without the ingest step. Start-up loads without it so READY does
+/// not wait for the store's fsyncs; the ingest pass runs right after.
+pub fn rescan_keys_with(agent: &Agent, do_ingest: bool) {
+    let _serial = agent.key_scan.lock().unwrap_or_else(|e| e.into_inner());
     let config = agent.config();
     let sources = key_sources(&config);
     let mut changes = Changes::default();
@@ -101,10 +108,11 @@ pub fn rescan_keys(agent: &Agent) {
         merge(&mut changes, agent.keys.rescan_source(i, source));
     }
     merge(&mut changes, agent.keys.drop_sources_from(sources.len()));
-    if ingest(agent, &config, &sources) {
-        // The store now holds what was ingested and the originals are gone: reload both.
-        for (i, source) in sources.iter().enumerate() {
-            merge(&mut changes, agent.keys.rescan_source(i, source));
+    if do_ingest {
+        let emptied = ingest(agent, &config, &sources);
+        // The store copies were adopted as they were written; the originals are gone now.
+        for i in emptied {
+            merge(&mut changes, agent.keys.rescan_source(i, &sources[i]));
         }
     }
     merge(&mut changes, reload_revocations(agent, &config));
@@ -214,25 +222,35 @@ pub fn restore(agent: &Agent, tp: Thumbprint) -> Result<()> {
 }
 
 /// Copy keys from sources with `ingest` into the store as PKCS#12 under a fresh random
-/// passphrase, then delete the readable originals. Returns whether anything was ingested.
-fn ingest(agent: &Agent, config: &Config, sources: &[KeySource]) -> bool {
-    let ingest_dirs: Vec<&Path> = sources
+/// passphrase, then delete the readable originals. Returns the indexes of the sources that lost
+/// files (to be rescanned).
+fn ingest(agent: &Agent, config: &Config, sources: &[KeySource]) -> Vec<usize> {
+    let store = config.key_store_dir();
+    let store_index = sources.len() - 1;
+    let ingest_dirs: Vec<(usize, &Path)> = sources
         .iter()
-        .filter(|s| s.ingest() && s.path != config.key_store_dir())
-        .map(|s| s.path.as_path())
+        .enumerate()
+        .filter(|(_, s)| s.ingest() && s.path != store)
+        .map(|(i, s)| (i, s.path.as_path()))
         .collect();
     if ingest_dirs.is_empty() {
-        return false;
+        return Vec::new();
     }
-    let store = config.key_store_dir();
-    if let Err(e) = check_store_dir(&store) {
-        tracing::error!(error = %format!("{e:#}"), "key store unusable; keys are served from memory but not ingested");
-        return false;
-    }
-    let mut any = false;
+    let mut emptied = Vec::new();
+    let mut store_checked = false;
     for entry in agent.keys.loaded_entries() {
-        if !ingest_dirs.iter().any(|d| entry.origin.parent() == Some(d)) {
+        let Some(&(index, _)) = ingest_dirs
+            .iter()
+            .find(|(_, d)| entry.origin.parent() == Some(*d))
+        else {
             continue;
+        };
+        if !store_checked {
+            if let Err(e) = check_store_dir(&store) {
+                tracing::error!(error = %format!("{e:#}"), "key store unusable; keys are served from memory but not ingested");
+                return emptied;
+            }
+            store_checked = true;
         }
         let tp = entry.pair.thumbprint();
         let pfx_path = store.join(format!("sha1-{tp}.pfx"));
@@ -242,12 +260,17 @@ fn ingest(agent: &Agent, config: &Config, sources: &[KeySource]) -> bool {
                 tracing::error!(key_id = %tp, path = %entry.origin.display(), error = %format!("{e:#}"), "ingest failed; original left in place");
                 continue;
             }
+            agent
+                .keys
+                .adopt(store_index, &pfx_path, &pw_path, entry.pair.clone());
         }
         remove_originals(&entry.origin);
         tracing::info!(key_id = %tp, from = %entry.origin.display(), to = %pfx_path.display(), "key ingested; readable original removed");
-        any = true;
+        if !emptied.contains(&index) {
+            emptied.push(index);
+        }
     }
-    any
+    emptied
 }
 
 fn write_store_copy(

@@ -89,6 +89,9 @@ pub struct Agent {
     decrypt_permits: Semaphore,
     rate: Mutex<HashMap<u32, Bucket>>,
     started: Instant,
+    /// Serializes key rescans: two concurrent ingests of one key could pair one run's PFX with
+    /// the other's passphrase file.
+    pub key_scan: Mutex<()>,
     /// Open connections per peer uid.
     connections_by_uid: Mutex<HashMap<u32, usize>>,
     /// When each expiring certificate was last warned about.
@@ -109,6 +112,7 @@ impl Agent {
             started: Instant::now(),
             expiry_warned: Mutex::new(HashMap::new()),
             connections_by_uid: Mutex::new(HashMap::new()),
+            key_scan: Mutex::new(()),
         }
     }
 
@@ -171,7 +175,12 @@ impl Agent {
     }
 
     /// Answer one request and log the decision.
-    pub async fn handle(&self, peer: &Peer, scope: &Scope, request: Request) -> Response {
+    pub async fn handle(
+        self: &Arc<Self>,
+        peer: &Peer,
+        scope: &Scope,
+        request: Request,
+    ) -> Response {
         let op = request.op.name();
         let mut audit = Audit::default();
         let result = if request.v != nodeseal_client::protocol::PROTOCOL_VERSION {
@@ -210,7 +219,7 @@ impl Agent {
     }
 
     async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         peer: &Peer,
         scope: &Scope,
         op: Operation,
@@ -247,20 +256,38 @@ impl Agent {
                         }
                     }
                 }
-                let mut values = Vec::with_capacity(order.len());
-                for name in order {
+                // Open every value at once: decryptions spread over the cores (the permits
+                // bound them) instead of running one after another.
+                let mut jobs = tokio::task::JoinSet::new();
+                for (position, name) in order.into_iter().enumerate() {
                     let Some((entry, index)) = find_var(&entries, &name) else {
                         continue;
                     };
-                    let (value, _) = self.resolve(&entry, index).await.map_err(|(code, msg)| {
+                    let agent = self.clone();
+                    jobs.spawn(async move {
+                        let result = agent.resolve(&entry, index).await;
+                        (position, name, result)
+                    });
+                }
+                let mut opened = Vec::with_capacity(jobs.len());
+                while let Some(done) = jobs.join_next().await {
+                    let (position, name, result) = done.map_err(|_| {
+                        (ErrorCode::Internal, "a decryption task failed".to_owned())
+                    })?;
+                    let (value, _) = result.map_err(|(code, msg)| {
                         audit.secret_name = Some(name.clone());
                         (code, format!("{name}: {msg}"))
                     })?;
-                    values.push(NamedValue {
+                    opened.push((position, name, value));
+                }
+                opened.sort_by_key(|(position, _, _)| *position);
+                let values: Vec<NamedValue> = opened
+                    .into_iter()
+                    .map(|(_, name, value)| NamedValue {
                         name,
                         value: Zeroizing::new(value.as_str().to_owned()),
-                    });
-                }
+                    })
+                    .collect();
                 let mut r = Response::ok();
                 r.values = Some(values);
                 Ok(r)
@@ -335,15 +362,7 @@ impl Agent {
     }
 
     fn task_count(&self) -> usize {
-        let mut dirs: Vec<PathBuf> = self
-            .tasks
-            .entries()
-            .iter()
-            .map(|e| e.task_dir.clone())
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        dirs.len()
+        self.tasks.task_count()
     }
 
     /// The `status` document: keys, tasks and counters, never values.

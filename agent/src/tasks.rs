@@ -5,7 +5,7 @@
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::token::{self, Format};
 use nodeseal_envelope::Thumbprint;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -109,10 +109,42 @@ impl EnvEntry {
     }
 }
 
-/// Everything the agent knows about tasks, by env-file path.
+/// Everything the agent knows about tasks, by env-file path and by task directory.
 #[derive(Default)]
 pub struct Tasks {
-    files: RwLock<BTreeMap<PathBuf, Arc<EnvEntry>>>,
+    inner: RwLock<Index>,
+}
+
+/// Both views under one lock so they never disagree; the per-task view makes a request's
+/// lookup independent of how many tasks the node runs.
+#[derive(Default)]
+struct Index {
+    files: BTreeMap<PathBuf, Arc<EnvEntry>>,
+    by_task: HashMap<PathBuf, BTreeMap<PathBuf, Arc<EnvEntry>>>,
+}
+
+impl Index {
+    fn insert(&mut self, entry: Arc<EnvEntry>) {
+        self.remove(&entry.path);
+        self.by_task
+            .entry(entry.task_dir.clone())
+            .or_default()
+            .insert(entry.path.clone(), entry.clone());
+        self.files.insert(entry.path.clone(), entry);
+    }
+
+    fn remove(&mut self, path: &Path) -> bool {
+        let Some(old) = self.files.remove(path) else {
+            return false;
+        };
+        if let Some(task) = self.by_task.get_mut(&old.task_dir) {
+            task.remove(path);
+            if task.is_empty() {
+                self.by_task.remove(&old.task_dir);
+            }
+        }
+        true
+    }
 }
 
 /// Outcome of (re)reading one env file.
@@ -260,12 +292,7 @@ impl Tasks {
     /// (Re)read `path`, which lies under `root`.
     pub fn update_file(&self, path: &Path, root: &Path, classifier: &Classifier<'_>) -> FileUpdate {
         if let Ok(m) = std::fs::symlink_metadata(path) {
-            let known = self
-                .files
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(path)
-                .cloned();
+            let known = self.read().files.get(path).cloned();
             if known.is_some_and(|e| e.stamp == FileStamp::of(&m)) {
                 return FileUpdate::Unchanged;
             }
@@ -314,80 +341,72 @@ impl Tasks {
             vars,
             stamp: FileStamp::of(&meta),
         });
-        self.files
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.to_owned(), entry);
+        self.write().insert(entry);
         FileUpdate::Loaded { vars: n }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forget a file; its cached values are zeroized when the last request using them ends.
     pub fn remove(&self, path: &Path) -> bool {
-        self.files
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(path)
-            .is_some()
+        self.write().remove(path)
     }
 
     /// Forget every file under `dir` (a directory that was removed or moved away).
     pub fn remove_under(&self, dir: &Path) -> Vec<PathBuf> {
-        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<PathBuf> = files
+        let mut index = self.write();
+        let gone: Vec<PathBuf> = index
+            .files
             .keys()
             .filter(|p| p.starts_with(dir))
             .cloned()
             .collect();
         for p in &gone {
-            files.remove(p);
+            index.remove(p);
         }
         gone
     }
 
     /// Every known file path.
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.files
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.read().files.keys().cloned().collect()
     }
 
     /// Every entry.
     pub fn entries(&self) -> Vec<Arc<EnvEntry>> {
-        self.files
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.read().files.values().cloned().collect()
     }
 
     /// Entries of one task directory, in path order.
     pub fn entries_of(&self, task_dir: &Path) -> Vec<Arc<EnvEntry>> {
-        self.files
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|e| e.task_dir == task_dir)
-            .cloned()
-            .collect()
+        self.read()
+            .by_task
+            .get(task_dir)
+            .map(|files| files.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of distinct task directories.
+    pub fn task_count(&self) -> usize {
+        self.read().by_task.len()
     }
 
     /// Distinct task directories whose files `uid` owns.
     pub fn task_dirs_owned_by(&self, uid: u32) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = self
-            .files
             .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|e| e.owner_uid == uid)
-            .map(|e| e.task_dir.clone())
+            .by_task
+            .iter()
+            .filter(|(_, files)| files.values().any(|e| e.owner_uid == uid))
+            .map(|(dir, _)| dir.clone())
             .collect();
-        dirs.dedup();
         dirs.sort();
-        dirs.dedup();
         dirs
     }
 
