@@ -785,16 +785,18 @@ impl Audit {
         let key_id = self.key_id.map(|k| k.to_string());
         macro_rules! line {
             ($lvl:ident) => {
+                // Fixed vocabulary and hex as Display; names and ids the caller or a task chose
+                // stay Debug-quoted, so they cannot forge fields or lines in the log.
                 tracing::$lvl!(
-                    op,
+                    op = %op,
                     peer_uid = peer.uid,
                     peer_pid = peer.pid,
                     host_root = peer.host_root,
                     task_id = self.task_id.as_deref().unwrap_or(""),
                     job_id = self.job_id.as_deref().unwrap_or(""),
                     secret_name = self.secret_name.as_deref().unwrap_or(""),
-                    key_id = key_id.as_deref().unwrap_or(""),
-                    outcome,
+                    key_id = %key_id.as_deref().unwrap_or("-"),
+                    outcome = %outcome,
                     "request"
                 )
             };

@@ -1172,17 +1172,23 @@ fn render(
     }
     writeln!(s, "\n## How each figure is measured\n")?;
     for line in [
-        "The agent config raises `limits.requests_per_sec_per_uid`/`burst_per_uid` (every request comes from root, one uid; the default 200/s per uid would turn most of them into `busy`), `max_connections` (4096) and `idle_timeout_secs`. Everything else is the default; the log level is `info`, so every request writes its audit line to stderr, which goes to a file.",
+        "The agent config raises `limits.requests_per_sec_per_uid`/`burst_per_uid` (every request comes from root, one uid; the default 200/s per uid would turn most of them into `busy`), `max_connections` and `max_connections_per_uid` (4096: all load comes from one uid) and `idle_timeout_secs`. Everything else is the default; the log level is `info`, so every request writes its audit line to stderr, which goes to a file.",
         "A load average above the core count at the end means other work shared the machine during the run (spreads widen, baselines like `openssl speed` and process spawns suffer most); rerun `bench/run.sh` on a quiet machine for figures to compare across commits.",
         "Load clients are threads of the harness on the same machine: they compete with the agent for the cores, exactly as they do with the echo server and as `openssl speed -multi` does not.",
         "Cached rows: one RSA 4096 key, one task with 64 v1 values, all read once before measuring. Uncached rows: `cache_ttl_secs: 0`, so every `get` opens its v1 token (RSA-OAEP unwrap + AES-GCM); 64 values per key size; 64 connections each walking the values in turn.",
         "Process rows: `nodeseal-client --socket S --task T get -n NAME` spawned per secret, vs Batch Shipyard's node path, `sh -c 'echo $CT | base64 -d | openssl rsautl -decrypt -inkey key.pem'` spawned per secret with key.pem extracted from the PFX by `openssl pkcs12 -nodes` (RSA 4096, as Shipyard's `openssl req -newkey rsa:4096`), and vs `systemd-creds decrypt` of a credential encrypted with the host key. The 20-secret row runs `nodeseal-client env` once vs the 20 shell pipelines one after another.",
-        "Start-up: spawn to the agent's READY=1 on a `NOTIFY_SOCKET` datagram socket the harness listens on. First boot reads the Batch drop (`sha1-<tp>.pfx` + `.pw`), ingests each key into its store (re-encrypting it as a new PFX, fsync) and reloads; restart loads the store's PFX files. Baseline: the same `KeyPair::from_pkcs12` calls in the harness, serially, divided by the core count (what a perfectly parallel loader would take).",
+        "Start-up: spawn to the agent's READY=1 on a `NOTIFY_SOCKET` datagram socket the harness listens on. First boot reads the Batch drop (`sha1-<tp>.pfx` + `.pw`); the agent ingests each key into its store (a new PFX, fsync) right after READY, from the keys already in memory; restart loads the store's PFX files. Keys are parsed on every core. Baseline: the same `KeyPair::from_pkcs12` calls in the harness, serially, divided by the core count (what a perfectly parallel loader would take).",
     ] {
         writeln!(s, "- {line}")?;
     }
     for n in &report.notes {
         writeln!(s, "- {n}")?;
+    }
+    // Profiles and before/after records are written by hand (bench/PROFILE.md) and kept with
+    // every regenerated report.
+    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("PROFILE.md");
+    if let Ok(text) = std::fs::read_to_string(&profile) {
+        writeln!(s, "\n{}", text.trim_end())?;
     }
     Ok(s)
 }

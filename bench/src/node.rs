@@ -124,6 +124,7 @@ impl Node {
             "env_roots": [node.workitems],
             "limits": {
                 "max_connections": 4096,
+                "max_connections_per_uid": 4096,
                 "idle_timeout_secs": 600,
                 "requests_per_sec_per_uid": 100_000_000u64,
                 "burst_per_uid": 100_000_000u64,

@@ -19,8 +19,7 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/nodeseal/agent.sock";
 
 /// One request line.
 ///
-/// Unknown fields are refused (serde cannot combine `flatten` with `deny_unknown_fields`, hence
-/// the hand-written `Deserialize`).
+/// Unknown fields, and fields the operation does not take, are refused.
 #[derive(Serialize, Clone, PartialEq, Eq)]
 pub struct Request {
     /// Protocol version; omitted means [`PROTOCOL_VERSION`].
@@ -33,29 +32,122 @@ pub struct Request {
     pub op: Operation,
 }
 
+/// The wire shape of every request: all fields any operation takes, checked per operation.
+/// One pass, no intermediate JSON tree: this runs for every request the agent answers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRequest {
+    #[serde(default)]
+    v: Option<serde_json::Value>,
+    // `"id": null` is an id like any other and is echoed back as given.
+    #[serde(default, deserialize_with = "present")]
+    id: Option<serde_json::Value>,
+    op: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    task: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    thumbprint: Option<String>,
+    #[serde(default)]
+    purge: Option<bool>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+impl WireRequest {
+    /// Refuse the argument fields `op` does not take, naming the first one.
+    fn only(&self, allowed: &[&str]) -> Result<(), String> {
+        let given = [
+            ("name", self.name.is_some()),
+            ("task", self.task.is_some()),
+            ("token", self.token.is_some()),
+            ("thumbprint", self.thumbprint.is_some()),
+            ("purge", self.purge.is_some()),
+        ];
+        match given.iter().find(|(f, set)| *set && !allowed.contains(f)) {
+            Some((field, _)) => Err(format!("unknown field `{field}` for op `{}`", self.op)),
+            None => Ok(()),
+        }
+    }
+
+    fn required(value: Option<String>, field: &str, op: &str) -> Result<String, String> {
+        value.ok_or_else(|| format!("missing field `{field}` for op `{op}`"))
+    }
+
+    fn into_operation(self) -> Result<Operation, String> {
+        let op = self.op.as_str();
+        let operation = match op {
+            "get" => {
+                self.only(&["name", "task"])?;
+                Operation::Get {
+                    name: Self::required(self.name, "name", op)?,
+                    task: self.task,
+                }
+            }
+            "env" => {
+                self.only(&["task"])?;
+                Operation::Env { task: self.task }
+            }
+            "list" => {
+                self.only(&["task"])?;
+                Operation::List { task: self.task }
+            }
+            "open" => {
+                self.only(&["token", "name"])?;
+                Operation::Open {
+                    token: Self::required(self.token, "token", op)?,
+                    name: self.name,
+                }
+            }
+            "health" => {
+                self.only(&[])?;
+                Operation::Health
+            }
+            "status" => {
+                self.only(&[])?;
+                Operation::Status
+            }
+            "revoke" => {
+                self.only(&["thumbprint", "purge"])?;
+                Operation::Revoke {
+                    thumbprint: Self::required(self.thumbprint, "thumbprint", op)?,
+                    purge: self.purge.unwrap_or(false),
+                }
+            }
+            "restore" => {
+                self.only(&["thumbprint"])?;
+                Operation::Restore {
+                    thumbprint: Self::required(self.thumbprint, "thumbprint", op)?,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown op `{other}`, expected one of get, env, list, open, health, status, revoke, restore"
+                ))
+            }
+        };
+        Ok(operation)
+    }
+}
+
 impl<'de> Deserialize<'de> for Request {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
-        let v = match map.remove("v") {
+        let wire = WireRequest::deserialize(deserializer)?;
+        let v = match &wire.v {
             None => PROTOCOL_VERSION,
             Some(v) => v
                 .as_u64()
                 .and_then(|v| u32::try_from(v).ok())
                 .ok_or_else(|| D::Error::custom("`v` must be a small unsigned integer"))?,
         };
-        let id = map.remove("id");
-        // serde ignores extra fields on unit variants of an internally tagged enum; refuse them
-        // here so every operation follows the same "unknown fields are an error" rule.
-        let extra = map.keys().find(|k| *k != "op").cloned();
-        let op =
-            Operation::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)?;
-        if let (Operation::Health | Operation::Status, Some(field)) = (&op, extra) {
-            return Err(D::Error::custom(format!(
-                "unknown field `{field}` for op `{}`",
-                op.name()
-            )));
-        }
+        let id = wire.id.clone();
+        let op = wire.into_operation().map_err(D::Error::custom)?;
         Ok(Self { v, id, op })
     }
 }

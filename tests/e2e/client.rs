@@ -327,7 +327,7 @@ run '{client}' --socket '{host}' --task '{mine}' get MINE
     assert!(!logs.contains("theirs-Secret"));
     assert!(logs
         .lines()
-        .any(|l| l.contains("host_root=false") && l.contains("outcome=\"forbidden\"")));
+        .any(|l| l.contains("host_root=false") && l.contains("outcome=forbidden")));
 
     // The task ends: its socket goes away with it.
     fs::remove_dir_all(node.workitems.join("job-x")).unwrap();
