@@ -145,6 +145,25 @@ async fn read_line(
     }
 }
 
+/// A client broke a limit: count it, log it, tell it why, and (by returning) disconnect it.
+async fn cut_off(
+    ctx: &ServeContext,
+    peer: &Peer,
+    write_half: &mut tokio::net::unix::OwnedWriteHalf,
+    code: ErrorCode,
+    message: &str,
+) {
+    ctx.agent.counters.limited.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        peer_uid = peer.uid,
+        peer_pid = peer.pid,
+        outcome = %code,
+        reason = message,
+        "limit broken; disconnecting"
+    );
+    let _ = write_half.write_all(&error_line(code, message)).await;
+}
+
 async fn handle_connection(ctx: &ServeContext, stream: UnixStream, scope: Scope) {
     let _alive = ctx.alive.clone();
     let peer = match stream.peer_cred() {
@@ -178,37 +197,19 @@ async fn handle_connection(ctx: &ServeContext, stream: UnixStream, scope: Scope)
             Line::Eof | Line::Stop | Line::Failed => return,
             Line::TimedOut { partial: false } => return,
             Line::TimedOut { partial: true } => {
-                ctx.agent.counters.limited.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    peer_uid = peer.uid,
-                    peer_pid = peer.pid,
-                    outcome = "bad_request",
-                    "request line not completed in time; disconnecting"
-                );
                 let msg = format!(
                     "request line not completed within {} s",
                     limits.idle_timeout_secs
                 );
-                let _ = write_half
-                    .write_all(&error_line(ErrorCode::BadRequest, &msg))
-                    .await;
+                cut_off(ctx, &peer, &mut write_half, ErrorCode::BadRequest, &msg).await;
                 return;
             }
             Line::TooLong => {
-                ctx.agent.counters.limited.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    peer_uid = peer.uid,
-                    peer_pid = peer.pid,
-                    outcome = "too_large",
-                    "request line over the limit; disconnecting"
-                );
                 let msg = format!(
                     "request line longer than {} bytes",
                     limits.max_request_bytes
                 );
-                let _ = write_half
-                    .write_all(&error_line(ErrorCode::TooLarge, &msg))
-                    .await;
+                cut_off(ctx, &peer, &mut write_half, ErrorCode::TooLarge, &msg).await;
                 return;
             }
         };
@@ -216,19 +217,8 @@ async fn handle_connection(ctx: &ServeContext, stream: UnixStream, scope: Scope)
             continue;
         }
         if !ctx.agent.take_rate_token(peer.uid) {
-            ctx.agent.counters.limited.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                peer_uid = peer.uid,
-                peer_pid = peer.pid,
-                outcome = "busy",
-                "request rate limit for uid exceeded; disconnecting"
-            );
-            let _ = write_half
-                .write_all(&error_line(
-                    ErrorCode::Busy,
-                    "request rate limit exceeded; slow down and retry",
-                ))
-                .await;
+            let msg = "request rate limit exceeded; slow down and retry";
+            cut_off(ctx, &peer, &mut write_half, ErrorCode::Busy, msg).await;
             return;
         }
         let response = match serde_json::from_slice::<Request>(&bytes) {

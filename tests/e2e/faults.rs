@@ -3,7 +3,7 @@
 //! PFX files replaced or written in pieces. Clients only ever see the right value or a
 //! retryable error, and the agent never crashes.
 
-use crate::node::{code_of, request_at, skip_unless_root, wait_until, Cert, TestNode, PFX_PASS};
+use crate::node::{code_of, request_at, skip_unless_root, wait_until, TestNode, PFX_PASS};
 use crate::util::bin;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -96,29 +96,6 @@ fn only_right_values_or(
         *outcomes.entry(outcome).or_default() += 1;
     }
     outcomes
-}
-
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// Certificate + unencrypted key PEM of a PFX, as the Key Vault extension writes one.
-fn pem_bundle(node: &TestNode, cert: &Cert) -> Vec<u8> {
-    let pass = node.workstation.join("pass");
-    openssl(&[
-        "pkcs12",
-        "-in",
-        cert.pfx.to_str().unwrap(),
-        "-nodes",
-        "-passin",
-        &format!("file:{}", pass.display()),
-    ])
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
@@ -262,7 +239,7 @@ fn faults_keyvault_file_deleted_and_restored_under_load() {
     }));
     let cert = node.create_cert("kv");
     let file = kv.join("vault.poolcert");
-    let bundle = pem_bundle(&node, &cert);
+    let bundle = node.pem_bundle(&cert);
     fs::write(&file, &bundle).unwrap();
     let task = node.task("job", "task");
     let expected: HashMap<&str, &str> = [

@@ -1,7 +1,7 @@
 //! Key lifecycle end to end: every key source, rotation in place, removal and restore,
 //! late password files, bad key files, each checked by protocol outcome and by the 1 s bound.
 
-use crate::node::{code_of, wait_until, Cert, TestNode, PFX_PASS};
+use crate::node::{code_of, wait_until, TestNode, PFX_PASS};
 use serde_json::json;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,45 +11,8 @@ use std::time::{Duration, Instant};
 /// The bound the key-lifecycle issue sets for rotation, revocation and restore.
 const WITHIN: Duration = Duration::from_secs(1);
 
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// The PEM (certificate + unencrypted key, with openssl's bag attributes) of a PFX, as the Key
-/// Vault extension writes one per certificate.
-fn pem_bundle(node: &TestNode, cert: &Cert) -> Vec<u8> {
-    let pass = node.workstation.join("pass");
-    openssl(&[
-        "pkcs12",
-        "-in",
-        s(&cert.pfx),
-        "-nodes",
-        "-passin",
-        &format!("file:{}", s(&pass)),
-    ])
-}
-
-fn key_only(node: &TestNode, cert: &Cert) -> Vec<u8> {
-    let pass = node.workstation.join("pass");
-    openssl(&[
-        "pkcs12",
-        "-in",
-        s(&cert.pfx),
-        "-nocerts",
-        "-nodes",
-        "-passin",
-        &format!("file:{}", s(&pass)),
-    ])
 }
 
 /// Wait for `cond`, asserting it holds within the 1 s bound; returns how long it took.
@@ -82,7 +45,7 @@ fn keyvault_pem_is_loaded_rotated_in_place_removed_and_restored() {
     let v1 = node.create_cert("v1");
     let v2 = node.create_cert("v2");
     let file = kv.join("myvault.poolcert");
-    fs::write(&file, pem_bundle(&node, &v1)).unwrap();
+    fs::write(&file, node.pem_bundle(&v1)).unwrap();
     let old = node.seal(&v1, Some("OLD"), "sealed-for-v1", "v1");
     let new = node.seal(&v2, Some("NEW"), "sealed-for-v2", "v1");
     let task = task_with(&node, &[("OLD", old), ("NEW", new)]);
@@ -91,7 +54,7 @@ fn keyvault_pem_is_loaded_rotated_in_place_removed_and_restored() {
     assert_eq!(code_of(&node.get(&task, "NEW")), "key_unavailable");
 
     // Key Vault rotates the certificate: the same file is rewritten in place.
-    fs::write(&file, pem_bundle(&node, &v2)).unwrap();
+    fs::write(&file, node.pem_bundle(&v2)).unwrap();
     within_bound("rotation in place", &node, || {
         node.get(&task, "NEW")["value"] == "sealed-for-v2"
     });
@@ -104,7 +67,7 @@ fn keyvault_pem_is_loaded_rotated_in_place_removed_and_restored() {
     within_bound("removal", &node, || {
         code_of(&node.get(&task, "NEW")) == "key_unavailable"
     });
-    fs::write(&file, pem_bundle(&node, &v2)).unwrap();
+    fs::write(&file, node.pem_bundle(&v2)).unwrap();
     within_bound("restore", &node, || {
         node.get(&task, "NEW")["value"] == "sealed-for-v2"
     });
@@ -121,11 +84,11 @@ fn waagent_pairs_and_key_dirs_with_a_passphrase_file() {
     let b = node.create_cert("b");
     let c = node.create_cert("c");
     let upper = a.thumbprint.to_uppercase();
-    fs::write(waagent.join(format!("{upper}.prv")), key_only(&node, &a)).unwrap();
+    fs::write(waagent.join(format!("{upper}.prv")), node.key_pem(&a)).unwrap();
     fs::copy(&a.crt, waagent.join(format!("{upper}.crt"))).unwrap();
     // key_dir: a PFX unlocked by the shared passphrase file, and a PEM key with a sibling .crt.
     fs::copy(&b.pfx, keydir.join("b.pfx")).unwrap();
-    fs::write(keydir.join("c.key"), key_only(&node, &c)).unwrap();
+    fs::write(keydir.join("c.key"), node.key_pem(&c)).unwrap();
     fs::copy(&c.crt, keydir.join("c.crt")).unwrap();
     let pass = node.root.join("keydir.pass");
     fs::write(&pass, format!("{PFX_PASS}\n")).unwrap();
@@ -181,11 +144,11 @@ fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
     fs::create_dir_all(&keydir).unwrap();
     let good = node.create_cert("good");
     let other = node.create_cert("other");
-    fs::write(keydir.join("good.key"), key_only(&node, &good)).unwrap();
+    fs::write(keydir.join("good.key"), node.key_pem(&good)).unwrap();
     fs::copy(&good.crt, keydir.join("good.crt")).unwrap();
     // EC and 1024-bit RSA keys, a truncated PEM, and a key beside someone else's certificate.
     let ec_key = keydir.join("ec.key");
-    openssl(&[
+    crate::util::openssl(&[
         "req",
         "-x509",
         "-newkey",
@@ -203,7 +166,7 @@ fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
         "1",
     ]);
     let small = keydir.join("small.key");
-    openssl(&[
+    crate::util::openssl(&[
         "req",
         "-x509",
         "-newkey",
@@ -218,9 +181,9 @@ fn unsupported_and_mismatched_keys_are_skipped_with_their_path_and_reason() {
         "-days",
         "1",
     ]);
-    let pem = key_only(&node, &other);
+    let pem = node.key_pem(&other);
     fs::write(keydir.join("truncated.key"), &pem[..pem.len() / 2]).unwrap();
-    fs::write(keydir.join("mismatch.key"), key_only(&node, &other)).unwrap();
+    fs::write(keydir.join("mismatch.key"), node.key_pem(&other)).unwrap();
     fs::copy(&good.crt, keydir.join("mismatch.crt")).unwrap();
     // A Batch drop whose file name claims another thumbprint.
     let lying = node.certs.join(format!("sha1-{}.pfx", good.thumbprint));
@@ -274,10 +237,10 @@ fn a_token_for_two_keys_opens_with_whichever_is_present() {
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let task = task_with(&node, &[("BOTH", token)]);
-    fs::write(kv.join("v.old"), pem_bundle(&node, &old)).unwrap();
+    fs::write(kv.join("v.old"), node.pem_bundle(&old)).unwrap();
     node.start();
     assert_eq!(node.get(&task, "BOTH")["value"], "two-recipients");
-    fs::write(kv.join("v.new"), pem_bundle(&node, &new)).unwrap();
+    fs::write(kv.join("v.new"), node.pem_bundle(&new)).unwrap();
     fs::remove_file(kv.join("v.old")).unwrap();
     within_bound("switch to the other recipient", &node, || {
         node.request(json!({"op": "health"}))["info"]["keys"] == 1

@@ -148,6 +148,30 @@ impl TestNode {
         }
     }
 
+    /// Certificate and unencrypted key of `cert` as one PEM (with openssl's bag attributes), as
+    /// the Key Vault extension writes one per certificate.
+    pub fn pem_bundle(&self, cert: &Cert) -> Vec<u8> {
+        self.pkcs12_to_pem(cert, &["-nodes"])
+    }
+
+    /// Only the unencrypted private key of `cert`, PEM.
+    pub fn key_pem(&self, cert: &Cert) -> Vec<u8> {
+        self.pkcs12_to_pem(cert, &["-nocerts", "-nodes"])
+    }
+
+    fn pkcs12_to_pem(&self, cert: &Cert, flags: &[&str]) -> Vec<u8> {
+        let passin = format!("file:{}", self.workstation.join("pass").display());
+        let mut args = vec![
+            "pkcs12",
+            "-in",
+            cert.pfx.to_str().unwrap(),
+            "-passin",
+            &passin,
+        ];
+        args.extend_from_slice(flags);
+        crate::util::openssl(&args)
+    }
+
     /// Drop a PFX and its password file into the Batch certificate dir as Batch does.
     pub fn drop_pfx(&self, cert: &Cert) -> PathBuf {
         let pfx = self.certs.join(format!("sha1-{}.pfx", cert.thumbprint));
@@ -348,38 +372,14 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
-/// Run a request as another uid (root only): a tiny Python client, since the test process itself
-/// cannot change its uid per connection.
+/// Run a request as another uid (root only); panics when the agent does not answer.
 pub fn request_as(uid: u32, socket: &Path, req: &Value) -> Value {
-    use std::os::unix::process::CommandExt;
-    let script = r#"
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode() + b"\n")
-buf = b""
-while not buf.endswith(b"\n"):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    buf += chunk
-sys.stdout.write(buf.decode())
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(socket)
-        .arg(req.to_string())
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client as uid {uid}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    try_request_as(uid, socket, req).unwrap_or_else(|| {
+        panic!(
+            "no answer to a request as uid {uid} on {}",
+            socket.display()
+        )
+    })
 }
 
 impl TestNode {
