@@ -417,6 +417,15 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_echoed_exactly_even_huge_numbers() {
+        // Found by fuzzing: without exact float parsing, a huge numeric id came back 1 ulp off.
+        let line = r#"{"op":"health","id":[-111111111111111111111111111111111111111111110,0.1]}"#;
+        let r: Request = serde_json::from_str(line).unwrap();
+        let again: Request = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
     fn unknown_fields_and_ops_are_rejected() {
         assert!(serde_json::from_str::<Request>(r#"{"op":"get","name":"A","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"steal"}"#).is_err());
