@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod decrypt_pool;
 pub mod demo;
 pub mod hardening;
 pub mod keystore;
@@ -161,6 +162,7 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     agent.tasks.evict_all();
+    agent.shutdown();
     tracing::info!("stopped");
     Ok(())
 }

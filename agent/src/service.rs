@@ -2,6 +2,7 @@
 //! credentials, logged as one structured line with the outcome (never the value).
 
 use crate::config::Config;
+use crate::decrypt_pool::DecryptPool;
 use crate::keystore::KeyStore;
 use crate::peer::Peer;
 use crate::tasks::{normalize_task_dir, Cached, EnvEntry, Tasks, ValueKind};
@@ -13,7 +14,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 /// Which socket a request came in on.
@@ -86,7 +86,8 @@ pub struct Agent {
     pub counters: Counters,
     /// Bounds concurrent RSA work to the cores, so decryption never starves the reactor or
     /// queues hundreds of blocking threads.
-    decrypt_permits: Semaphore,
+    /// RSA work runs here, one thread per core, so it never stalls the reactor.
+    decrypt_pool: DecryptPool,
     rate: Mutex<HashMap<u32, Bucket>>,
     started: Instant,
     /// Serializes key rescans: two concurrent ingests of one key could pair one run's PFX with
@@ -107,7 +108,7 @@ impl Agent {
             keys: KeyStore::new(),
             tasks: Tasks::new(),
             counters: Counters::default(),
-            decrypt_permits: Semaphore::new(cores),
+            decrypt_pool: DecryptPool::new(cores),
             rate: Mutex::new(HashMap::new()),
             started: Instant::now(),
             expiry_warned: Mutex::new(HashMap::new()),
@@ -712,15 +713,18 @@ impl Agent {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Failure> {
-        let _permit = self
-            .decrypt_permits
-            .acquire()
-            .await
-            .map_err(|_| (ErrorCode::Busy, "agent is shutting down".to_owned()))?;
         self.counters.decrypts.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| (ErrorCode::Internal, "decryption task failed".to_owned()))
+        self.decrypt_pool.run(f).await.ok_or_else(|| {
+            (
+                ErrorCode::Busy,
+                "the agent is shutting down; retry shortly".to_owned(),
+            )
+        })
+    }
+
+    /// Stop the decrypt threads (after the last request is answered).
+    pub fn shutdown(&self) {
+        self.decrypt_pool.shutdown();
     }
 }
 
