@@ -293,29 +293,13 @@ impl KeyStore {
                 changed.push((cand, stamp));
             }
         }
-        // PKCS#12 key derivation costs milliseconds per file: parse on every core, so start-up
-        // with many keys takes about (keys / cores) parses.
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(changed.len().max(1));
-        let per_thread = changed.len().div_ceil(threads).max(1);
-        let states: Vec<FileState> = std::thread::scope(|scope| {
-            let workers: Vec<_> = changed
-                .chunks(per_thread)
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(cand, _)| load_candidate(source, cand))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
-                .collect()
-        });
+        // Serial on purpose: with OpenSSL 3.0, PKCS#12 parsing on two threads takes as long as
+        // on one (its algorithm fetches contend on global locks; examples/pfx_timing.rs in the
+        // envelope crate measures it), so threads would only add complexity.
+        let states: Vec<FileState> = changed
+            .iter()
+            .map(|(cand, _)| load_candidate(source, cand))
+            .collect();
         let mut fresh: Vec<(PathBuf, Tracked)> = Vec::new();
         for ((cand, stamp), state) in changed.into_iter().zip(states) {
             match &state {
