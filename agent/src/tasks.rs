@@ -5,7 +5,7 @@
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::token::{self, Format};
 use nodeseal_envelope::Thumbprint;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -113,6 +113,8 @@ impl EnvEntry {
 #[derive(Default)]
 pub struct Tasks {
     inner: RwLock<Index>,
+    /// Env files whose writer closed them (or renamed them into place) since they last changed.
+    writers_done: Mutex<HashSet<PathBuf>>,
 }
 
 /// Both views under one lock so they never disagree; the per-task view makes a request's
@@ -168,8 +170,12 @@ pub enum FileUpdate {
 /// Env files larger than this are refused: a task must not make the agent read gigabytes.
 const MAX_ENV_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
-/// How recently modified a file without a final newline must be to count as still being written.
+/// A file whose last line has no newline is read as complete only once its writer has closed it
+/// and it has not changed for this long (several quick appends stay one write)...
 pub const SETTLE: Duration = Duration::from_millis(300);
+/// ...or, when no close was seen (a writer holding the file open, or lost events), once it has
+/// not changed for this long.
+pub const UNTERMINATED_GRACE: Duration = Duration::from_secs(5);
 
 /// The rules that classify values, taken from the config.
 pub struct Classifier<'a> {
@@ -317,11 +323,13 @@ impl Tasks {
                 .ok()
                 .and_then(|m| SystemTime::now().duration_since(m).ok())
                 .unwrap_or(Duration::MAX);
-            if age < SETTLE {
+            let closed = self.writers().contains(path);
+            if !((closed && age >= SETTLE) || age >= UNTERMINATED_GRACE) {
                 // A writer may still be appending to the last line: never serve half a value.
                 return FileUpdate::Unsettled;
             }
         }
+        self.writers().remove(path);
         let (task_dir, job_id, task_id) = task_of(path, root);
         let vars: Vec<Var> = parsed
             .vars()
@@ -345,6 +353,20 @@ impl Tasks {
         FileUpdate::Loaded { vars: n }
     }
 
+    fn writers(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
+        self.writers_done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The watcher saw `path`'s writer close it (or rename it into place).
+    pub fn note_writer_done(&self, path: &Path) {
+        self.writers().insert(path.to_owned());
+    }
+
+    /// The watcher saw `path` being written again.
+    pub fn note_writer_active(&self, path: &Path) {
+        self.writers().remove(path);
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -355,6 +377,7 @@ impl Tasks {
 
     /// Forget a file; its cached values are zeroized when the last request using them ends.
     pub fn remove(&self, path: &Path) -> bool {
+        self.writers().remove(path);
         self.write().remove(path)
     }
 

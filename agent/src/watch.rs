@@ -167,9 +167,16 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
         work.rewatch = true;
         return;
     }
-    if matches!(event.kind, EventKind::Access(_)) {
-        return;
-    }
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    // What the event says about a writer, for files whose last line is still unterminated.
+    let writer = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(true),
+        // Renamed into place: finished by convention.
+        EventKind::Modify(ModifyKind::Name(_)) => Some(true),
+        EventKind::Modify(_) | EventKind::Create(_) => Some(false),
+        EventKind::Access(_) => return,
+        _ => None,
+    };
     let config = ctx.agent.config();
     let key_dirs: Vec<PathBuf> = lifecycle::key_sources(&config)
         .into_iter()
@@ -190,6 +197,11 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
             .file_name()
             .is_some_and(|n| config.env_file_names.iter().any(|e| n == e.as_str()));
         if is_env_name {
+            match writer {
+                Some(true) => ctx.agent.tasks.note_writer_done(&path),
+                Some(false) => ctx.agent.tasks.note_writer_active(&path),
+                None => {}
+            }
             work.env_files.insert(path);
         } else if path.is_dir() {
             work.env_dirs.insert(path);

@@ -589,3 +589,31 @@ fn open_follows_the_per_key_rules() {
         "bad_token"
     );
 }
+
+#[test]
+fn an_unterminated_last_line_is_served_only_once_its_writer_is_done() {
+    use std::io::Write;
+    let mut node = TestNode::new();
+    node.start();
+    let task = node.task("slow-writer", "t");
+    let path = task.join("wd/.shipyard.envlist");
+    // A writer that holds the file open mid-value for well over the 300 ms settle time.
+    let mut file = fs::File::create(&path).unwrap();
+    file.write_all(b"FIRST=done\nPLAIN=abc").unwrap();
+    file.flush().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        let r = node.get(&task, "PLAIN");
+        assert_eq!(code_of(&r), "not_found", "half a value was served: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    file.write_all(b"def").unwrap();
+    drop(file);
+    assert!(
+        wait_until(Duration::from_secs(5), || node.get(&task, "PLAIN")["value"]
+            == "abcdef"),
+        "{}",
+        node.logs()
+    );
+    eprintln!("served {:?} after the writer closed", start.elapsed());
+}
