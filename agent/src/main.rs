@@ -214,7 +214,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { keep } => {
-            logging::init("warn");
+            // The demo prints its own story; only errors from the agent would add to it.
+            logging::init("error");
             runtime()?.block_on(demo::run(*keep))?;
             Ok(ExitCode::SUCCESS)
         }
