@@ -275,21 +275,9 @@ fn a_store_dir_with_loose_permissions_is_refused_with_the_fix() {
 #[test]
 fn an_expiring_certificate_is_warned_about_once() {
     let mut node = TestNode::new();
-    let soon = node.root.join("workstation/soon");
-    let out = Command::new(crate::util::bin("nodeseal"))
-        .args([
-            "cert", "create", "--bits", "2048", "--days", "5", "--prefix",
-        ])
-        .arg(&soon)
-        .arg("--passphrase-file")
-        .arg(node.workstation.join("pass"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let tp = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let pfx = node.certs.join(format!("sha1-{tp}.pfx"));
-    fs::copy(soon.with_extension("pfx"), &pfx).unwrap();
-    fs::write(format!("{}.pw", pfx.display()), PFX_PASS).unwrap();
+    let soon = node.create_cert_valid_for("soon", 5);
+    node.drop_pfx(&soon);
+    let tp = soon.thumbprint.clone();
     node.start();
     let logs = node.logs();
     let warnings: Vec<_> = logs

@@ -115,12 +115,18 @@ impl TestNode {
         .unwrap();
     }
 
-    /// `nodeseal cert create` into the workstation dir.
+    /// `nodeseal cert create` into the workstation dir (valid 30 days).
     pub fn create_cert(&self, prefix: &str) -> Cert {
+        self.create_cert_valid_for(prefix, 30)
+    }
+
+    /// `nodeseal cert create` with a certificate valid for `days`.
+    pub fn create_cert_valid_for(&self, prefix: &str, days: u32) -> Cert {
         let p = self.workstation.join(prefix);
+        let days = days.to_string();
         let out = Command::new(bin("nodeseal"))
             .args([
-                "cert", "create", "--bits", "2048", "--days", "30", "--prefix",
+                "cert", "create", "--bits", "2048", "--days", &days, "--prefix",
             ])
             .arg(&p)
             .arg("--passphrase-file")
