@@ -68,6 +68,11 @@ pub struct Counters {
     pub decrypts: AtomicU64,
     /// Connections refused or cut at a limit.
     pub limited: AtomicU64,
+    /// SIGHUP reloads completed (config re-read, keys and env files rescanned): tests and
+    /// operators wait for this to move instead of sleeping.
+    pub reloads: AtomicU64,
+    /// Batches of file-system work completed (watch events and periodic rescans).
+    pub scans: AtomicU64,
 }
 
 struct Bucket {
@@ -358,6 +363,8 @@ impl Agent {
             "version": env!("CARGO_PKG_VERSION"),
             "keys": self.keys.usable_count(),
             "tasks": self.task_count(),
+            "reloads": self.counters.reloads.load(Ordering::Relaxed),
+            "scans": self.counters.scans.load(Ordering::Relaxed),
         }));
         r
     }
@@ -403,6 +410,8 @@ impl Agent {
                 "ok": self.counters.ok.load(Ordering::Relaxed),
                 "decrypts": self.counters.decrypts.load(Ordering::Relaxed),
                 "limited": self.counters.limited.load(Ordering::Relaxed),
+                "reloads": self.counters.reloads.load(Ordering::Relaxed),
+                "scans": self.counters.scans.load(Ordering::Relaxed),
                 "errors": errors,
             },
         })

@@ -8,6 +8,7 @@ use crate::task_sockets::TaskSockets;
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -141,6 +142,8 @@ impl Watches {
 #[derive(Default)]
 struct Work {
     full: bool,
+    /// A SIGHUP reload asked for this batch.
+    reload: bool,
     /// Events were lost: directories created meanwhile have no watch yet.
     rewatch: bool,
     keys: bool,
@@ -259,13 +262,14 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
                 watches.setup(&ctx);
                 sockets.clear();
                 work.full = true;
+                work.reload = true;
             }
             _ = crate::server::stopped(&mut shutdown) => break,
         }
         if work.rewatch {
             watches.rewatch();
         }
-        if work.full && last_full.elapsed() < MIN_FULL_INTERVAL {
+        if work.full && !work.reload && last_full.elapsed() < MIN_FULL_INTERVAL {
             // Too soon after the last one: the next tick does it.
             full_pending = true;
             work.full = false;
@@ -273,6 +277,7 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
         let agent = ctx.agent.clone();
         let roots = agent.config().env_roots.clone();
         let full = work.full;
+        let reloaded = work.reload;
         // Key loading and file reads block: keep them off the reactor.
         let newly_unsettled = tokio::task::spawn_blocking(move || {
             let mut pending = Vec::new();
@@ -312,6 +317,10 @@ pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
         let due = Instant::now() + crate::tasks::SETTLE;
         unsettled.extend(newly_unsettled.into_iter().map(|p| (p, due)));
         sockets.sync(&ctx);
+        ctx.agent.counters.scans.fetch_add(1, Ordering::Relaxed);
+        if reloaded {
+            ctx.agent.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        }
     }
     sockets.clear();
 }
