@@ -1,13 +1,18 @@
-//! The operator subcommands (`status`, `keys`, `revoke`, `restore`): one request to the running
-//! agent over its socket, printed for humans or as JSON.
+//! The operator subcommands: `check` (the config and key sources, without a running agent), and
+//! `status`, `keys`, `revoke`, `restore` (one request to the running agent over its socket,
+//! printed for humans or as JSON).
 
+use crate::config::Config;
+use crate::keys::{self, KeyStore};
+use crate::report::{KeyState, StatusReport};
 use anyhow::{bail, Context, Result};
 use nodeseal_client::protocol::Operation;
+use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::time::Duration;
 
-/// Send one request and return the agent's `info` object, or the agent's error.
-pub fn call(socket: &Path, op: Operation) -> Result<serde_json::Value> {
+/// Send one request and return the agent's `info` document, or the agent's error.
+pub fn call<T: DeserializeOwned>(socket: &Path, op: Operation) -> Result<T> {
     let mut client = nodeseal_client::Client::builder()
         .socket(socket)
         .retry_for(Duration::from_secs(5))
@@ -17,7 +22,61 @@ pub fn call(socket: &Path, op: Operation) -> Result<serde_json::Value> {
     if let Some(err) = &response.error {
         bail!("agent refused: {} ({})", err.message, err.code);
     }
-    Ok(response.info.clone().unwrap_or(serde_json::Value::Null))
+    let info = response.info.clone().unwrap_or(serde_json::Value::Null);
+    serde_json::from_value(info).context("the agent's answer is not what this version expects")
+}
+
+/// `nodeseal-agent check`: load every key source as the agent would and print what it found.
+/// Returns the number of problems.
+pub fn check(config: &Config, path: &Path) -> usize {
+    println!("config {}: ok", path.display());
+    let store = KeyStore::new();
+    keys::revocation::reload(&store, config);
+    for s in keys::key_sources(config) {
+        if !s.path.is_dir() {
+            println!(
+                "key source {} ({:?}): directory does not exist (yet)",
+                s.path.display(),
+                s.kind
+            );
+            continue;
+        }
+        store.rescan_source(&s);
+    }
+    let mut problems = 0;
+    for r in store.status() {
+        let reason = r.reason.as_deref().unwrap_or("");
+        match r.state {
+            KeyState::Loaded | KeyState::Revoked => println!(
+                "key {} {} ({} bits) from {}",
+                r.thumbprint.as_deref().unwrap_or("-"),
+                state_name(r.state),
+                r.bits.unwrap_or(0),
+                r.source
+            ),
+            KeyState::Pending => println!("pending {}: {reason}", r.source),
+            KeyState::Broken | KeyState::Missing => {
+                problems += 1;
+                println!("PROBLEM {}: {reason}", r.source);
+            }
+        }
+    }
+    if let Err(e) = keys::check_store_dir(&config.key_store_dir()) {
+        problems += 1;
+        println!("PROBLEM key store: {e:#}");
+    }
+    println!(
+        "{} usable key(s), {problems} problem(s)",
+        store.usable_count()
+    );
+    problems
+}
+
+fn state_name(state: KeyState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn fmt_time(unix: Option<i64>) -> String {
@@ -30,23 +89,23 @@ fn fmt_time(unix: Option<i64>) -> String {
     }
 }
 
-/// Render the `keys` part of a status document as a table.
-pub fn render_keys(info: &serde_json::Value) -> String {
+/// Render the keys of a status document as a table.
+pub fn render_keys(report: &StatusReport) -> String {
     let mut out = format!(
         "{:<40}  {:<8}  {:>5}  {:<20}  {:>6}  {}\n",
         "THUMBPRINT", "STATE", "BITS", "NOT AFTER", "OPENED", "SOURCE"
     );
-    for k in info["keys"].as_array().into_iter().flatten() {
+    for k in &report.keys {
         out.push_str(&format!(
             "{:<40}  {:<8}  {:>5}  {:<20}  {:>6}  {}{}\n",
-            k["thumbprint"].as_str().unwrap_or("-"),
-            k["state"].as_str().unwrap_or("?"),
-            k["bits"].as_u64().map_or("-".into(), |b| b.to_string()),
-            fmt_time(k["not_after"].as_i64()),
-            k["opened"].as_u64().unwrap_or(0),
-            k["source"].as_str().unwrap_or(""),
-            k["reason"]
-                .as_str()
+            k.thumbprint.as_deref().unwrap_or("-"),
+            state_name(k.state),
+            k.bits.map_or("-".into(), |b| b.to_string()),
+            fmt_time(k.not_after),
+            k.opened,
+            k.source,
+            k.reason
+                .as_deref()
                 .map_or(String::new(), |r| format!("  ({r})")),
         ));
     }
@@ -54,31 +113,34 @@ pub fn render_keys(info: &serde_json::Value) -> String {
 }
 
 /// Render a whole status document for humans.
-pub fn render_status(info: &serde_json::Value) -> String {
+pub fn render_status(report: &StatusReport) -> String {
     let mut out = format!(
         "nodeseal-agent {}  up {} s\n\nKeys:\n{}\nTasks:\n",
-        info["version"].as_str().unwrap_or("?"),
-        info["uptime_secs"].as_u64().unwrap_or(0),
-        render_keys(info)
+        report.version,
+        report.uptime_secs,
+        render_keys(report)
     );
-    let tasks = info["tasks"].as_array().cloned().unwrap_or_default();
-    if tasks.is_empty() {
+    if report.tasks.is_empty() {
         out.push_str("  (none)\n");
     }
-    for t in tasks {
+    for t in &report.tasks {
         out.push_str(&format!(
             "  job {} task {} (uid {}): {} values  {}\n",
-            t["job_id"].as_str().unwrap_or("-"),
-            t["task_id"].as_str().unwrap_or("-"),
-            t["owner_uid"],
-            t["values"],
-            t["task_dir"].as_str().unwrap_or("")
+            t.job_id.as_deref().unwrap_or("-"),
+            t.task_id.as_deref().unwrap_or("-"),
+            t.owner_uid,
+            t.values,
+            t.task_dir
         ));
     }
-    let c = &info["counters"];
+    let c = &report.counters;
     out.push_str(&format!(
         "\nRequests: {} ({} ok), decrypts: {}, limited: {}, errors: {}\n",
-        c["requests"], c["ok"], c["decrypts"], c["limited"], c["errors"]
+        c.requests,
+        c.ok,
+        c.decrypts,
+        c.limited,
+        serde_json::to_string(&c.errors).unwrap_or_default()
     ));
     out
 }

@@ -1,8 +1,10 @@
 //! The agent's configuration: one JSON file, every field optional with a Batch-node default,
 //! unknown fields refused by name. Documented field by field in `docs/configuration.md`.
 
-use serde::{Deserialize, Serialize};
+use nodeseal_envelope::Thumbprint;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Where the agent looks for its config when neither `--config` nor `NODESEAL_CONFIG` is given.
@@ -47,11 +49,11 @@ pub struct Config {
     /// Host-wide socket, used when systemd hands us none.
     pub socket_path: PathBuf,
     /// Octal mode of the socket file. Everyone may connect: authorization is by peer credentials.
-    pub socket_mode: String,
+    pub socket_mode: SocketMode,
     /// Agent state; the key store is `<state_dir>/keys`.
     pub state_dir: PathBuf,
     /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides.
-    pub log_level: String,
+    pub log_level: LogLevel,
     /// Where private keys come from.
     pub key_sources: Vec<KeySource>,
     /// A file of thumbprints (one per line, `#` comments) that are withdrawn while listed.
@@ -67,7 +69,11 @@ pub struct Config {
     /// Thumbprint of the key that opens legacy ciphertexts when several keys of the same size
     /// are loaded. Legacy ciphertexts name no key, and implicit rejection means a wrong key
     /// yields garbage rather than an error, so the agent never guesses between keys.
-    pub legacy_key: Option<String>,
+    #[serde(
+        serialize_with = "serialize_optional_thumbprint",
+        deserialize_with = "deserialize_legacy_key"
+    )]
+    pub legacy_key: Option<Thumbprint>,
     /// Per-task socket file name created in each task directory; `null` disables them.
     pub task_socket_name: Option<String>,
     /// How long a decrypted value stays cached.
@@ -79,7 +85,144 @@ pub struct Config {
     /// Gids allowed to use `open` in addition to `open_allowed_uids`.
     pub open_allowed_gids: Vec<u32>,
     /// Per-key `open` rules by thumbprint, replacing the two fields above for that key.
-    pub open_allowed_by_key: BTreeMap<String, OpenRule>,
+    #[serde(
+        serialize_with = "serialize_rules_by_key",
+        deserialize_with = "deserialize_rules_by_key"
+    )]
+    pub open_allowed_by_key: BTreeMap<Thumbprint, OpenRule>,
+}
+
+/// Permission bits of the host socket, written in the file as an octal string (`"0666"`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(u32);
+
+impl SocketMode {
+    /// The permission bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let digits = text.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o777 => Ok(Self(m)),
+            _ => Err(format!(
+                "socket_mode: {text:?} is not an octal permission mode like \"0666\""
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How much the agent logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// One line per request and per change of keys or env files.
+    Info,
+    /// Watcher and connection detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The name `tracing`'s filters use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Hand-written so the error names the field; serde's own names only the variant.
+        let text = String::deserialize(d)?;
+        Ok(match text.as_str() {
+            "error" => Self::Error,
+            "warn" => Self::Warn,
+            "info" => Self::Info,
+            "debug" => Self::Debug,
+            "trace" => Self::Trace,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "log_level: {text:?} is not one of error, warn, info, debug, trace"
+                )))
+            }
+        })
+    }
+}
+
+fn serialize_optional_thumbprint<S: Serializer>(
+    tp: &Option<Thumbprint>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match tp {
+        Some(tp) => s.serialize_str(&tp.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+fn deserialize_legacy_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Thumbprint>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|t| {
+            Thumbprint::from_hex(&t)
+                .map_err(|e| serde::de::Error::custom(format!("legacy_key: {e}")))
+        })
+        .transpose()
+}
+
+fn serialize_rules_by_key<S: Serializer>(
+    rules: &BTreeMap<Thumbprint, OpenRule>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(rules.len()))?;
+    for (tp, rule) in rules {
+        map.serialize_entry(&tp.to_string(), rule)?;
+    }
+    map.end()
+}
+
+fn deserialize_rules_by_key<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<Thumbprint, OpenRule>, D::Error> {
+    BTreeMap::<String, OpenRule>::deserialize(d)?
+        .into_iter()
+        .map(|(t, rule)| {
+            let tp = Thumbprint::from_hex(&t).map_err(|e| {
+                serde::de::Error::custom(format!("open_allowed_by_key: {t:?}: {e}"))
+            })?;
+            Ok((tp, rule))
+        })
+        .collect()
 }
 
 /// Who may `open` tokens of one key.
@@ -117,7 +260,7 @@ impl KeySource {
 }
 
 /// Directory layouts the agent understands.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum KeySourceKind {
     /// `sha1-<tp>.pfx` + `sha1-<tp>.pfx.pw` as Batch drops them.
@@ -168,9 +311,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             socket_path: PathBuf::from(nodeseal_client::protocol::DEFAULT_SOCKET_PATH),
-            socket_mode: "0666".into(),
+            socket_mode: SocketMode(0o666),
             state_dir: PathBuf::from("/var/lib/nodeseal"),
-            log_level: "info".into(),
+            log_level: LogLevel::Info,
             key_sources: vec![
                 KeySource {
                     kind: KeySourceKind::BatchCerts,
@@ -255,20 +398,6 @@ impl Config {
             field,
             reason,
         };
-        self.socket_mode_bits()
-            .map_err(|r| invalid("socket_mode", r))?;
-        if !matches!(
-            self.log_level.as_str(),
-            "error" | "warn" | "info" | "debug" | "trace"
-        ) {
-            return Err(invalid(
-                "log_level",
-                format!(
-                    "{:?} is not one of error, warn, info, debug, trace",
-                    self.log_level
-                ),
-            ));
-        }
         if self.socket_path.as_os_str().is_empty() || !self.socket_path.is_absolute() {
             return Err(invalid("socket_path", "must be an absolute path".into()));
         }
@@ -298,14 +427,6 @@ impl Config {
                     format!("{name:?} must be a plain file name"),
                 ));
             }
-        }
-        for tp in self.open_allowed_by_key.keys() {
-            nodeseal_envelope::Thumbprint::from_hex(tp)
-                .map_err(|e| invalid("open_allowed_by_key", e.to_string()))?;
-        }
-        if let Some(tp) = &self.legacy_key {
-            nodeseal_envelope::Thumbprint::from_hex(tp)
-                .map_err(|e| invalid("legacy_key", e.to_string()))?;
         }
         let l = &self.limits;
         if l.max_request_bytes < 1024 {
@@ -339,18 +460,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    /// The socket mode as permission bits.
-    pub fn socket_mode_bits(&self) -> Result<u32, String> {
-        let digits = self.socket_mode.trim_start_matches("0o");
-        match u32::from_str_radix(digits, 8) {
-            Ok(m) if m <= 0o777 => Ok(m),
-            _ => Err(format!(
-                "{:?} is not an octal permission mode like \"0666\"",
-                self.socket_mode
-            )),
-        }
     }
 
     /// Where ingested keys are kept.
@@ -388,6 +497,11 @@ mod tests {
             (r#"{"socket_path": "relative.sock"}"#, "socket_path"),
             (r#"{"limits": {"max_connections": 0}}"#, "max_connections"),
             (r#"{"task_socket_name": "a/b"}"#, "task_socket_name"),
+            (r#"{"legacy_key": "abc"}"#, "legacy_key"),
+            (
+                r#"{"open_allowed_by_key": {"xyz": {"uids": [1]}}}"#,
+                "open_allowed_by_key",
+            ),
         ] {
             let msg = Config::parse(json, Path::new("t.json"))
                 .unwrap_err()
@@ -409,7 +523,7 @@ mod tests {
             passphrase_file: None,
         };
         assert!(!kv.ingest());
-        assert_eq!(c.socket_mode_bits().unwrap(), 0o666);
+        assert_eq!(c.socket_mode.bits(), 0o666);
     }
 
     #[test]

@@ -1,40 +1,69 @@
 //! nodeseal-agent: the node daemon. Loads private keys, watches task env files, and decrypts on
-//! demand for local task processes over a Unix socket, authorizing by the kernel's peer
-//! credentials.
+//! demand for local task processes over Unix sockets, deciding who may read what from the
+//! kernel's account of the caller.
 //!
-//! Layout, one concern per file: [`config`] (the JSON file), [`keystore`] (keys in memory),
-//! [`tasks`] (env files and cached values), [`lifecycle`] (rescans, ingest, revocation),
-//! [`watch`] (inotify), [`service`] (answering requests, authorization, audit),
-//! [`server`] (sockets and limits), [`task_sockets`] (per-task sockets), [`hardening`],
-//! [`logging`], [`demo`], and [`run`] here, the seam tests and `main` use to start and stop it.
+//! # The data path
+//!
+//! A request travels `server` → `handler` → {`authz`, `keys`, `tasks`, `state`}:
+//!
+//! 1. [`server`] accepts on the host socket (`server::listener`) or a per-task socket
+//!    (`server::task_sockets`); `server::admission` bounds connections and request rates per
+//!    uid; `server::connection` reads the caller's identity once (`peer`) and then one request
+//!    line at a time.
+//! 2. `handler` answers one operation per function (`values`: get/env/list, `open`,
+//!    `admin`: health/status/revoke/restore) from one config snapshot, asks `authz` whether the
+//!    caller may, opens values on the decrypt pool (`handler::decrypt`, `decrypt_pool`) and
+//!    writes one audit line (`handler::audit`). Every refusal is a `refusal::Refusal`, mapped to
+//!    the wire's error codes in one place.
+//! 3. `authz` is pure: caller, socket scope, task ownership and `open` policy in, decision out.
+//!
+//! Changes travel `watch` → `lifecycle` → {`keys`, `tasks`}:
+//!
+//! - `watch` turns inotify events and ticks into scan work; `lifecycle` is the one thread that
+//!   mutates keys (`keys::store`, `keys::sources`, `keys::ingest`, `keys::revocation`,
+//!   `keys::expiry`), env files (`tasks::index`, `tasks::envfile`, `tasks::settle`,
+//!   `tasks::discovery`) and the config, on commands from the watcher, the admin operations and
+//!   SIGHUP.
+//! - `state` is what both paths share: config snapshot, key store, task index, counters.
+//!
+//! Around them: [`config`] (the JSON file, parsed once into types), [`report`] (the typed
+//! `health`/`status` documents, shared with [`admin`], the operator commands), `fsutil`
+//! (crash-safe writes), [`hardening`], [`logging`], `sys` (the crate's only `unsafe`), [`demo`],
+//! and [`run`] here: the seam `main` and the demo use to start and stop the agent.
 #![deny(unsafe_code)]
 
 pub mod admin;
+mod authz;
 pub mod config;
-pub mod decrypt_pool;
+mod decrypt_pool;
 pub mod demo;
+mod fsutil;
+mod handler;
 pub mod hardening;
-pub mod keystore;
-pub mod lifecycle;
+mod keys;
+mod lifecycle;
 pub mod logging;
-pub mod peer;
-pub mod server;
-pub mod service;
+mod peer;
+mod refusal;
+pub mod report;
+mod server;
+mod state;
 mod sys;
-pub mod task_sockets;
-pub mod tasks;
-pub mod watch;
+mod tasks;
+mod watch;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use authz::Scope;
 use config::Config;
-use server::ServeContext;
-use service::{Agent, Scope};
+use handler::Handler;
+use lifecycle::{Lifecycle, ScanWork};
+use server::admission::Admission;
+use server::{shutdown, ServeContext};
+use state::State;
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch as tokio_watch, Notify, Semaphore};
 
 /// How the agent is started.
 #[derive(Default)]
@@ -56,50 +85,45 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&Path),
 ) -> Result<()> {
-    let agent = Arc::new(Agent::new(config));
-    let config = agent.config();
-    if let Err(e) = lifecycle::check_store_dir(&config.key_store_dir()) {
+    let state = Arc::new(State::new(config));
+    let config = state.config();
+    if let Err(e) = keys::check_store_dir(&config.key_store_dir()) {
         tracing::error!(error = %format!("{e:#}"), "key store unusable; continuing with keys from their sources only");
     }
-    {
-        let agent = agent.clone();
-        tokio::task::spawn_blocking(move || {
-            lifecycle::rescan_keys_with(&agent, false);
-            lifecycle::rescan_env(&agent);
-            lifecycle::warn_expiring(&agent);
-        })
+    let (lifecycle, changed, lifecycle_thread) = Lifecycle::start(state.clone())?;
+    let (mut trigger, stop_listener) = shutdown::channel();
+
+    // Watches first, then the initial load: a file written in between is seen by both at worst,
+    // never by neither.
+    let (watching_tx, watching) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(watch::run(
+        state.clone(),
+        lifecycle.clone(),
+        changed.clone(),
+        stop_listener.clone(),
+        watching_tx,
+    ));
+    let _ = watching.await;
+    // Store copies are written (with fsync) right after READY, not before.
+    let first_load = ScanWork {
+        skip_ingest: true,
+        ..ScanWork::full()
+    };
+    lifecycle
+        .scan(first_load)
         .await
         .context("initial load failed")?;
-    }
 
-    let inherited = if options.socket_activation {
-        sys::inherited_listener().context("cannot adopt the socket passed by systemd")?
-    } else {
-        None
-    };
-    let (listener, owned_socket) = match inherited {
-        Some(l) => (
-            tokio::net::UnixListener::from_std(l)
-                .context("cannot use the socket passed by systemd")?,
-            None,
-        ),
-        None => {
-            let l = bind_host_socket(&config)?;
-            (l, Some(config.socket_path.clone()))
-        }
-    };
-
-    let (stop_tx, stop_rx) = tokio_watch::channel(false);
-    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let (listener, owned_socket) =
+        server::listener::host_socket(&config, options.socket_activation)?;
+    let handler = Arc::new(Handler::new(state.clone(), lifecycle.clone()));
     let ctx = ServeContext {
-        agent: agent.clone(),
-        connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-        shutdown: stop_rx,
-        alive: alive_tx,
+        handler: handler.clone(),
+        admission: Arc::new(Admission::new(config.limits.max_connections)),
+        shutdown: stop_listener,
         own_pid_ns: peer::own_pid_namespace(),
     };
-    let reload = Arc::new(Notify::new());
-    let watcher = tokio::spawn(watch::run(ctx.clone(), reload.clone()));
+    let task_sockets = tokio::spawn(server::task_sockets::run(ctx.clone(), changed));
     let host = tokio::spawn(server::serve(ctx.clone(), listener, Scope::Host));
 
     // Registered before READY so a reload sent right after start is never lost (or fatal).
@@ -118,8 +142,8 @@ pub async fn run(
         version = env!("CARGO_PKG_VERSION"),
         config = %options.config_path.as_deref().map_or("(built-in defaults)".into(), |p| p.display().to_string()),
         socket = %socket_shown.display(),
-        keys = agent.keys.usable_count(),
-        tasks = agent.tasks.entries().len(),
+        keys = state.keys.usable_count(),
+        tasks = state.tasks.task_count(),
         roots = ?config.env_roots,
         "nodeseal-agent ready"
     );
@@ -127,19 +151,20 @@ pub async fn run(
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     }
     ready(&socket_shown);
-    // Ingest (store copies written with fsync, readable originals removed) right after READY:
-    // the keys are already in memory, so nothing waits for the disk.
     {
-        let agent = agent.clone();
-        tokio::task::spawn_blocking(move || lifecycle::rescan_keys(&agent));
+        let lifecycle = lifecycle.clone();
+        let ingest = ScanWork {
+            keys: true,
+            ..ScanWork::default()
+        };
+        tokio::spawn(async move { lifecycle.scan(ingest).await });
     }
 
     let watchdog = options.daemon.then(|| tokio::spawn(watchdog()));
     let hup = tokio::spawn(reload_on_sighup(
         hup_signal,
-        agent.clone(),
+        lifecycle.clone(),
         options.config_path.clone(),
-        reload,
     ));
 
     shutdown.await;
@@ -147,60 +172,31 @@ pub async fn run(
     if options.daemon {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     }
-    let _ = stop_tx.send(true);
-    let drain = Duration::from_secs(agent.config().limits.drain_timeout_secs);
+    trigger.stop();
+    let drain = Duration::from_secs(state.config().limits.drain_timeout_secs);
     drop(ctx);
     let _ = host.await;
-    if tokio::time::timeout(drain, alive_rx.recv()).await.is_err() {
+    if !trigger.drained(drain).await {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     let _ = watcher.await;
+    let _ = task_sockets.await;
     for task in [watchdog, Some(hup)].into_iter().flatten() {
         task.abort();
     }
     if let Some(path) = owned_socket {
         let _ = std::fs::remove_file(path);
     }
-    agent.tasks.evict_all();
-    agent.shutdown();
+    state.tasks.evict_all();
+    handler.shutdown();
+    drop(handler);
+    drop(lifecycle);
+    // The thread ends once the last handle is gone; a connection cut off by the drain timeout
+    // may still hold one for a moment, and stopping must not wait for it.
+    let joined = tokio::task::spawn_blocking(move || lifecycle_thread.join());
+    let _ = tokio::time::timeout(Duration::from_secs(1), joined).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Bind the host socket, replacing a stale one but never a live agent's.
-fn bind_host_socket(config: &Config) -> Result<tokio::net::UnixListener> {
-    let path = &config.socket_path;
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-                .with_context(|| format!("cannot chmod {}", dir.display()))?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!(
-                    "another agent is already serving {}; stop it first (systemctl stop nodeseal-agent)",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-        }
-        Ok(_) => bail!(
-            "{} exists and is not a socket; remove it or set socket_path",
-            path.display()
-        ),
-        Err(_) => {}
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot bind {}", path.display()))?;
-    let mode = config.socket_mode_bits().map_err(anyhow::Error::msg)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(listener)
 }
 
 async fn watchdog() {
@@ -217,30 +213,24 @@ async fn watchdog() {
 
 async fn reload_on_sighup(
     hup: Option<tokio::signal::unix::Signal>,
-    agent: Arc<Agent>,
+    lifecycle: Lifecycle,
     config_path: Option<PathBuf>,
-    reload: Arc<Notify>,
 ) {
     let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
-        if let Some(path) = &config_path {
-            match Config::load(path) {
-                Ok(new) => {
-                    let old = agent.config();
-                    if new.socket_path != old.socket_path {
-                        tracing::warn!("socket_path changed; it takes effect at the next restart");
-                    }
-                    agent.set_config(new);
-                }
+        let config = match &config_path {
+            Some(path) => match Config::load(path) {
+                Ok(new) => Some(new),
                 Err(e) => {
                     tracing::error!(error = %e, "config reload failed; keeping the previous config");
                     continue;
                 }
-            }
+            },
+            None => None,
+        };
+        if lifecycle.reload(config).await.is_err() {
+            return;
         }
-        tracing::info!("SIGHUP: reloading config, keys and env files");
-        agent.tasks.evict_all();
-        reload.notify_one();
     }
 }
 

@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use nodeseal_agent::config::{Config, DEFAULT_CONFIG_PATH};
-use nodeseal_agent::{admin, demo, lifecycle, logging, service::Agent, RunOptions};
+use nodeseal_agent::report::{KeyChange, StatusReport};
+use nodeseal_agent::{admin, demo, logging, RunOptions};
 use nodeseal_client::protocol::Operation;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,7 +100,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Run => {
             let (config, path) = load_config(&cli)?;
-            logging::init(&config.log_level);
+            logging::init(config.log_level.as_str());
             nodeseal_agent::hardening::apply();
             let options = RunOptions {
                 config_path: Some(path),
@@ -117,55 +118,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Check => {
             let (config, path) = load_config(&cli)?;
             logging::init("warn");
-            println!("config {}: ok", path.display());
-            let agent = Agent::new(config.clone());
-            lifecycle::reload_revocations(&agent, &config);
-            let sources = lifecycle::key_sources(&config);
-            let mut problems = 0;
-            for (i, s) in sources.iter().enumerate() {
-                if !s.path.is_dir() {
-                    println!(
-                        "key source {} ({:?}): directory does not exist (yet)",
-                        s.path.display(),
-                        s.kind
-                    );
-                    continue;
-                }
-                agent.keys.rescan_source(i, s);
-            }
-            let rows = agent.keys.status();
-            for r in &rows {
-                match r.state {
-                    "loaded" | "revoked" => println!(
-                        "key {} {} ({} bits) from {}",
-                        r.thumbprint.as_deref().unwrap_or("-"),
-                        r.state,
-                        r.bits.unwrap_or(0),
-                        r.source
-                    ),
-                    "pending" => println!(
-                        "pending {}: {}",
-                        r.source,
-                        r.reason.as_deref().unwrap_or("")
-                    ),
-                    _ => {
-                        problems += 1;
-                        println!(
-                            "PROBLEM {}: {}",
-                            r.source,
-                            r.reason.as_deref().unwrap_or("")
-                        );
-                    }
-                }
-            }
-            if let Err(e) = lifecycle::check_store_dir(&config.key_store_dir()) {
-                problems += 1;
-                println!("PROBLEM key store: {e:#}");
-            }
-            println!(
-                "{} usable key(s), {problems} problem(s)",
-                agent.keys.usable_count()
-            );
+            let problems = admin::check(&config, &path);
             Ok(if problems == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -178,21 +131,19 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { json } | Command::Keys { json } => {
             let (config, _) = load_config(&cli)?;
-            let info = admin::call(&config.socket_path, Operation::Status)?;
+            let report: StatusReport = admin::call(&config.socket_path, Operation::Status)?;
             let keys_only = matches!(cli.command, Some(Command::Keys { .. }));
-            if *json {
-                let doc = if keys_only { &info["keys"] } else { &info };
-                println!("{}", serde_json::to_string_pretty(doc)?);
-            } else if keys_only {
-                print!("{}", admin::render_keys(&info));
-            } else {
-                print!("{}", admin::render_status(&info));
+            match (*json, keys_only) {
+                (true, true) => println!("{}", serde_json::to_string_pretty(&report.keys)?),
+                (true, false) => println!("{}", serde_json::to_string_pretty(&report)?),
+                (false, true) => print!("{}", admin::render_keys(&report)),
+                (false, false) => print!("{}", admin::render_status(&report)),
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { thumbprint, purge } => {
             let (config, _) = load_config(&cli)?;
-            let info = admin::call(
+            let info: KeyChange = admin::call(
                 &config.socket_path,
                 Operation::Revoke {
                     thumbprint: thumbprint.clone(),
@@ -204,7 +155,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restore { thumbprint } => {
             let (config, _) = load_config(&cli)?;
-            let info = admin::call(
+            let info: KeyChange = admin::call(
                 &config.socket_path,
                 Operation::Restore {
                     thumbprint: thumbprint.clone(),

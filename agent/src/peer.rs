@@ -1,30 +1,31 @@
 //! Who is on the other end of a connection, from the kernel (`SO_PEERCRED`), never from anything
 //! the caller says.
 
+use crate::authz::Caller;
 use std::path::PathBuf;
 
 /// Kernel-reported identity of a connected process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// Effective uid at `connect()`.
-    pub uid: u32,
+    pub(crate) uid: u32,
     /// Effective gid at `connect()`.
-    pub gid: u32,
+    pub(crate) gid: u32,
     /// Pid as seen from the agent's pid namespace; 0 when the peer lives in a namespace the agent
     /// cannot see into.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// uid 0 in the agent's own pid namespace. Root in a container is not host root.
-    pub host_root: bool,
+    pub(crate) host_root: bool,
 }
 
 /// The agent's own pid namespace identity (`pid:[4026531836]`).
-pub fn own_pid_namespace() -> Option<PathBuf> {
+pub(crate) fn own_pid_namespace() -> Option<PathBuf> {
     std::fs::read_link("/proc/self/ns/pid").ok()
 }
 
 impl Peer {
     /// Build from the credentials tokio reads with `SO_PEERCRED`.
-    pub fn from_cred(cred: &tokio::net::unix::UCred, own_ns: Option<&PathBuf>) -> Self {
+    pub(crate) fn from_cred(cred: &tokio::net::unix::UCred, own_ns: Option<&PathBuf>) -> Self {
         let uid = cred.uid();
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
         Self {
@@ -32,6 +33,15 @@ impl Peer {
             gid: cred.gid(),
             pid,
             host_root: uid == 0 && is_in_namespace(pid, own_ns),
+        }
+    }
+
+    /// What authorization decides on.
+    pub(crate) fn caller(&self) -> Caller {
+        Caller {
+            uid: self.uid,
+            gid: self.gid,
+            host_root: self.host_root,
         }
     }
 }

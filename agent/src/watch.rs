@@ -2,16 +2,16 @@
 //! revocation list, debounced into rescans of exactly what changed; a full rescan at start, on
 //! reload, when the kernel reports lost events, and every minute as a safety net.
 
-use crate::lifecycle;
-use crate::server::ServeContext;
-use crate::task_sockets::TaskSockets;
+use crate::keys::key_sources;
+use crate::lifecycle::{Changed, Lifecycle, ScanWork};
+use crate::server::shutdown::Shutdown;
+use crate::state::State;
 use notify::{Event, EventKind, RecursiveMode, Watcher};
-use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 /// Quiet time after an event before acting, so a file written in several steps is read once.
 const DEBOUNCE: Duration = Duration::from_millis(25);
@@ -46,13 +46,13 @@ impl Watches {
     }
 
     /// Watch what `config` names; returns directories that became watchable (to scan them).
-    fn setup(&mut self, ctx: &ServeContext) -> Vec<PathBuf> {
-        let config = ctx.agent.config();
+    fn setup(&mut self, state: &State) -> Vec<PathBuf> {
+        let config = state.config();
         let mut wanted: Vec<(PathBuf, bool)> = Vec::new();
         for root in &config.env_roots {
             wanted.push((root.clone(), true));
         }
-        for s in lifecycle::key_sources(&config) {
+        for s in key_sources(&config) {
             wanted.push((s.path.clone(), false));
         }
         if let Some(list) = &config.revocation_list {
@@ -140,25 +140,20 @@ impl Watches {
 
 /// Everything a batch of events asks for.
 #[derive(Default)]
-struct Work {
-    full: bool,
-    /// A SIGHUP reload asked for this batch.
-    reload: bool,
+struct Batch {
+    scan: ScanWork,
     /// Events were lost: directories created meanwhile have no watch yet.
     rewatch: bool,
-    keys: bool,
-    env_files: BTreeSet<PathBuf>,
-    env_dirs: BTreeSet<PathBuf>,
-    gone: BTreeSet<PathBuf>,
 }
 
-fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
+fn classify(state: &State, event: notify::Result<Event>, batch: &mut Batch) {
+    let work = &mut batch.scan;
     let event = match event {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(error = %e, "file watcher error; re-adding watches and doing a full rescan");
             work.full = true;
-            work.rewatch = true;
+            batch.rewatch = true;
             return;
         }
     };
@@ -167,7 +162,7 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
             "file watcher lost events (queue overflow); re-adding watches and doing a full rescan"
         );
         work.full = true;
-        work.rewatch = true;
+        batch.rewatch = true;
         return;
     }
     use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -180,11 +175,8 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
         EventKind::Access(_) => return,
         _ => None,
     };
-    let config = ctx.agent.config();
-    let key_dirs: Vec<PathBuf> = lifecycle::key_sources(&config)
-        .into_iter()
-        .map(|s| s.path)
-        .collect();
+    let config = state.config();
+    let key_dirs: Vec<PathBuf> = key_sources(&config).into_iter().map(|s| s.path).collect();
     for path in event.paths {
         if config.revocation_list.as_deref() == Some(path.as_path())
             || key_dirs
@@ -200,10 +192,9 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
             .file_name()
             .is_some_and(|n| config.env_file_names.iter().any(|e| n == e.as_str()));
         if is_env_name {
-            match writer {
-                Some(true) => ctx.agent.tasks.note_writer_done(&path),
-                Some(false) => ctx.agent.tasks.note_writer_active(&path),
-                None => {}
+            if let Some(closed) = writer {
+                // The last event of the batch tells where the writer is.
+                work.writer_closed.insert(path.clone(), closed);
             }
             work.env_files.insert(path);
         } else if path.is_dir() {
@@ -215,112 +206,76 @@ fn classify(ctx: &ServeContext, event: notify::Result<Event>, work: &mut Work) {
     }
 }
 
-fn root_of<'a>(roots: &'a [PathBuf], path: &Path) -> Option<&'a PathBuf> {
-    roots.iter().find(|r| path.starts_with(r))
-}
-
-/// Run the watcher until shutdown. `reload` is notified on SIGHUP, after the new config is set.
-pub async fn run(ctx: ServeContext, reload: Arc<Notify>) {
+/// Run the watcher until shutdown: events and ticks become [`ScanWork`] for the lifecycle
+/// thread; a config change (reload) sets the watches up again and completes the reload with a
+/// full rescan.
+pub(crate) async fn run(
+    state: Arc<State>,
+    lifecycle: Lifecycle,
+    mut changed: Changed,
+    mut shutdown: Shutdown,
+    watching: tokio::sync::oneshot::Sender<()>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watches = Watches::new(tx);
-    let mut sockets = TaskSockets::default();
-    watches.setup(&ctx);
-    sockets.sync(&ctx);
+    watches.setup(&state);
+    let _ = watching.send(());
     let mut unsettled: Vec<(PathBuf, Instant)> = Vec::new();
     let mut last_full = Instant::now();
     let mut full_pending = false;
     let mut tick = tokio::time::interval(TICK);
-    let mut shutdown = ctx.shutdown.clone();
     loop {
-        let mut work = Work::default();
+        let mut batch = Batch::default();
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
-                classify(&ctx, ev, &mut work);
+                classify(&state, ev, &mut batch);
                 // Debounce: gather whatever else arrives in the next few milliseconds.
                 tokio::time::sleep(DEBOUNCE).await;
                 while let Ok(ev) = rx.try_recv() {
-                    classify(&ctx, ev, &mut work);
+                    classify(&state, ev, &mut batch);
                 }
             }
             _ = tick.tick() => {
                 watches.forget_vanished();
                 let appeared = watches.retry_missing();
                 if !appeared.is_empty() {
-                    work.full = true;
+                    batch.scan.full = true;
                 }
                 let now = Instant::now();
                 for (path, _) in unsettled.iter().filter(|(_, due)| *due <= now) {
-                    work.env_files.insert(path.clone());
+                    batch.scan.env_files.insert(path.clone());
                 }
                 unsettled.retain(|(_, due)| *due > now);
                 if last_full.elapsed() >= FULL_RESCAN_EVERY || full_pending {
-                    work.full = true;
+                    batch.scan.full = true;
                 }
             }
-            _ = reload.notified() => {
-                watches.setup(&ctx);
-                sockets.clear();
-                work.full = true;
-                work.reload = true;
+            Ok(()) = changed.config.changed() => {
+                watches.setup(&state);
+                batch.scan.full = true;
+                batch.scan.completes_reload = true;
             }
-            _ = crate::server::stopped(&mut shutdown) => break,
+            _ = shutdown.stopped() => break,
         }
-        if work.rewatch {
+        if batch.rewatch {
             watches.rewatch();
         }
-        if work.full && !work.reload && last_full.elapsed() < MIN_FULL_INTERVAL {
+        let work = &mut batch.scan;
+        if work.full && !work.completes_reload && last_full.elapsed() < MIN_FULL_INTERVAL {
             // Too soon after the last one: the next tick does it.
             full_pending = true;
             work.full = false;
         }
-        let agent = ctx.agent.clone();
-        let roots = agent.config().env_roots.clone();
         let full = work.full;
-        let reloaded = work.reload;
-        // Key loading and file reads block: keep them off the reactor.
-        let newly_unsettled = tokio::task::spawn_blocking(move || {
-            let mut pending = Vec::new();
-            if full || work.keys {
-                lifecycle::rescan_keys(&agent);
-            }
-            if full {
-                pending.extend(lifecycle::rescan_env(&agent));
-                lifecycle::warn_expiring(&agent);
-                return pending;
-            }
-            for path in &work.gone {
-                for f in agent.tasks.remove_under(path) {
-                    tracing::info!(path = %f.display(), "env file gone; its values are forgotten");
-                }
-            }
-            for dir in &work.env_dirs {
-                pending.extend(lifecycle::scan_env_dir(&agent, dir));
-            }
-            for file in &work.env_files {
-                if let Some(root) = root_of(&roots, file) {
-                    if let crate::tasks::FileUpdate::Unsettled =
-                        lifecycle::update_env_file(&agent, file, root)
-                    {
-                        pending.push(file.clone());
-                    }
-                }
-            }
-            pending
-        })
-        .await
-        .unwrap_or_default();
+        let Ok(newly_unsettled) = lifecycle.scan(batch.scan).await else {
+            break;
+        };
         if full {
             last_full = Instant::now();
             full_pending = false;
         }
-        let due = Instant::now() + crate::tasks::SETTLE;
+        let due = Instant::now() + crate::tasks::settle::SETTLE;
         unsettled.extend(newly_unsettled.into_iter().map(|p| (p, due)));
-        sockets.sync(&ctx);
-        ctx.agent.counters.scans.fetch_add(1, Ordering::Relaxed);
-        if reloaded {
-            ctx.agent.counters.reloads.fetch_add(1, Ordering::Relaxed);
-        }
     }
-    sockets.clear();
 }

@@ -6,7 +6,9 @@
 //! may arrive from several places (a Batch drop and its ingested copy) and stays usable while any
 //! remains.
 
+use super::sources::SourceId;
 use crate::config::{KeySource, KeySourceKind};
+use crate::report::{KeyState, KeyStatus};
 use nodeseal_envelope::{KeyError, KeyPair, Thumbprint};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -23,7 +25,7 @@ pub struct KeyEntry {
     /// The file it was loaded from.
     pub origin: PathBuf,
     /// Source kind, for status.
-    pub kind: &'static str,
+    pub kind: KeySourceKind,
 }
 
 /// What happened to one key file on its last load.
@@ -45,7 +47,7 @@ struct Stamp {
 }
 
 struct Tracked {
-    source: usize,
+    source: SourceId,
     stamp: Option<Stamp>,
     state: FileState,
 }
@@ -57,27 +59,6 @@ pub enum Unavailable {
     Revoked,
     /// No file provides it.
     Missing,
-}
-
-/// One row of `status`/`keys`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct KeyStatus {
-    /// Thumbprint (absent for files that did not load).
-    pub thumbprint: Option<String>,
-    /// The file.
-    pub source: String,
-    /// Source kind.
-    pub kind: &'static str,
-    /// Modulus bits.
-    pub bits: Option<u32>,
-    /// Certificate notAfter, unix seconds.
-    pub not_after: Option<i64>,
-    /// `loaded`, `revoked`, `pending` or `broken`.
-    pub state: &'static str,
-    /// Why not loaded.
-    pub reason: Option<String>,
-    /// Values opened with this key since start.
-    pub opened: u64,
 }
 
 #[derive(Default)]
@@ -123,9 +104,10 @@ pub struct Changes {
 }
 
 impl Changes {
-    /// True when nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty()
+    /// Fold `other` into these changes.
+    pub fn merge(&mut self, other: Changes) {
+        self.added.extend(other.added);
+        self.removed.extend(other.removed);
     }
 }
 
@@ -159,16 +141,6 @@ impl KeyStore {
             .collect();
         keys.sort_by_key(|k| k.thumbprint());
         keys
-    }
-
-    /// Modulus lengths of usable keys (for recognising legacy ciphertexts by length).
-    pub fn modulus_lengths(&self) -> HashSet<usize> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner
-            .by_thumbprint
-            .values()
-            .map(|e| e.pair.modulus_len())
-            .collect()
     }
 
     /// Number of usable keys.
@@ -256,22 +228,10 @@ impl KeyStore {
             .is_revoked(tp)
     }
 
-    /// Files (from any source) currently providing `tp`.
-    pub fn origins_of(&self, tp: &Thumbprint) -> Vec<PathBuf> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner
-            .files
-            .iter()
-            .filter_map(|(p, t)| match &t.state {
-                FileState::Loaded(e) if e.pair.thumbprint() == *tp => Some(p.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Rescan source number `index`: re-parse new or changed files, forget vanished ones. Each
-    /// file that fails is logged with its path and reason and recorded for `status`; the rest load.
-    pub fn rescan_source(&self, index: usize, source: &KeySource) -> Changes {
+    /// Rescan `source`: re-parse new or changed files, forget vanished ones. Each file that
+    /// fails is logged with its path and reason and recorded for `status`; the rest load.
+    pub fn rescan_source(&self, source: &KeySource) -> Changes {
+        let id = SourceId::of(source);
         let candidates = list_candidates(source);
         // Parse outside the lock: PKCS#12 key derivation takes milliseconds per file.
         let previous: HashMap<PathBuf, Option<Stamp>> = {
@@ -279,7 +239,7 @@ impl KeyStore {
             inner
                 .files
                 .iter()
-                .filter(|(_, t)| t.source == index)
+                .filter(|(_, t)| t.source == id)
                 .map(|(p, t)| (p.clone(), t.stamp))
                 .collect()
         };
@@ -307,7 +267,7 @@ impl KeyStore {
                     key_id = %e.pair.thumbprint(),
                     path = %cand.path.display(),
                     bits = e.pair.bits(),
-                    kind = e.kind,
+                    kind = kind_name(e.kind),
                     "key loaded"
                 ),
                 FileState::Pending(reason) => {
@@ -320,7 +280,7 @@ impl KeyStore {
             fresh.push((
                 cand.path.clone(),
                 Tracked {
-                    source: index,
+                    source: id.clone(),
                     stamp,
                     state,
                 },
@@ -329,18 +289,18 @@ impl KeyStore {
         self.mutate(|inner| {
             inner
                 .files
-                .retain(|p, t| t.source != index || unchanged.contains(p));
+                .retain(|p, t| t.source != id || unchanged.contains(p));
             for (p, t) in fresh {
                 inner.files.insert(p, t);
             }
         })
     }
 
-    /// Track `path` (with its `companion`) as source `index`'s copy of an already parsed key:
-    /// the store copy written at ingest, so it is not parsed a second time.
+    /// Track `path` (with its `companion`) as `source`'s copy of an already parsed key: the
+    /// store copy written at ingest, so it is not parsed a second time.
     pub fn adopt(
         &self,
-        index: usize,
+        source: &SourceId,
         path: &Path,
         companion: &Path,
         pair: Arc<KeyPair>,
@@ -349,13 +309,13 @@ impl KeyStore {
         let entry = Arc::new(KeyEntry {
             pair,
             origin: path.to_owned(),
-            kind: kind_name(KeySourceKind::BatchCerts),
+            kind: source.kind,
         });
         self.mutate(|inner| {
             inner.files.insert(
                 path.to_owned(),
                 Tracked {
-                    source: index,
+                    source: source.clone(),
                     stamp,
                     state: FileState::Loaded(entry),
                 },
@@ -363,9 +323,9 @@ impl KeyStore {
         })
     }
 
-    /// Forget every file of sources `>= count` (after a config reload shrank the list).
-    pub fn drop_sources_from(&self, count: usize) -> Changes {
-        self.mutate(|inner| inner.files.retain(|_, t| t.source < count))
+    /// Forget every file of sources not in `current` (after a config reload changed the list).
+    pub fn retain_sources(&self, current: &[SourceId]) -> Changes {
+        self.mutate(|inner| inner.files.retain(|_, t| current.contains(&t.source)))
     }
 
     /// Rows for `status` and `keys`, loaded keys first, by thumbprint.
@@ -381,13 +341,13 @@ impl KeyStore {
                     KeyStatus {
                         thumbprint: Some(tp.to_string()),
                         source: path.display().to_string(),
-                        kind: e.kind,
+                        kind: kind_name(e.kind).to_owned(),
                         bits: Some(e.pair.bits()),
                         not_after: Some(e.pair.not_after_unix()),
                         state: if inner.is_revoked(&tp) {
-                            "revoked"
+                            KeyState::Revoked
                         } else {
-                            "loaded"
+                            KeyState::Loaded
                         },
                         reason: None,
                         opened: opened.get(&tp).map_or(0, |c| c.load(Ordering::Relaxed)),
@@ -396,13 +356,13 @@ impl KeyStore {
                 FileState::Pending(reason) | FileState::Broken(reason) => KeyStatus {
                     thumbprint: None,
                     source: path.display().to_string(),
-                    kind: "",
+                    kind: String::new(),
                     bits: None,
                     not_after: None,
                     state: if matches!(t.state, FileState::Pending(_)) {
-                        "pending"
+                        KeyState::Pending
                     } else {
-                        "broken"
+                        KeyState::Broken
                     },
                     reason: Some(reason.clone()),
                     opened: 0,
@@ -423,17 +383,18 @@ impl KeyStore {
                 rows.push(KeyStatus {
                     thumbprint: Some(tp.to_string()),
                     source: String::new(),
-                    kind: "",
+                    kind: String::new(),
                     bits: None,
                     not_after: None,
-                    state: "revoked",
+                    state: KeyState::Revoked,
                     reason: Some("revoked; no key file present".into()),
                     opened: 0,
                 });
             }
         }
         rows.sort_by(|a, b| {
-            (a.state != "loaded", &a.thumbprint).cmp(&(b.state != "loaded", &b.thumbprint))
+            (a.state != KeyState::Loaded, &a.thumbprint)
+                .cmp(&(b.state != KeyState::Loaded, &b.thumbprint))
         });
         rows
     }
@@ -461,7 +422,7 @@ pub(crate) struct Candidate {
     pub claimed: Option<Thumbprint>,
 }
 
-fn kind_name(kind: KeySourceKind) -> &'static str {
+pub(crate) fn kind_name(kind: KeySourceKind) -> &'static str {
     match kind {
         KeySourceKind::BatchCerts => "batch_certs",
         KeySourceKind::Keyvault => "keyvault",
@@ -577,7 +538,7 @@ pub(crate) fn read_passphrase(path: &Path) -> std::io::Result<Zeroizing<Vec<u8>>
 }
 
 fn load_candidate(source: &KeySource, cand: &Candidate) -> FileState {
-    let kind = kind_name(source.kind);
+    let kind = source.kind;
     let result: Result<KeyPair, String> = match source.kind {
         KeySourceKind::BatchCerts => {
             let pw_path = cand.companion.as_deref().unwrap_or(Path::new(""));
@@ -668,25 +629,4 @@ fn read_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     fs::read(path)
         .map(Zeroizing::new)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-/// Parse a revocation list: one thumbprint per line, `#` comments and blank lines ignored. Bad
-/// lines are reported and skipped so one typo does not un-revoke everything else.
-pub fn parse_revocation_list(text: &str, path: &Path) -> HashSet<Thumbprint> {
-    let mut set = HashSet::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        match Thumbprint::from_hex(line) {
-            Ok(tp) => {
-                set.insert(tp);
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), line = i + 1, error = %e, "revocation list entry skipped")
-            }
-        }
-    }
-    set
 }

@@ -2,29 +2,48 @@
 //! for that task, whoever connects. A container that has the task directory mounted reaches its
 //! own secrets through it, with no host-wide socket and no uid mapping.
 
-use crate::server::{serve, ServeContext};
-use crate::service::Scope;
+use super::{serve, ServeContext};
+use crate::authz::Scope;
+use crate::lifecycle::Changed;
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use tokio::task::JoinHandle;
 
+/// Keep one socket per known task until shutdown: sync after every change of the task set,
+/// rebind all after a reload (the socket name may have changed).
+pub(crate) async fn run(ctx: ServeContext, mut changed: Changed) {
+    let mut sockets = TaskSockets::default();
+    let mut shutdown = ctx.shutdown.clone();
+    sockets.sync(&ctx);
+    loop {
+        tokio::select! {
+            Ok(()) = changed.config.changed() => sockets.clear(),
+            Ok(()) = changed.tasks.changed() => sockets.sync(&ctx),
+            _ = shutdown.stopped() => break,
+            else => break,
+        }
+    }
+    sockets.clear();
+}
+
 /// The per-task sockets currently served.
 #[derive(Default)]
-pub struct TaskSockets {
+struct TaskSockets {
     served: HashMap<PathBuf, (PathBuf, JoinHandle<()>)>,
 }
 
 impl TaskSockets {
     /// Make the set of served sockets match the set of known tasks.
-    pub fn sync(&mut self, ctx: &ServeContext) {
-        let config = ctx.agent.config();
+    fn sync(&mut self, ctx: &ServeContext) {
+        let state = ctx.handler.state();
+        let config = state.config();
         let Some(name) = config.task_socket_name.clone() else {
             self.clear();
             return;
         };
         let mut wanted: HashMap<PathBuf, u32> = HashMap::new();
-        for e in ctx.agent.tasks.entries() {
+        for e in state.tasks.entries() {
             wanted.entry(e.task_dir.clone()).or_insert(e.owner_uid);
         }
         let gone: Vec<PathBuf> = self
@@ -63,7 +82,7 @@ impl TaskSockets {
     }
 
     /// Stop serving and remove every task socket.
-    pub fn clear(&mut self) {
+    fn clear(&mut self) {
         for (_, (path, handle)) in self.served.drain() {
             handle.abort();
             if !path.as_os_str().is_empty() {

@@ -1,0 +1,90 @@
+//! Ingest: keys from sources task users can read (Batch certificate drops) are copied into the
+//! agent's root-only store as PKCS#12 under a fresh random passphrase, then the readable
+//! originals are deleted.
+
+use super::sources::{check_store_dir, store_source, SourceId};
+use super::store::KeyStore;
+use crate::config::{Config, KeySource};
+use crate::fsutil::atomic_write;
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Ingest every loaded key of a source with `ingest` on. Returns the sources that lost files
+/// (to be rescanned).
+pub(crate) fn ingest(keys: &KeyStore, config: &Config, sources: &[KeySource]) -> Vec<SourceId> {
+    let store = store_source(config);
+    let store_id = SourceId::of(&store);
+    let ingest_dirs: Vec<SourceId> = sources
+        .iter()
+        .filter(|s| s.ingest() && s.path != store.path)
+        .map(SourceId::of)
+        .collect();
+    if ingest_dirs.is_empty() {
+        return Vec::new();
+    }
+    let mut emptied: Vec<SourceId> = Vec::new();
+    let mut store_checked = false;
+    for entry in keys.loaded_entries() {
+        let Some(source) = ingest_dirs
+            .iter()
+            .find(|s| entry.origin.parent() == Some(s.path.as_path()))
+        else {
+            continue;
+        };
+        if !store_checked {
+            if let Err(e) = check_store_dir(&store.path) {
+                tracing::error!(error = %format!("{e:#}"), "key store unusable; keys are served from memory but not ingested");
+                return emptied;
+            }
+            store_checked = true;
+        }
+        let tp = entry.pair.thumbprint();
+        let pfx_path = store.path.join(format!("sha1-{tp}.pfx"));
+        let pw_path = store.path.join(format!("sha1-{tp}.pfx.pw"));
+        if !pfx_path.exists() {
+            if let Err(e) = write_store_copy(&entry.pair, &pfx_path, &pw_path) {
+                tracing::error!(key_id = %tp, path = %entry.origin.display(), error = %format!("{e:#}"), "ingest failed; original left in place");
+                continue;
+            }
+            keys.adopt(&store_id, &pfx_path, &pw_path, entry.pair.clone());
+        }
+        remove_originals(&entry.origin);
+        tracing::info!(key_id = %tp, from = %entry.origin.display(), to = %pfx_path.display(), "key ingested; readable original removed");
+        if !emptied.contains(source) {
+            emptied.push(source.clone());
+        }
+    }
+    emptied
+}
+
+fn write_store_copy(
+    pair: &nodeseal_envelope::KeyPair,
+    pfx_path: &Path,
+    pw_path: &Path,
+) -> Result<()> {
+    let mut raw = zeroize::Zeroizing::new([0u8; 24]);
+    openssl::rand::rand_bytes(raw.as_mut()).context("cannot draw a random passphrase")?;
+    let passphrase =
+        zeroize::Zeroizing::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let pfx = pair
+        .to_pkcs12(passphrase.as_bytes(), false)
+        .context("cannot export the key as PKCS#12")?;
+    // Passphrase first: a PFX without its .pw is merely pending, a .pw alone is ignored.
+    atomic_write(pw_path, passphrase.as_bytes(), 0o600)?;
+    atomic_write(pfx_path, &pfx, 0o600)?;
+    Ok(())
+}
+
+fn remove_originals(origin: &Path) {
+    let pw = PathBuf::from(format!("{}.pw", origin.display()));
+    for f in [origin.to_path_buf(), pw] {
+        match fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %f.display(), error = %e, "cannot remove ingested original; task users may still read it")
+            }
+        }
+    }
+}

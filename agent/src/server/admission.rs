@@ -1,0 +1,153 @@
+//! Admission control: the global connection budget, per-uid connection slots and per-uid
+//! request rate buckets. Every decision takes the limits (from the request's config snapshot)
+//! and, for rates, the time, so it is tested without sockets or waiting.
+
+use crate::config::Limits;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Who may connect and send requests right now.
+pub(crate) struct Admission {
+    /// One permit per open connection, over all sockets.
+    connections: Arc<Semaphore>,
+    /// Open connections per peer uid.
+    by_uid: Mutex<HashMap<u32, usize>>,
+    rate: Mutex<HashMap<u32, Bucket>>,
+}
+
+/// One open connection of a uid; dropping it frees the slot.
+pub(crate) struct UidSlot {
+    admission: Arc<Admission>,
+    uid: u32,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .admission
+            .by_uid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// Admission with room for `max_connections` connections in all.
+    pub(crate) fn new(max_connections: usize) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(max_connections)),
+            by_uid: Mutex::new(HashMap::new()),
+            rate: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place among all connections; `None` when every one is taken.
+    pub(crate) fn connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Count a new connection of `uid`; `None` when the uid is at its limit.
+    pub(crate) fn uid_slot(self: &Arc<Self>, uid: u32, limits: &Limits) -> Option<UidSlot> {
+        let mut map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid).or_default();
+        if *n >= limits.max_connections_per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            admission: self.clone(),
+            uid,
+        })
+    }
+
+    /// Take one request from `uid`'s budget at `now`; false means "answer busy".
+    pub(crate) fn take_rate_token(&self, uid: u32, limits: &Limits, now: Instant) -> bool {
+        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if rate.len() > 65_536 {
+            // Bound the table: forget buckets that have refilled anyway.
+            rate.retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(10));
+        }
+        let burst = f64::from(limits.burst_per_uid);
+        let b = rate.entry(uid).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let refill = now.saturating_duration_since(b.last).as_secs_f64()
+            * f64::from(limits.requests_per_sec_per_uid);
+        b.tokens = (b.tokens + refill).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_uid: usize, rate: u32, burst: u32) -> Limits {
+        Limits {
+            max_connections_per_uid: per_uid,
+            requests_per_sec_per_uid: rate,
+            burst_per_uid: burst,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn a_uid_at_its_connection_limit_is_refused_and_others_are_not() {
+        let a = Arc::new(Admission::new(10));
+        let l = limits(2, 1, 1);
+        let one = a.uid_slot(1000, &l).unwrap();
+        let _two = a.uid_slot(1000, &l).unwrap();
+        assert!(a.uid_slot(1000, &l).is_none());
+        assert!(a.uid_slot(1001, &l).is_some());
+        drop(one);
+        assert!(a.uid_slot(1000, &l).is_some());
+    }
+
+    #[test]
+    fn the_global_budget_is_shared() {
+        let a = Admission::new(1);
+        let held = a.connection().unwrap();
+        assert!(a.connection().is_none());
+        drop(held);
+        assert!(a.connection().is_some());
+    }
+
+    #[test]
+    fn a_burst_is_allowed_then_the_rate_refills_per_uid() {
+        let a = Admission::new(1);
+        let l = limits(1, 10, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(a.take_rate_token(7, &l, t0));
+        }
+        assert!(!a.take_rate_token(7, &l, t0));
+        assert!(
+            a.take_rate_token(8, &l, t0),
+            "another uid has its own bucket"
+        );
+        // 10 per second: one token back after 100 ms, not before.
+        assert!(!a.take_rate_token(7, &l, t0 + Duration::from_millis(50)));
+        assert!(a.take_rate_token(7, &l, t0 + Duration::from_millis(150)));
+        assert!(!a.take_rate_token(7, &l, t0 + Duration::from_millis(150)));
+    }
+}

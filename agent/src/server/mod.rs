@@ -1,0 +1,75 @@
+//! Sockets: the host socket and the per-task sockets ([`task_sockets`]) share one accept loop
+//! here; [`admission`] decides who may connect and send, [`connection`] reads requests under
+//! size, idle and rate limits and hands each to the handler, [`shutdown`] stops it all
+//! gracefully, and [`listener`] binds or adopts the host socket.
+
+pub(crate) mod admission;
+pub(crate) mod connection;
+pub(crate) mod listener;
+pub(crate) mod shutdown;
+pub(crate) mod task_sockets;
+
+use crate::authz::Scope;
+use crate::handler::Handler;
+use crate::refusal::Refusal;
+use admission::Admission;
+use shutdown::Shutdown;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+
+/// Shared by every listener and connection.
+#[derive(Clone)]
+pub(crate) struct ServeContext {
+    pub(crate) handler: Arc<Handler>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) shutdown: Shutdown,
+    /// The agent's pid namespace, for telling host root from container root.
+    pub(crate) own_pid_ns: Option<PathBuf>,
+}
+
+/// Accept connections on `listener` until shutdown.
+pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scope) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.stopped() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, keep serving the others.
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        match ctx.admission.connection() {
+            Some(permit) => {
+                let ctx = ctx.clone();
+                let scope = scope.clone();
+                tokio::spawn(async move {
+                    connection::handle(&ctx, stream, scope).await;
+                    drop(permit);
+                });
+            }
+            None => {
+                ctx.handler
+                    .state()
+                    .counters
+                    .limited
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("connection limit reached; refusing a connection");
+                tokio::spawn(connection::refuse(stream, Refusal::TooManyConnections));
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Tasks and their env files: the [`index`] of known files by path and by task directory with
+//! their parsed, classified values and per-value cache; reading one file ([`envfile`]); when a
+//! file still being written may be read ([`settle`]); finding files under the env roots
+//! ([`discovery`]). Mutated only by the lifecycle task; read by request handlers.
+
+pub(crate) mod discovery;
+pub(crate) mod envfile;
+pub(crate) mod index;
+pub(crate) mod settle;
+
+pub(crate) use index::{Cached, EnvEntry, FileUpdate, Tasks, ValueKind};
