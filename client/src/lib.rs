@@ -27,6 +27,8 @@ mod async_client;
 mod client;
 mod config;
 mod error;
+mod exchange;
+mod ops;
 pub mod protocol;
 mod secret;
 mod wire;
