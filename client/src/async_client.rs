@@ -1,7 +1,7 @@
 //! The tokio client (feature `async`): a tokio `UnixStream` driving the [`Exchange`].
 
 use crate::config::Builder;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::exchange::{Action, Event, Exchange};
 use crate::ops::{self, Call};
 use crate::protocol::{Operation, Response};
@@ -167,12 +167,7 @@ impl AsyncClient {
     /// ```
     pub async fn request(&mut self, op: Operation) -> Result<Response> {
         self.exchange.request(op, Instant::now());
-        match self.drive().await? {
-            Some(resp) => Ok(resp),
-            None => Err(Error::Protocol(
-                "the exchange ended without a response".into(),
-            )),
-        }
+        Exchange::response(self.drive().await?)
     }
 
     async fn call<T>(&mut self, call: Call<T>) -> Result<T> {
@@ -245,4 +240,41 @@ async fn with_timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
         return Some(f.await);
     }
     tokio::time::timeout(d, f).await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn futures_can_be_spawned() {
+        let f = async {
+            let mut c = AsyncClient::connect_to("/nonexistent.sock").await?;
+            c.get("A").await
+        };
+        assert_send(&f);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_times_out_with_the_shared_wording() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut c = Builder::new()
+            .socket(&path)
+            .read_timeout(Duration::from_millis(50))
+            .connect_async()
+            .await
+            .unwrap();
+        match c.health().await.unwrap_err() {
+            Error::Io { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(source.to_string(), "the agent did not answer in time");
+            }
+            e => panic!("{e:?}"),
+        }
+    }
 }

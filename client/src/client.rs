@@ -1,7 +1,7 @@
 //! The blocking client: a std `UnixStream` driving the [`Exchange`].
 
 use crate::config::{Builder, Config};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::exchange::{Action, Event, Exchange};
 use crate::ops::{self, Call};
 use crate::protocol::{Operation, Response};
@@ -188,7 +188,7 @@ impl Client {
     }
 
     /// Send any operation and return the successful response; error responses become
-    /// [`Error::Agent`]. `busy` answers are retried within the retry budget.
+    /// [`Error::Agent`](crate::Error::Agent). `busy` answers are retried within the retry budget.
     ///
     /// ```no_run
     /// use nodeseal_client::protocol::Operation;
@@ -199,12 +199,7 @@ impl Client {
     /// ```
     pub fn request(&mut self, op: Operation) -> Result<Response> {
         self.exchange.request(op, Instant::now());
-        match self.drive()? {
-            Some(resp) => Ok(resp),
-            None => Err(Error::Protocol(
-                "the exchange ended without a response".into(),
-            )),
-        }
+        Exchange::response(self.drive()?)
     }
 
     fn call<T>(&mut self, call: Call<T>) -> Result<T> {
@@ -294,4 +289,29 @@ fn open_stream(
 /// `set_*_timeout` refuses zero; treat zero as "no timeout".
 fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_agent_times_out_with_the_shared_wording() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        // Accepted by the backlog, never read or answered.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut c = Builder::new()
+            .socket(&path)
+            .read_timeout(Duration::from_millis(50))
+            .connect()
+            .unwrap();
+        match c.health().unwrap_err() {
+            crate::Error::Io { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(source.to_string(), "the agent did not answer in time");
+            }
+            e => panic!("{e:?}"),
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! clock is an argument.
 
 use crate::config::{Config, BACKOFF_MAX, BACKOFF_START};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::protocol::{Operation, Request, Response};
 use crate::wire::{self, LineBuffer};
 use std::io;
@@ -171,14 +171,23 @@ impl Exchange {
             }
         };
         self.attempt = Attempt::new(line, id, self.cfg.retry, now);
-        self.step = match self.conn {
-            _ if abandoned => Step::Close(Box::new(Step::Connect)),
-            Conn::Open { used } => {
-                self.attempt.was_used = used;
-                Step::Write { written: 0 }
+        self.step = if abandoned {
+            Step::Close(Box::new(Step::Connect))
+        } else {
+            match self.conn {
+                Conn::Open { used } => {
+                    self.attempt.was_used = used;
+                    Step::Write { written: 0 }
+                }
+                Conn::Closed => Step::Connect,
             }
-            Conn::Closed => Step::Connect,
         };
+    }
+
+    /// What a driver's run after [`Exchange::request`] produced: always a response, since
+    /// `Ready` only ends a connect.
+    pub(crate) fn response(outcome: Option<Response>) -> Result<Response> {
+        outcome.ok_or_else(|| Error::Protocol("the exchange ended without a response".into()))
     }
 
     /// The next action. Call once per [`Exchange::handle`]; after `Ready`, `Done` or `Fail`,
