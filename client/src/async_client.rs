@@ -1,12 +1,15 @@
-//! The tokio client (feature `async`).
+//! The tokio client (feature `async`): a tokio `UnixStream` driving the [`Exchange`].
 
-use crate::config::{Builder, Config};
-use crate::error::{Error, Result};
-use crate::protocol::{Operation, Request, Response};
-use crate::wire::{self, Backoff, LineBuffer};
+use crate::config::Builder;
+use crate::error::Result;
+use crate::exchange::{Action, Event, Exchange};
+use crate::ops::{self, Call};
+use crate::protocol::{Operation, Response};
 use crate::Secret;
+use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -19,9 +22,8 @@ use tokio::net::UnixStream;
 /// # Ok(()) }
 /// ```
 pub struct AsyncClient {
-    cfg: Config,
-    conn: Option<(UnixStream, LineBuffer, bool)>,
-    next_id: u64,
+    exchange: Exchange,
+    stream: Option<UnixStream>,
 }
 
 impl Builder {
@@ -34,12 +36,10 @@ impl Builder {
     /// ```
     pub async fn connect_async(self) -> Result<AsyncClient> {
         let mut client = AsyncClient {
-            cfg: self.resolve()?,
-            conn: None,
-            next_id: 1,
+            exchange: Exchange::connect(self.resolve()?, Instant::now()),
+            stream: None,
         };
-        let mut backoff = Backoff::new(client.cfg.retry);
-        client.ensure_connected(&mut backoff).await?;
+        client.drive().await?;
         Ok(client)
     }
 }
@@ -75,12 +75,8 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn get(&mut self, name: &str) -> Result<Secret> {
-        let task = self.cfg.task.clone();
-        let op = Operation::Get {
-            name: name.to_string(),
-            task,
-        };
-        wire::take_value(self.request(op).await?, "get")
+        let call = ops::get(name, self.task());
+        self.call(call).await
     }
 
     /// Every value of the task, in env-file order.
@@ -91,8 +87,8 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn env(&mut self) -> Result<Vec<(String, Secret)>> {
-        let task = self.cfg.task.clone();
-        wire::take_values(self.request(Operation::Env { task }).await?)
+        let call = ops::env(self.task());
+        self.call(call).await
     }
 
     /// The task's variable names.
@@ -103,8 +99,8 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn list(&mut self) -> Result<Vec<String>> {
-        let task = self.cfg.task.clone();
-        wire::take_names(self.request(Operation::List { task }).await?)
+        let call = ops::list(self.task());
+        self.call(call).await
     }
 
     /// Decrypt a token the caller holds, bound to `name`.
@@ -115,11 +111,7 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn open(&mut self, token: &str, name: Option<&str>) -> Result<Secret> {
-        let op = Operation::Open {
-            token: token.to_string(),
-            name: name.map(str::to_string),
-        };
-        wire::take_value(self.request(op).await?, "open")
+        self.call(ops::open(token, name)).await
     }
 
     /// Liveness and version.
@@ -130,7 +122,7 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn health(&mut self) -> Result<serde_json::Value> {
-        wire::take_info(self.request(Operation::Health).await?, "health")
+        self.call(ops::health()).await
     }
 
     /// Keys, tasks and counters (host root only).
@@ -141,7 +133,7 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn status(&mut self) -> Result<serde_json::Value> {
-        wire::take_info(self.request(Operation::Status).await?, "status")
+        self.call(ops::status()).await
     }
 
     /// Withdraw a key (host root only).
@@ -152,11 +144,7 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn revoke(&mut self, thumbprint: &str, purge: bool) -> Result<serde_json::Value> {
-        let op = Operation::Revoke {
-            thumbprint: thumbprint.to_string(),
-            purge,
-        };
-        wire::take_info(self.request(op).await?, "revoke")
+        self.call(ops::revoke(thumbprint, purge)).await
     }
 
     /// Undo a revocation (host root only).
@@ -167,10 +155,7 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn restore(&mut self, thumbprint: &str) -> Result<serde_json::Value> {
-        let op = Operation::Restore {
-            thumbprint: thumbprint.to_string(),
-        };
-        wire::take_info(self.request(op).await?, "restore")
+        self.call(ops::restore(thumbprint)).await
     }
 
     /// Send any operation; see [`Client::request`](crate::Client::request).
@@ -181,136 +166,115 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn request(&mut self, op: Operation) -> Result<Response> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut req = Request::new(op);
-        req.id = Some(id.into());
-        let line = wire::encode(&req)?;
-        let mut backoff = Backoff::new(self.cfg.retry);
-        let mut reconnected = false;
+        self.exchange.request(op, Instant::now());
+        Exchange::response(self.drive().await?)
+    }
+
+    async fn call<T>(&mut self, call: Call<T>) -> Result<T> {
+        (call.parse)(self.request(call.op).await?)
+    }
+
+    /// Perform the exchange's actions until it finishes: `None` when it only connected.
+    async fn drive(&mut self) -> Result<Option<Response>> {
+        let cfg = self.exchange.config();
+        let (read_timeout, write_timeout) = (cfg.read_timeout, cfg.write_timeout);
         loop {
-            self.ensure_connected(&mut backoff).await?;
-            let (stream, buf, used) = self.conn.as_mut().expect("connected above");
-            let was_used = *used;
-            let outcome = exchange(stream, buf, &line, id, &self.cfg).await;
-            match outcome {
-                Ok(Ok(resp)) => {
-                    *used = true;
-                    return Ok(resp);
-                }
-                Ok(Err(e)) if wire::response_is_busy(&e) => {
-                    // The agent hangs up after a busy answer; retry on a new connection.
-                    self.conn = None;
-                    match backoff.next_delay() {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => return Err(e),
-                    }
-                }
-                Ok(Err(e)) => {
-                    if matches!(e, Error::Agent { .. }) {
-                        *used = true;
-                    } else {
-                        self.conn = None;
-                    }
-                    return Err(e);
-                }
-                Err(e) => {
-                    self.conn = None;
-                    if let Some(d) =
-                        wire::retry_after_io(&e, was_used, &mut reconnected, &mut backoff)
-                    {
-                        tokio::time::sleep(d).await;
-                        continue;
-                    }
-                    return Err(Error::Io {
-                        path: self.cfg.socket.clone(),
-                        source: e,
-                    });
-                }
-            }
-        }
-    }
-
-    async fn ensure_connected(&mut self, backoff: &mut Backoff) -> Result<()> {
-        while self.conn.is_none() {
-            match UnixStream::connect(&self.cfg.socket).await {
-                Ok(s) => {
-                    self.conn = Some((s, LineBuffer::new(self.cfg.max_response_bytes), false));
-                }
-                Err(e) => {
-                    let delay = if wire::connect_is_transient(&e) {
-                        backoff.next_delay()
-                    } else {
-                        None
-                    };
-                    match delay {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => {
-                            return Err(Error::Unreachable {
-                                path: self.cfg.socket.clone(),
-                                source: e,
-                            })
+            // tokio retries EINTR itself.
+            let event = match self.exchange.poll() {
+                Action::Connect(path) => {
+                    self.stream = None;
+                    match UnixStream::connect(path).await {
+                        Ok(stream) => {
+                            self.stream = Some(stream);
+                            Event::Connected
                         }
+                        Err(e) => Event::ConnectFailed(e),
                     }
                 }
-            }
+                Action::Write(bytes) => match connected(&mut self.stream) {
+                    Err(e) => Event::WriteFailed(e),
+                    Ok(stream) => match with_timeout(write_timeout, stream.write(bytes)).await {
+                        None => Event::TimedOut,
+                        Some(Ok(n)) => Event::Wrote(n),
+                        Some(Err(e)) => Event::WriteFailed(e),
+                    },
+                },
+                Action::Read(buf) => match connected(&mut self.stream) {
+                    Err(e) => Event::ReadFailed(e),
+                    Ok(stream) => match with_timeout(read_timeout, stream.read(buf)).await {
+                        None => Event::TimedOut,
+                        Some(Ok(n)) => Event::Read(n),
+                        Some(Err(e)) => Event::ReadFailed(e),
+                    },
+                },
+                Action::Sleep(d) => {
+                    tokio::time::sleep(d).await;
+                    Event::Slept
+                }
+                Action::Close => {
+                    self.stream = None;
+                    Event::Closed
+                }
+                Action::Ready => return Ok(None),
+                Action::Done(resp) => return Ok(Some(resp)),
+                Action::Fail(e) => return Err(e),
+            };
+            self.exchange.handle(event, Instant::now());
         }
-        Ok(())
+    }
+
+    fn task(&self) -> Option<&str> {
+        self.exchange.config().task.as_deref()
     }
 }
 
-async fn with_timeout<T>(
-    d: std::time::Duration,
-    f: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
+fn connected(stream: &mut Option<UnixStream>) -> io::Result<&mut UnixStream> {
+    stream
+        .as_mut()
+        .ok_or_else(|| io::ErrorKind::NotConnected.into())
+}
+
+/// `None` if `d` passed first; zero means no timeout, as for the blocking client's sockets.
+async fn with_timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
     if d.is_zero() {
-        return f.await;
+        return Some(f.await);
     }
-    match tokio::time::timeout(d, f).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the agent did not answer in time",
-        )),
-    }
+    tokio::time::timeout(d, f).await.ok()
 }
 
-/// Outer error: I/O; inner: protocol or agent error.
-async fn exchange(
-    stream: &mut UnixStream,
-    buf: &mut LineBuffer,
-    line: &[u8],
-    id: u64,
-    cfg: &Config,
-) -> io::Result<Result<Response>> {
-    // A failed write is not the end: the agent may have answered (`busy`) and hung up before
-    // reading our request, and that answer is still waiting to be read.
-    let write_failed = with_timeout(cfg.write_timeout, stream.write_all(line))
-        .await
-        .err();
-    loop {
-        match buf.take_line() {
-            Err(e) => return Ok(Err(e)),
-            Ok(Some(l)) => return Ok(wire::decode(&l, id)),
-            Ok(None) => {}
-        }
-        let room = buf.prepare();
-        let n = match with_timeout(cfg.read_timeout, stream.read(room)).await {
-            Ok(n) => n,
-            Err(e) => {
-                buf.commit(0);
-                return Err(write_failed.unwrap_or(e));
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn futures_can_be_spawned() {
+        let f = async {
+            let mut c = AsyncClient::connect_to("/nonexistent.sock").await?;
+            c.get("A").await
         };
-        buf.commit(n);
-        if n == 0 {
-            if let Some(e) = write_failed {
-                return Err(e);
+        assert_send(&f);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_times_out_with_the_shared_wording() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut c = Builder::new()
+            .socket(&path)
+            .read_timeout(Duration::from_millis(50))
+            .connect_async()
+            .await
+            .unwrap();
+        match c.health().await.unwrap_err() {
+            Error::Io { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(source.to_string(), "the agent did not answer in time");
             }
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection without a complete answer",
-            ));
+            e => panic!("{e:?}"),
         }
     }
 }

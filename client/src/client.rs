@@ -1,13 +1,15 @@
-//! The blocking client.
+//! The blocking client: a std `UnixStream` driving the [`Exchange`].
 
 use crate::config::{Builder, Config};
-use crate::error::{Error, Result};
-use crate::protocol::{Operation, Request, Response};
-use crate::wire::{self, Backoff, LineBuffer};
+use crate::error::Result;
+use crate::exchange::{Action, Event, Exchange};
+use crate::ops::{self, Call};
+use crate::protocol::{Operation, Response};
 use crate::Secret;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// A blocking connection to the nodeseal agent. Requests go one at a time over one socket
 /// connection, which is reopened transparently if the agent closed it.
@@ -20,23 +22,8 @@ use std::path::Path;
 /// # Ok::<(), nodeseal_client::Error>(())
 /// ```
 pub struct Client {
-    cfg: Config,
-    conn: Option<Conn>,
-    next_id: u64,
-}
-
-struct Conn {
-    stream: UnixStream,
-    buf: LineBuffer,
-    /// Whether a request has completed on this connection (so a failure may just mean the agent
-    /// closed an idle connection).
-    used: bool,
-}
-
-/// Why one exchange failed.
-enum Failure {
-    Io(io::Error),
-    Other(Error),
+    exchange: Exchange,
+    stream: Option<UnixStream>,
 }
 
 impl Client {
@@ -74,12 +61,10 @@ impl Client {
 
     pub(crate) fn from_config(cfg: Config) -> Result<Self> {
         let mut client = Self {
-            cfg,
-            conn: None,
-            next_id: 1,
+            exchange: Exchange::connect(cfg, Instant::now()),
+            stream: None,
         };
-        let mut backoff = Backoff::new(client.cfg.retry);
-        client.ensure_connected(&mut backoff)?;
+        client.drive()?;
         Ok(client)
     }
 
@@ -91,7 +76,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn socket_path(&self) -> &Path {
-        &self.cfg.socket
+        &self.exchange.config().socket
     }
 
     /// The task directory sent as the request scope, if any.
@@ -102,7 +87,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn task(&self) -> Option<&str> {
-        self.cfg.task.as_deref()
+        self.exchange.config().task.as_deref()
     }
 
     /// One value of the task, by variable name.
@@ -115,12 +100,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn get(&mut self, name: &str) -> Result<Secret> {
-        let task = self.cfg.task.clone();
-        let resp = self.request(Operation::Get {
-            name: name.to_string(),
-            task,
-        })?;
-        wire::take_value(resp, "get")
+        self.call(ops::get(name, self.task()))
     }
 
     /// Every value of the task, in env-file order.
@@ -133,9 +113,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn env(&mut self) -> Result<Vec<(String, Secret)>> {
-        let task = self.cfg.task.clone();
-        let resp = self.request(Operation::Env { task })?;
-        wire::take_values(resp)
+        self.call(ops::env(self.task()))
     }
 
     /// The task's variable names (never values).
@@ -146,9 +124,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn list(&mut self) -> Result<Vec<String>> {
-        let task = self.cfg.task.clone();
-        let resp = self.request(Operation::List { task })?;
-        wire::take_names(resp)
+        self.call(ops::list(self.task()))
     }
 
     /// Decrypt a token the caller holds (a `nodeseal.v1.` token or a legacy Batch Shipyard
@@ -162,11 +138,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn open(&mut self, token: &str, name: Option<&str>) -> Result<Secret> {
-        let resp = self.request(Operation::Open {
-            token: token.to_string(),
-            name: name.map(str::to_string),
-        })?;
-        wire::take_value(resp, "open")
+        self.call(ops::open(token, name))
     }
 
     /// Liveness: `{"status":"ok","version":"0.1.0","keys":N,"tasks":N}`.
@@ -177,8 +149,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn health(&mut self) -> Result<serde_json::Value> {
-        let resp = self.request(Operation::Health)?;
-        wire::take_info(resp, "health")
+        self.call(ops::health())
     }
 
     /// Keys, tasks and counters (host root only); see `docs/protocol.md` for the fields.
@@ -190,8 +161,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn status(&mut self) -> Result<serde_json::Value> {
-        let resp = self.request(Operation::Status)?;
-        wire::take_info(resp, "status")
+        self.call(ops::status())
     }
 
     /// Withdraw the key with this SHA-1 thumbprint until restored; `purge` also deletes it from
@@ -203,11 +173,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn revoke(&mut self, thumbprint: &str, purge: bool) -> Result<serde_json::Value> {
-        let resp = self.request(Operation::Revoke {
-            thumbprint: thumbprint.to_string(),
-            purge,
-        })?;
-        wire::take_info(resp, "revoke")
+        self.call(ops::revoke(thumbprint, purge))
     }
 
     /// Undo a revocation (host root only). Returns `{"thumbprint","state"}`.
@@ -218,14 +184,11 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn restore(&mut self, thumbprint: &str) -> Result<serde_json::Value> {
-        let resp = self.request(Operation::Restore {
-            thumbprint: thumbprint.to_string(),
-        })?;
-        wire::take_info(resp, "restore")
+        self.call(ops::restore(thumbprint))
     }
 
     /// Send any operation and return the successful response; error responses become
-    /// [`Error::Agent`]. `busy` answers are retried within the retry budget.
+    /// [`Error::Agent`](crate::Error::Agent). `busy` answers are retried within the retry budget.
     ///
     /// ```no_run
     /// use nodeseal_client::protocol::Operation;
@@ -235,141 +198,120 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn request(&mut self, op: Operation) -> Result<Response> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut req = Request::new(op);
-        req.id = Some(id.into());
-        let line = wire::encode(&req)?;
-        let mut backoff = Backoff::new(self.cfg.retry);
-        let mut reconnected = false;
-        loop {
-            self.ensure_connected(&mut backoff)?;
-            let conn = self.conn.as_mut().expect("connected above");
-            let used = conn.used;
-            match exchange(conn, &line, id) {
-                Ok(resp) => {
-                    conn.used = true;
-                    return Ok(resp);
-                }
-                Err(Failure::Other(e)) if wire::response_is_busy(&e) => {
-                    // The agent hangs up after a busy answer (connection or rate limit), so
-                    // the retry needs a new connection.
-                    self.conn = None;
-                    match backoff.next_delay() {
-                        Some(d) => std::thread::sleep(d),
-                        None => return Err(e),
-                    }
-                }
-                Err(Failure::Other(e)) => {
-                    if !matches!(e, Error::Agent { .. }) {
-                        // The stream may be mid-line; never reuse it.
-                        self.conn = None;
-                    } else {
-                        conn.used = true;
-                    }
-                    return Err(e);
-                }
-                Err(Failure::Io(e)) => {
-                    self.conn = None;
-                    if let Some(d) = wire::retry_after_io(&e, used, &mut reconnected, &mut backoff)
-                    {
-                        std::thread::sleep(d);
-                        continue;
-                    }
-                    return Err(Error::Io {
-                        path: self.cfg.socket.clone(),
-                        source: e,
-                    });
-                }
-            }
-        }
+        self.exchange.request(op, Instant::now());
+        Exchange::response(self.drive()?)
     }
 
-    fn ensure_connected(&mut self, backoff: &mut Backoff) -> Result<()> {
-        if self.conn.is_some() {
-            return Ok(());
-        }
+    fn call<T>(&mut self, call: Call<T>) -> Result<T> {
+        (call.parse)(self.request(call.op)?)
+    }
+
+    /// Perform the exchange's actions until it finishes: `None` when it only connected.
+    fn drive(&mut self) -> Result<Option<Response>> {
+        let cfg = self.exchange.config();
+        let (read_timeout, write_timeout) = (cfg.read_timeout, cfg.write_timeout);
         loop {
-            match self.connect_once() {
-                Ok(conn) => {
-                    self.conn = Some(conn);
-                    return Ok(());
-                }
-                Err(e) => {
-                    let delay = if wire::connect_is_transient(&e) {
-                        backoff.next_delay()
-                    } else {
-                        None
-                    };
-                    match delay {
-                        Some(d) => std::thread::sleep(d),
-                        None => {
-                            return Err(Error::Unreachable {
-                                path: self.cfg.socket.clone(),
-                                source: e,
-                            })
+            let event = match self.exchange.poll() {
+                Action::Connect(path) => {
+                    self.stream = None;
+                    match retry_eintr(|| open_stream(path, read_timeout, write_timeout)) {
+                        Ok(stream) => {
+                            self.stream = Some(stream);
+                            Event::Connected
                         }
+                        Err(e) => Event::ConnectFailed(e),
                     }
                 }
-            }
+                Action::Write(bytes) => {
+                    match retry_eintr(|| connected(&mut self.stream)?.write(bytes)) {
+                        Ok(n) => Event::Wrote(n),
+                        Err(e) if is_timeout(&e) => Event::TimedOut,
+                        Err(e) => Event::WriteFailed(e),
+                    }
+                }
+                Action::Read(buf) => match retry_eintr(|| connected(&mut self.stream)?.read(buf)) {
+                    Ok(n) => Event::Read(n),
+                    Err(e) if is_timeout(&e) => Event::TimedOut,
+                    Err(e) => Event::ReadFailed(e),
+                },
+                Action::Sleep(d) => {
+                    std::thread::sleep(d);
+                    Event::Slept
+                }
+                Action::Close => {
+                    self.stream = None;
+                    Event::Closed
+                }
+                Action::Ready => return Ok(None),
+                Action::Done(resp) => return Ok(Some(resp)),
+                Action::Fail(e) => return Err(e),
+            };
+            self.exchange.handle(event, Instant::now());
         }
     }
+}
 
-    fn connect_once(&self) -> io::Result<Conn> {
-        let stream = UnixStream::connect(&self.cfg.socket)?;
-        stream.set_read_timeout(nonzero(self.cfg.read_timeout))?;
-        stream.set_write_timeout(nonzero(self.cfg.write_timeout))?;
-        Ok(Conn {
-            stream,
-            buf: LineBuffer::new(self.cfg.max_response_bytes),
-            used: false,
-        })
+/// The one place a signal interrupting a system call is dealt with: try again.
+fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
     }
+}
+
+/// A socket timeout shows up as `EAGAIN` (`WouldBlock`) on Linux, `TimedOut` elsewhere.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn connected(stream: &mut Option<UnixStream>) -> io::Result<&mut UnixStream> {
+    stream
+        .as_mut()
+        .ok_or_else(|| io::ErrorKind::NotConnected.into())
+}
+
+fn open_stream(
+    path: &Path,
+    read_timeout: Duration,
+    write_timeout: Duration,
+) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(nonzero(read_timeout))?;
+    stream.set_write_timeout(nonzero(write_timeout))?;
+    Ok(stream)
 }
 
 /// `set_*_timeout` refuses zero; treat zero as "no timeout".
-fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
+fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-fn exchange(conn: &mut Conn, line: &[u8], id: u64) -> std::result::Result<Response, Failure> {
-    // A failed write is not the end: the agent may have answered (`busy`) and hung up before
-    // reading our request, and that answer is still waiting to be read.
-    let write_failed = conn
-        .stream
-        .write_all(line)
-        .and_then(|()| conn.stream.flush())
-        .err();
-    loop {
-        if let Some(resp_line) = conn.buf.take_line().map_err(Failure::Other)? {
-            return wire::decode(&resp_line, id).map_err(Failure::Other);
-        }
-        let room = conn.buf.prepare();
-        let n = match conn.stream.read(room) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                conn.buf.commit(0);
-                continue;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_agent_times_out_with_the_shared_wording() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        // Accepted by the backlog, never read or answered.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut c = Builder::new()
+            .socket(&path)
+            .read_timeout(Duration::from_millis(50))
+            .connect()
+            .unwrap();
+        match c.health().unwrap_err() {
+            crate::Error::Io { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(source.to_string(), "the agent did not answer in time");
             }
-            Err(e) => {
-                conn.buf.commit(0);
-                return Err(Failure::Io(write_failed.unwrap_or(e)));
-            }
-        };
-        conn.buf.commit(n);
-        if n == 0 {
-            if let Some(e) = write_failed {
-                return Err(Failure::Io(e));
-            }
-            let partial = conn.buf.has_partial();
-            return Err(Failure::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                if partial {
-                    "the agent closed the connection in the middle of a response"
-                } else {
-                    "the agent closed the connection without answering"
-                },
-            )));
+            e => panic!("{e:?}"),
         }
     }
 }

@@ -20,6 +20,7 @@
 //! `$AZ_BATCH_TASK_DIR`, else the parent of `$AZ_BATCH_TASK_WORKING_DIR` when that ends in `/wd`.
 //! A missing or refusing socket and `busy` answers are retried with exponential backoff
 //! (50 ms doubling to 1 s) for 10 s in total, or `$NODESEAL_RETRY_SECS`.
+//! Both clients drive the same exchange logic, so they retry, reconnect and fail alike.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "async")]
@@ -27,6 +28,8 @@ mod async_client;
 mod client;
 mod config;
 mod error;
+mod exchange;
+mod ops;
 pub mod protocol;
 mod secret;
 mod wire;

@@ -1,11 +1,8 @@
-//! Framing and response decoding shared by the blocking and async clients.
+//! Framing, response decoding and error classification, used by the [`exchange`](crate::exchange).
 
-use crate::config::{BACKOFF_MAX, BACKOFF_START};
 use crate::error::{Error, Result};
 use crate::protocol::{ErrorCode, Response, PROTOCOL_VERSION};
-use crate::Secret;
 use std::io;
-use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// Bytes read from the socket per read call.
@@ -18,8 +15,9 @@ pub(crate) struct LineBuffer {
     buf: Zeroizing<Vec<u8>>,
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
-    /// Length of `buf` before the last [`LineBuffer::prepare`].
-    filled: usize,
+    /// Length of `buf` before the last [`LineBuffer::prepare`], until the matching
+    /// [`LineBuffer::commit`].
+    filled: Option<usize>,
     limit: usize,
 }
 
@@ -28,7 +26,7 @@ impl LineBuffer {
         Self {
             buf: Zeroizing::new(Vec::new()),
             scanned: 0,
-            filled: 0,
+            filled: None,
             limit,
         }
     }
@@ -62,6 +60,10 @@ impl LineBuffer {
 
     /// Room to read into; follow with [`LineBuffer::commit`].
     pub(crate) fn prepare(&mut self) -> &mut [u8] {
+        // Preparing twice without a commit must not keep the first room as data.
+        if let Some(filled) = self.filled.take() {
+            self.buf.truncate(filled);
+        }
         let len = self.buf.len();
         let need = len + CHUNK;
         if need > self.buf.capacity() {
@@ -70,13 +72,15 @@ impl LineBuffer {
             self.buf = bigger;
         }
         self.buf.resize(need, 0);
-        self.filled = len;
+        self.filled = Some(len);
         &mut self.buf[len..]
     }
 
     /// Keep `n` bytes of what was read into the slice from [`LineBuffer::prepare`].
     pub(crate) fn commit(&mut self, n: usize) {
-        self.buf.truncate(self.filled + n);
+        if let Some(filled) = self.filled.take() {
+            self.buf.truncate(filled + n);
+        }
     }
 
     /// Whether bytes of an incomplete line are buffered.
@@ -146,32 +150,6 @@ pub(crate) fn decode(line: &[u8], expected_id: u64) -> Result<Response> {
     Ok(resp)
 }
 
-fn missing(field: &str, op: &str) -> Error {
-    Error::Protocol(format!("`{op}` response without `{field}`"))
-}
-
-pub(crate) fn take_value(resp: Response, op: &str) -> Result<Secret> {
-    resp.value
-        .map(Secret::from)
-        .ok_or_else(|| missing("value", op))
-}
-
-pub(crate) fn take_values(resp: Response) -> Result<Vec<(String, Secret)>> {
-    let values = resp.values.ok_or_else(|| missing("values", "env"))?;
-    Ok(values
-        .into_iter()
-        .map(|nv| (nv.name, Secret::from(nv.value)))
-        .collect())
-}
-
-pub(crate) fn take_names(resp: Response) -> Result<Vec<String>> {
-    resp.names.ok_or_else(|| missing("names", "list"))
-}
-
-pub(crate) fn take_info(resp: Response, op: &str) -> Result<serde_json::Value> {
-    resp.info.ok_or_else(|| missing("info", op))
-}
-
 /// Whether a failed connect may succeed later: the agent is not there yet, or is restarting,
 /// or its backlog is full.
 pub(crate) fn connect_is_transient(e: &io::Error) -> bool {
@@ -202,53 +180,6 @@ pub(crate) fn is_stale_connection(e: &io::Error) -> bool {
             | io::ErrorKind::UnexpectedEof
             | io::ErrorKind::NotConnected
     )
-}
-
-/// After an I/O failure mid-request, how long to wait before retrying on a new connection, or
-/// `None` to give up. Every operation is idempotent, so a connection the agent dropped (it was
-/// restarting, or it refused us at a limit and hung up) is retried within the retry budget; a
-/// connection that went stale while idle is reopened once at once.
-pub(crate) fn retry_after_io(
-    e: &io::Error,
-    was_used: bool,
-    reconnected: &mut bool,
-    backoff: &mut Backoff,
-) -> Option<std::time::Duration> {
-    if !is_stale_connection(e) {
-        return None;
-    }
-    if was_used && !*reconnected {
-        *reconnected = true;
-        return Some(std::time::Duration::ZERO);
-    }
-    backoff.next_delay()
-}
-
-/// Exponential backoff within a total time budget.
-pub(crate) struct Backoff {
-    deadline: Instant,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(budget: Duration) -> Self {
-        let now = Instant::now();
-        Self {
-            deadline: now.checked_add(budget).unwrap_or(now),
-            next: BACKOFF_START,
-        }
-    }
-
-    /// The next pause, or `None` once the budget is spent.
-    pub(crate) fn next_delay(&mut self) -> Option<Duration> {
-        let left = self.deadline.checked_duration_since(Instant::now())?;
-        if left.is_zero() {
-            return None;
-        }
-        let delay = self.next.min(left);
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        Some(delay)
-    }
 }
 
 #[cfg(test)]
@@ -337,16 +268,5 @@ mod tests {
             decode(br#"{"v":1,"ok":false}"#, 1),
             Err(Error::Protocol(_))
         ));
-    }
-
-    #[test]
-    fn backoff_ends_with_the_budget() {
-        let mut b = Backoff::new(Duration::ZERO);
-        assert_eq!(b.next_delay(), None);
-        let mut b = Backoff::new(Duration::from_secs(3600));
-        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay().unwrap()).collect();
-        assert_eq!(delays[0], BACKOFF_START);
-        assert_eq!(delays[1], BACKOFF_START * 2);
-        assert_eq!(*delays.last().unwrap(), BACKOFF_MAX);
     }
 }

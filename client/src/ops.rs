@@ -1,0 +1,109 @@
+//! The typed operations, defined once for both clients: the request each one sends and how its
+//! successful response becomes the typed result.
+
+use crate::error::{Error, Result};
+use crate::protocol::{Operation, Response};
+use crate::Secret;
+
+/// One typed operation: send `op`, read the answer with `parse`.
+pub(crate) struct Call<T> {
+    pub(crate) op: Operation,
+    pub(crate) parse: fn(Response) -> Result<T>,
+}
+
+pub(crate) fn get(name: &str, task: Option<&str>) -> Call<Secret> {
+    Call {
+        op: Operation::Get {
+            name: name.to_string(),
+            task: task.map(str::to_string),
+        },
+        parse: |resp| take_value(resp, "get"),
+    }
+}
+
+pub(crate) fn env(task: Option<&str>) -> Call<Vec<(String, Secret)>> {
+    Call {
+        op: Operation::Env {
+            task: task.map(str::to_string),
+        },
+        parse: take_values,
+    }
+}
+
+pub(crate) fn list(task: Option<&str>) -> Call<Vec<String>> {
+    Call {
+        op: Operation::List {
+            task: task.map(str::to_string),
+        },
+        parse: take_names,
+    }
+}
+
+pub(crate) fn open(token: &str, name: Option<&str>) -> Call<Secret> {
+    Call {
+        op: Operation::Open {
+            token: token.to_string(),
+            name: name.map(str::to_string),
+        },
+        parse: |resp| take_value(resp, "open"),
+    }
+}
+
+pub(crate) fn health() -> Call<serde_json::Value> {
+    Call {
+        op: Operation::Health,
+        parse: |resp| take_info(resp, "health"),
+    }
+}
+
+pub(crate) fn status() -> Call<serde_json::Value> {
+    Call {
+        op: Operation::Status,
+        parse: |resp| take_info(resp, "status"),
+    }
+}
+
+pub(crate) fn revoke(thumbprint: &str, purge: bool) -> Call<serde_json::Value> {
+    Call {
+        op: Operation::Revoke {
+            thumbprint: thumbprint.to_string(),
+            purge,
+        },
+        parse: |resp| take_info(resp, "revoke"),
+    }
+}
+
+pub(crate) fn restore(thumbprint: &str) -> Call<serde_json::Value> {
+    Call {
+        op: Operation::Restore {
+            thumbprint: thumbprint.to_string(),
+        },
+        parse: |resp| take_info(resp, "restore"),
+    }
+}
+
+fn missing(field: &str, op: &str) -> Error {
+    Error::Protocol(format!("`{op}` response without `{field}`"))
+}
+
+fn take_value(resp: Response, op: &str) -> Result<Secret> {
+    resp.value
+        .map(Secret::from)
+        .ok_or_else(|| missing("value", op))
+}
+
+fn take_values(resp: Response) -> Result<Vec<(String, Secret)>> {
+    let values = resp.values.ok_or_else(|| missing("values", "env"))?;
+    Ok(values
+        .into_iter()
+        .map(|nv| (nv.name, Secret::from(nv.value)))
+        .collect())
+}
+
+fn take_names(resp: Response) -> Result<Vec<String>> {
+    resp.names.ok_or_else(|| missing("names", "list"))
+}
+
+fn take_info(resp: Response, op: &str) -> Result<serde_json::Value> {
+    resp.info.ok_or_else(|| missing("info", op))
+}
