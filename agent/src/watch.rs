@@ -4,7 +4,7 @@
 
 use crate::keys::key_sources;
 use crate::lifecycle::{Changed, Lifecycle, ScanWork};
-use crate::server::shutdown::Shutdown;
+use crate::shutdown::Shutdown;
 use crate::state::State;
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use std::collections::HashSet;

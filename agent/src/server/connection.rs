@@ -1,11 +1,11 @@
 //! One connection: who is calling (from the kernel, once, at accept), then newline-delimited
 //! requests under size, idle and rate limits, each answered by the handler.
 
-use super::shutdown::Shutdown;
 use super::ServeContext;
 use crate::authz::Scope;
 use crate::peer::Peer;
 use crate::refusal::Refusal;
+use crate::shutdown::Shutdown;
 use nodeseal_client::protocol::{Request, Response};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

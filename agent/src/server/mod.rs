@@ -1,19 +1,18 @@
 //! Sockets: the host socket and the per-task sockets ([`task_sockets`]) share one accept loop
 //! here; [`admission`] decides who may connect and send, [`connection`] reads requests under
-//! size, idle and rate limits and hands each to the handler, [`shutdown`] stops it all
-//! gracefully, and [`listener`] binds or adopts the host socket.
+//! size, idle and rate limits and hands each to the handler, [`listener`] binds or adopts
+//! the host socket; `crate::shutdown` stops it all gracefully.
 
 pub(crate) mod admission;
 pub(crate) mod connection;
 pub(crate) mod listener;
-pub(crate) mod shutdown;
 pub(crate) mod task_sockets;
 
 use crate::authz::Scope;
 use crate::handler::Handler;
 use crate::refusal::Refusal;
+use crate::shutdown::Shutdown;
 use admission::Admission;
-use shutdown::Shutdown;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

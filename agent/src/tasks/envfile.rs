@@ -2,10 +2,32 @@
 //! its task and job derived from where it sits, and each value classified as a v1 token, a
 //! legacy Shipyard ciphertext or a plain value.
 
-use super::index::ValueKind;
 use nodeseal_envelope::token::{self, Format};
+use nodeseal_envelope::Thumbprint;
 use std::path::{Component, Path, PathBuf};
 use zeroize::Zeroizing;
+
+/// How a variable's value is stored in its env file.
+pub enum ValueKind {
+    /// Served as it is.
+    Plain(Zeroizing<String>),
+    /// A v1 token and the key ids it names.
+    V1 {
+        /// The token text.
+        token: String,
+        /// Its recipients.
+        recipients: Vec<Thumbprint>,
+    },
+    /// A Batch Shipyard ciphertext (standard base64 of RSA PKCS#1 v1.5).
+    Shipyard {
+        /// The base64 text.
+        token: String,
+        /// Decoded length (the modulus length of the key that can open it).
+        len: usize,
+    },
+    /// Looks like a v1 token but does not parse: served as an error, never as plain text.
+    Invalid(String),
+}
 
 /// Env files larger than this are refused: a task must not make the agent read gigabytes.
 const MAX_ENV_FILE_BYTES: u64 = 16 * 1024 * 1024;

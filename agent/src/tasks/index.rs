@@ -2,7 +2,7 @@
 //! variable holds (a v1 token, a legacy Shipyard ciphertext, or a plain value). Decrypted values
 //! are cached per variable and dropped (zeroized) with their file entry.
 
-use super::envfile::{read_no_follow, task_of, Classifier};
+use super::envfile::{read_no_follow, task_of, Classifier, ValueKind};
 use super::settle;
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::Thumbprint;
@@ -12,28 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 use zeroize::Zeroizing;
-
-/// How a variable's value is stored in its env file.
-pub enum ValueKind {
-    /// Served as it is.
-    Plain(Zeroizing<String>),
-    /// A v1 token and the key ids it names.
-    V1 {
-        /// The token text.
-        token: String,
-        /// Its recipients.
-        recipients: Vec<Thumbprint>,
-    },
-    /// A Batch Shipyard ciphertext (standard base64 of RSA PKCS#1 v1.5).
-    Shipyard {
-        /// The base64 text.
-        token: String,
-        /// Decoded length (the modulus length of the key that can open it).
-        len: usize,
-    },
-    /// Looks like a v1 token but does not parse: served as an error, never as plain text.
-    Invalid(String),
-}
 
 /// A decrypted value and where it came from.
 pub struct Cached {

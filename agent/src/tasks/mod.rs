@@ -8,4 +8,5 @@ pub(crate) mod envfile;
 pub(crate) mod index;
 pub(crate) mod settle;
 
-pub(crate) use index::{Cached, EnvEntry, FileUpdate, Tasks, ValueKind};
+pub(crate) use envfile::ValueKind;
+pub(crate) use index::{Cached, EnvEntry, FileUpdate, Tasks};
