@@ -13,13 +13,13 @@ use tokio::sync::oneshot;
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed set of worker threads sharing one job queue.
-pub struct DecryptPool {
+pub(crate) struct DecryptPool {
     queue: Mutex<Option<mpsc::Sender<Job>>>,
 }
 
 impl DecryptPool {
     /// Start `threads` workers (at least one).
-    pub fn new(threads: usize) -> Self {
+    pub(crate) fn new(threads: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
@@ -48,7 +48,7 @@ impl DecryptPool {
 
     /// Run `f` on a worker and wait for its result; `None` if the pool is shut down or the job
     /// panicked.
-    pub async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
@@ -64,7 +64,7 @@ impl DecryptPool {
     }
 
     /// Stop taking jobs; workers exit once the queue is drained.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }

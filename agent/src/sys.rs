@@ -12,7 +12,7 @@ use std::os::unix::net::UnixListener;
 
 /// The first socket systemd passed us (`LISTEN_FDS`/`LISTEN_PID`), if any. The environment
 /// variables are removed so child processes do not see them.
-pub fn inherited_listener() -> std::io::Result<Option<UnixListener>> {
+pub(crate) fn inherited_listener() -> std::io::Result<Option<UnixListener>> {
     let fds: Vec<RawFd> = sd_notify::listen_fds()?.collect();
     let Some(&fd) = fds.first() else {
         return Ok(None);
@@ -27,7 +27,7 @@ pub fn inherited_listener() -> std::io::Result<Option<UnixListener>> {
 }
 
 /// Lock current and future memory as it is touched (`MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT`).
-pub fn lock_memory() -> std::io::Result<()> {
+pub(crate) fn lock_memory() -> std::io::Result<()> {
     // SAFETY: mlockall takes only flags and touches no memory of ours; failure is reported via
     // errno, which we turn into an io::Error.
     let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };

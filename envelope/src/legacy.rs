@@ -274,7 +274,7 @@ mod tests {
             open(&t.replace('=', ""), key_a()),
             Err(TokenError::Malformed(_))
         ));
-        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 128]);
+        let short = STANDARD.encode([1u8; 128]);
         assert!(matches!(
             open(&short, key_a()),
             Err(TokenError::Malformed(_))

@@ -4,10 +4,10 @@
 
 /// The draft's 2048-bit test key (PKCS#8 PEM), kept with the other test vectors. Public;
 /// never protects anything.
-pub const KEY_2048: &str = include_str!("../../tests/vectors/ir-testkey-2048.pem");
+pub(super) const KEY_2048: &str = include_str!("../../tests/vectors/ir-testkey-2048.pem");
 
 /// (title, ciphertext hex, expected plaintext hex).
-pub const CASES_2048: &[(&str, &str, &str)] = &[
+pub(super) const CASES_2048: &[(&str, &str, &str)] = &[
     (
         "Valid",
         "8bfe264e85d3bdeaa6b8851b8e3b956ee3d226fd3f69063a86880173a273d9f283b2eebdd1ed35f7e02d91c571981b6737d5320bd8396b0f3ad5b019daec1b0aab3cbbc026395f4fd14f13673f2dfc81f9b660ec26ac381e6db3299b4e460b43fab9955df2b3cfaa20e900e19c856238fd371899c2bf2ce8c868b76754e5db3b036533fd603746be13c10d4e3e6022ebc905d20c2a7f32b215a4cd53b3f44ca1c327d2c2b651145821c08396c89071f665349c25e44d2733cd9305985ceef6430c3cf57af5fa224089221218fa34737c79c446d28a94c41c96e4e92ac53fbcf384dea8419ea089f8784445a492c812eb0d409467f75afd7d4d1078886205a066",

@@ -23,23 +23,23 @@ pub(crate) mod testutil {
     use std::sync::OnceLock;
 
     /// A generated RSA-2048 pair, shared by the tests of one process (generation is slow).
-    pub fn key_a() -> &'static KeyPair {
+    pub(crate) fn key_a() -> &'static KeyPair {
         static K: OnceLock<KeyPair> = OnceLock::new();
         K.get_or_init(|| KeyPair::generate(2048, 30, "test-a").unwrap())
     }
 
     /// A second, unrelated pair.
-    pub fn key_b() -> &'static KeyPair {
+    pub(crate) fn key_b() -> &'static KeyPair {
         static K: OnceLock<KeyPair> = OnceLock::new();
         K.get_or_init(|| KeyPair::generate(2048, 30, "/CN=test-b/O=nodeseal tests").unwrap())
     }
 
     /// Path of the committed test-vector key (TEST ONLY).
-    pub fn vector_key_path() -> std::path::PathBuf {
+    pub(crate) fn vector_key_path() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/v1-testkey.pem")
     }
 
-    pub fn vector_key() -> KeyPair {
+    pub(crate) fn vector_key() -> KeyPair {
         KeyPair::load(&vector_key_path(), None).unwrap()
     }
 }

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 const BATCH_PFX_LIMIT: usize = 10 * 1024;
 
 #[derive(Subcommand)]
-pub enum CertCommand {
+pub(crate) enum CertCommand {
     /// Create an RSA key and self-signed certificate: writes PREFIX.pfx (0600), PREFIX.crt
     /// (certificate PEM) and PREFIX.pem (public key PEM, for Batch Shipyard); prints the
     /// thumbprint as the last line of stdout. Without a passphrase source a random passphrase is
@@ -40,7 +40,7 @@ pub enum CertCommand {
 }
 
 #[derive(Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// Output path prefix (PREFIX.pfx, PREFIX.crt, PREFIX.pem).
     #[arg(long)]
     prefix: PathBuf,
@@ -70,7 +70,7 @@ fn parse_bits(s: &str) -> Result<u32, String> {
     }
 }
 
-pub fn run(cmd: CertCommand) -> Result<()> {
+pub(crate) fn run(cmd: CertCommand) -> Result<()> {
     match cmd {
         CertCommand::Create(a) => create(a),
         CertCommand::Thumbprint { file, pass } => {

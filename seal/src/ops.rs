@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 const MAX_RFC3339: u64 = 253_402_300_799;
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum SealFormat {
+pub(crate) enum SealFormat {
     /// nodeseal token v1 (AES-256-GCM + RSA-OAEP, key ids, name binding, expiry).
     V1,
     /// Batch Shipyard's legacy format (RSA PKCS#1 v1.5, base64): for Shipyard compatibility only.
@@ -25,7 +25,7 @@ pub enum SealFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum OpenFormat {
+pub(crate) enum OpenFormat {
     /// Detect from the token.
     Auto,
     /// nodeseal token v1.
@@ -36,7 +36,7 @@ pub enum OpenFormat {
 
 /// Expiry options shared by `seal` and `seal-env`.
 #[derive(Args)]
-pub struct ExpiryArgs {
+pub(crate) struct ExpiryArgs {
     /// Refuse to open after this UTC time (RFC 3339, e.g. 2030-01-01T00:00:00Z).
     #[arg(long, value_name = "RFC3339", conflicts_with = "ttl")]
     not_after: Option<String>,
@@ -78,7 +78,7 @@ impl ExpiryArgs {
 }
 
 #[derive(Args)]
-pub struct SealArgs {
+pub(crate) struct SealArgs {
     /// Certificate to seal for (PEM/DER .crt/.cer, or a PFX). Repeat for several keys (v1).
     /// With --format shipyard also a public key PEM (PREFIX.pem).
     #[arg(long, required = true, value_name = "FILE")]
@@ -99,7 +99,7 @@ pub struct SealArgs {
 }
 
 #[derive(Args)]
-pub struct SealEnvArgs {
+pub(crate) struct SealEnvArgs {
     /// Certificate to seal for. Repeat for several keys.
     #[arg(long, required = true, value_name = "FILE")]
     cert: Vec<PathBuf>,
@@ -121,13 +121,13 @@ pub struct SealEnvArgs {
 }
 
 #[derive(Args)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     /// The token; "-" or nothing reads it from stdin.
     token: Option<String>,
 }
 
 #[derive(Args)]
-pub struct OpenArgs {
+pub(crate) struct OpenArgs {
     /// The private key as a PFX.
     #[arg(
         long,
@@ -150,7 +150,7 @@ pub struct OpenArgs {
 }
 
 #[derive(Args)]
-pub struct RewrapArgs {
+pub(crate) struct RewrapArgs {
     /// The current private key (PFX, or PEM key with its certificate).
     #[arg(long, value_name = "FILE")]
     pfx: PathBuf,
@@ -201,7 +201,7 @@ fn print_line(s: &str) -> Result<()> {
     out.flush().context("writing stdout")
 }
 
-pub fn seal(a: SealArgs) -> Result<()> {
+pub(crate) fn seal(a: SealArgs) -> Result<()> {
     let pass = Passphrase::new(&a.pass);
     let not_after = a.expiry.resolve()?;
     if let Some(n) = &a.name {
@@ -246,7 +246,7 @@ pub fn seal(a: SealArgs) -> Result<()> {
     print_line(&token)
 }
 
-pub fn seal_env(a: SealEnvArgs) -> Result<()> {
+pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
     let pass = Passphrase::new(&a.pass);
     let not_after = a.expiry.resolve()?;
     let (text, label) = if a.input.as_os_str() == "-" {
@@ -306,7 +306,7 @@ fn rfc3339(t: u64) -> serde_json::Value {
     serde_json::Value::String(humantime::format_rfc3339_seconds(st).to_string())
 }
 
-pub fn inspect(a: InspectArgs) -> Result<()> {
+pub(crate) fn inspect(a: InspectArgs) -> Result<()> {
     let text = match a.token.as_deref() {
         None | Some("-") => token_text(&read_stdin()?)?,
         Some(t) => token_text(t.as_bytes())?,
@@ -353,7 +353,7 @@ fn open_token(
     }
 }
 
-pub fn open(a: OpenArgs) -> Result<()> {
+pub(crate) fn open(a: OpenArgs) -> Result<()> {
     let pass = Passphrase::new(&a.pass);
     let path = a
         .pfx
@@ -376,7 +376,7 @@ fn single_token(text: &str) -> Option<&str> {
     (!t.contains('\n') && token::detect(t).is_some()).then_some(t)
 }
 
-pub fn rewrap(a: RewrapArgs) -> Result<()> {
+pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
     let pass = Passphrase::new(&a.pass);
     let input = read_stdin()?;
     let text = std::str::from_utf8(&input)

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// Environment variable that may hold the PFX passphrase.
-pub const PASSPHRASE_ENV: &str = "NODESEAL_PFX_PASSPHRASE";
+pub(crate) const PASSPHRASE_ENV: &str = "NODESEAL_PFX_PASSPHRASE";
 
 /// All of stdin, in wiped memory.
-pub fn read_stdin() -> Result<Zeroizing<Vec<u8>>> {
+pub(crate) fn read_stdin() -> Result<Zeroizing<Vec<u8>>> {
     let mut buf = Zeroizing::new(Vec::new());
     std::io::stdin()
         .lock()
@@ -24,7 +24,7 @@ pub fn read_stdin() -> Result<Zeroizing<Vec<u8>>> {
 }
 
 /// Strip one trailing "\n" or "\r\n".
-pub fn strip_newline(buf: &mut Zeroizing<Vec<u8>>) {
+pub(crate) fn strip_newline(buf: &mut Zeroizing<Vec<u8>>) {
     let len = buf.len();
     if buf.ends_with(b"\r\n") {
         buf.truncate(len - 2);
@@ -34,7 +34,7 @@ pub fn strip_newline(buf: &mut Zeroizing<Vec<u8>>) {
 }
 
 /// A token from stdin or an argument: surrounding whitespace (the newline `echo` adds) removed.
-pub fn token_text(bytes: &[u8]) -> Result<String> {
+pub(crate) fn token_text(bytes: &[u8]) -> Result<String> {
     let s = std::str::from_utf8(bytes)
         .map_err(|_| crate::data_error("the token is not UTF-8 text"))?
         .trim();
@@ -45,13 +45,13 @@ pub fn token_text(bytes: &[u8]) -> Result<String> {
 }
 
 /// Resolves the PFX passphrase once, only when a file turns out to need it.
-pub struct Passphrase {
+pub(crate) struct Passphrase {
     file: Option<PathBuf>,
     cached: RefCell<Option<Zeroizing<Vec<u8>>>>,
 }
 
 impl Passphrase {
-    pub fn new(args: &PassArgs) -> Self {
+    pub(crate) fn new(args: &PassArgs) -> Self {
         Passphrase {
             file: args.passphrase_file.clone(),
             cached: RefCell::new(None),
@@ -59,7 +59,7 @@ impl Passphrase {
     }
 
     /// From `--passphrase-file` or the environment only (no prompt).
-    pub fn explicit(&self) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    pub(crate) fn explicit(&self) -> Result<Option<Zeroizing<Vec<u8>>>> {
         if let Some(f) = &self.file {
             let mut p = Zeroizing::new(
                 std::fs::read(f)
@@ -75,7 +75,7 @@ impl Passphrase {
     }
 
     /// The passphrase for `path`, prompting on the terminal as a last resort.
-    pub fn get(&self, path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    pub(crate) fn get(&self, path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         if let Some(p) = self.cached.borrow().as_ref() {
             return Ok(p.clone());
         }
@@ -88,7 +88,7 @@ impl Passphrase {
     }
 
     /// Run `f` without a passphrase and, if the file needs one, again with it.
-    pub fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         path: &Path,
         f: impl Fn(Option<&[u8]>) -> Result<T, KeyError>,
@@ -155,7 +155,7 @@ fn prompt(text: &str) -> Result<Zeroizing<Vec<u8>>> {
 
 /// Write `data` to `path` atomically (temporary file in the same directory, then rename).
 /// `secret` makes the file 0600; `force` allows replacing an existing file.
-pub fn write_atomic(path: &Path, data: &[u8], secret: bool, force: bool) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool, force: bool) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

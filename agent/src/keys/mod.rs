@@ -4,9 +4,9 @@
 
 pub(crate) mod expiry;
 pub(crate) mod ingest;
-pub mod revocation;
-pub mod sources;
-pub mod store;
+pub(crate) mod revocation;
+pub(crate) mod sources;
+pub(crate) mod store;
 
-pub use sources::{check_store_dir, key_sources};
-pub use store::{Changes, KeyStore};
+pub(crate) use sources::{check_store_dir, key_sources};
+pub(crate) use store::{Changes, KeyStore};

@@ -35,7 +35,7 @@ pub(crate) fn parse_revocation_list(text: &str, path: &Path) -> HashSet<Thumbpri
 }
 
 /// Reload the revocation list file and the by-command list.
-pub fn reload(keys: &KeyStore, config: &Config) -> Changes {
+pub(crate) fn reload(keys: &KeyStore, config: &Config) -> Changes {
     let mut changes = Changes::default();
     let list = match &config.revocation_list {
         Some(path) => match fs::read_to_string(path) {

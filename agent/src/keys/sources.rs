@@ -35,7 +35,7 @@ pub(crate) fn store_source(config: &Config) -> KeySource {
 }
 
 /// All key sources in force: the configured ones, then the agent's own store.
-pub fn key_sources(config: &Config) -> Vec<KeySource> {
+pub(crate) fn key_sources(config: &Config) -> Vec<KeySource> {
     let mut sources = config.key_sources.clone();
     sources.push(store_source(config));
     sources
@@ -43,7 +43,7 @@ pub fn key_sources(config: &Config) -> Vec<KeySource> {
 
 /// Make sure the key store directory exists, is ours and is private; refuse it otherwise,
 /// because a store others can write could be fed keys, and one others can read leaks them.
-pub fn check_store_dir(dir: &Path) -> Result<()> {
+pub(crate) fn check_store_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
         fs::create_dir_all(dir)
             .with_context(|| format!("cannot create key store {}", dir.display()))?;

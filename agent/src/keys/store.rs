@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use zeroize::Zeroizing;
 
 /// A loaded key and where it came from.
-pub struct KeyEntry {
+pub(crate) struct KeyEntry {
     /// The key pair.
     pub pair: Arc<KeyPair>,
     /// The file it was loaded from.
@@ -54,7 +54,7 @@ struct Tracked {
 
 /// Why a key cannot be used right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unavailable {
+pub(crate) enum Unavailable {
     /// Withdrawn by the revocation list or `revoke`.
     Revoked,
     /// No file provides it.
@@ -89,14 +89,14 @@ impl Inner {
 
 /// The store. Cheap to share behind an `Arc`; every method takes `&self`.
 #[derive(Default)]
-pub struct KeyStore {
+pub(crate) struct KeyStore {
     inner: RwLock<Inner>,
     opened: RwLock<HashMap<Thumbprint, Arc<AtomicU64>>>,
 }
 
 /// What a rescan changed, so callers can log and evict caches.
 #[derive(Debug, Default)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Thumbprints that became usable.
     pub added: Vec<Thumbprint>,
     /// Thumbprints that stopped being usable.
@@ -105,7 +105,7 @@ pub struct Changes {
 
 impl Changes {
     /// Fold `other` into these changes.
-    pub fn merge(&mut self, other: Changes) {
+    pub(crate) fn merge(&mut self, other: Changes) {
         self.added.extend(other.added);
         self.removed.extend(other.removed);
     }
@@ -113,12 +113,12 @@ impl Changes {
 
 impl KeyStore {
     /// An empty store.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// A usable key by thumbprint.
-    pub fn get(&self, tp: &Thumbprint) -> Result<Arc<KeyPair>, Unavailable> {
+    pub(crate) fn get(&self, tp: &Thumbprint) -> Result<Arc<KeyPair>, Unavailable> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         if inner.is_revoked(tp) {
             return Err(Unavailable::Revoked);
@@ -131,7 +131,7 @@ impl KeyStore {
     }
 
     /// Usable keys whose modulus is `len` bytes (candidates for a legacy ciphertext).
-    pub fn with_modulus_len(&self, len: usize) -> Vec<Arc<KeyPair>> {
+    pub(crate) fn with_modulus_len(&self, len: usize) -> Vec<Arc<KeyPair>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut keys: Vec<_> = inner
             .by_thumbprint
@@ -144,7 +144,7 @@ impl KeyStore {
     }
 
     /// Number of usable keys.
-    pub fn usable_count(&self) -> usize {
+    pub(crate) fn usable_count(&self) -> usize {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .by_thumbprint
@@ -154,7 +154,7 @@ impl KeyStore {
     }
 
     /// Count a successful open, for status.
-    pub fn count_open(&self, tp: &Thumbprint) {
+    pub(crate) fn count_open(&self, tp: &Thumbprint) {
         if let Some(c) = self
             .opened
             .read()
@@ -197,12 +197,12 @@ impl KeyStore {
     }
 
     /// Replace the revocation-list set.
-    pub fn set_revocation_list(&self, list: HashSet<Thumbprint>) -> Changes {
+    pub(crate) fn set_revocation_list(&self, list: HashSet<Thumbprint>) -> Changes {
         self.mutate(|i| i.revoked_by_list = list)
     }
 
     /// Revoke (`true`) or restore (`false`) by command.
-    pub fn set_revoked_by_command(&self, tp: Thumbprint, revoked: bool) -> Changes {
+    pub(crate) fn set_revoked_by_command(&self, tp: Thumbprint, revoked: bool) -> Changes {
         self.mutate(|i| {
             if revoked {
                 i.revoked_by_command.insert(tp);
@@ -213,7 +213,7 @@ impl KeyStore {
     }
 
     /// Thumbprints revoked by command (persisted by the caller).
-    pub fn revoked_by_command(&self) -> Vec<Thumbprint> {
+    pub(crate) fn revoked_by_command(&self) -> Vec<Thumbprint> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = inner.revoked_by_command.iter().copied().collect();
         v.sort();
@@ -221,7 +221,7 @@ impl KeyStore {
     }
 
     /// Whether `tp` is currently revoked (by list or command).
-    pub fn is_revoked(&self, tp: &Thumbprint) -> bool {
+    pub(crate) fn is_revoked(&self, tp: &Thumbprint) -> bool {
         self.inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -230,7 +230,7 @@ impl KeyStore {
 
     /// Rescan `source`: re-parse new or changed files, forget vanished ones. Each file that
     /// fails is logged with its path and reason and recorded for `status`; the rest load.
-    pub fn rescan_source(&self, source: &KeySource) -> Changes {
+    pub(crate) fn rescan_source(&self, source: &KeySource) -> Changes {
         let id = SourceId::of(source);
         let candidates = list_candidates(source);
         // Parse outside the lock: PKCS#12 key derivation takes milliseconds per file.
@@ -298,7 +298,7 @@ impl KeyStore {
 
     /// Track `path` (with its `companion`) as `source`'s copy of an already parsed key: the
     /// store copy written at ingest, so it is not parsed a second time.
-    pub fn adopt(
+    pub(crate) fn adopt(
         &self,
         source: &SourceId,
         path: &Path,
@@ -324,12 +324,12 @@ impl KeyStore {
     }
 
     /// Forget every file of sources not in `current` (after a config reload changed the list).
-    pub fn retain_sources(&self, current: &[SourceId]) -> Changes {
+    pub(crate) fn retain_sources(&self, current: &[SourceId]) -> Changes {
         self.mutate(|inner| inner.files.retain(|_, t| current.contains(&t.source)))
     }
 
     /// Rows for `status` and `keys`, loaded keys first, by thumbprint.
-    pub fn status(&self) -> Vec<KeyStatus> {
+    pub(crate) fn status(&self) -> Vec<KeyStatus> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let opened = self.opened.read().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<KeyStatus> = inner
@@ -400,7 +400,7 @@ impl KeyStore {
     }
 
     /// Every loaded entry (for ingest and expiry warnings).
-    pub fn loaded_entries(&self) -> Vec<Arc<KeyEntry>> {
+    pub(crate) fn loaded_entries(&self) -> Vec<Arc<KeyEntry>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .files

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// How a variable's value is stored in its env file.
-pub enum ValueKind {
+pub(crate) enum ValueKind {
     /// Served as it is.
     Plain(Zeroizing<String>),
     /// A v1 token and the key ids it names.
@@ -33,7 +33,7 @@ pub enum ValueKind {
 const MAX_ENV_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The rules that classify values, taken from the config.
-pub struct Classifier<'a> {
+pub(crate) struct Classifier<'a> {
     /// Names whose values may be Shipyard ciphertexts.
     pub legacy_names: &'a [String],
     /// Also any value whose decoded length is an RSA modulus length nodeseal accepts.
@@ -47,7 +47,7 @@ const RSA_MODULUS_LENGTHS: [usize; 3] = [256, 384, 512];
 
 impl Classifier<'_> {
     /// Classify one value.
-    pub fn classify(&self, name: &str, value: &str) -> ValueKind {
+    pub(crate) fn classify(&self, name: &str, value: &str) -> ValueKind {
         match token::detect(value) {
             Some(Format::V1) => match token::inspect(value) {
                 Ok(info) => ValueKind::V1 {
@@ -102,7 +102,7 @@ pub(crate) fn read_no_follow(
 ///
 /// Batch lays tasks out as `workitems/<job>/job-1/<task>/wd/` (a job schedule adds a level
 /// above the job); Shipyard writes its env file into `wd/`.
-pub fn task_of(path: &Path, root: &Path) -> (PathBuf, Option<String>, Option<String>) {
+pub(crate) fn task_of(path: &Path, root: &Path) -> (PathBuf, Option<String>, Option<String>) {
     let parent = path.parent().unwrap_or(Path::new("/"));
     let task_dir = if parent.file_name().is_some_and(|n| n == "wd") {
         parent.parent().unwrap_or(parent).to_path_buf()

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 use zeroize::Zeroizing;
 
 /// A decrypted value and where it came from.
-pub struct Cached {
+pub(crate) struct Cached {
     /// Cleartext, wiped on drop.
     pub value: Arc<Zeroizing<String>>,
     /// The key that opened it.
@@ -24,7 +24,7 @@ pub struct Cached {
 }
 
 /// One variable of an env file.
-pub struct Var {
+pub(crate) struct Var {
     /// Name.
     pub name: String,
     /// Stored form.
@@ -34,7 +34,7 @@ pub struct Var {
 }
 
 /// A parsed env file and its task.
-pub struct EnvEntry {
+pub(crate) struct EnvEntry {
     /// The file.
     pub path: PathBuf,
     /// The task directory (parent of `wd/` when the file is in `wd/`).
@@ -75,7 +75,7 @@ impl FileStamp {
 
 impl EnvEntry {
     /// Drop every cached value opened with `key`.
-    pub fn evict_key(&self, key: &Thumbprint) -> usize {
+    pub(crate) fn evict_key(&self, key: &Thumbprint) -> usize {
         let mut n = 0;
         for v in &self.vars {
             let mut c = v.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -90,7 +90,7 @@ impl EnvEntry {
 
 /// Everything the agent knows about tasks, by env-file path and by task directory.
 #[derive(Default)]
-pub struct Tasks {
+pub(crate) struct Tasks {
     inner: RwLock<Index>,
     /// Env files whose writer closed them (or renamed them into place) since they last changed.
     writers_done: Mutex<HashSet<PathBuf>>,
@@ -130,7 +130,7 @@ impl Index {
 
 /// Outcome of (re)reading one env file.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FileUpdate {
+pub(crate) enum FileUpdate {
     /// Loaded or reloaded.
     Loaded {
         /// Number of variables.
@@ -148,12 +148,12 @@ pub enum FileUpdate {
 
 impl Tasks {
     /// An empty registry.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// (Re)read `path`, which lies under `root`, at wall-clock time `now`.
-    pub fn update_file(
+    pub(crate) fn update_file(
         &self,
         path: &Path,
         root: &Path,
@@ -217,12 +217,12 @@ impl Tasks {
     }
 
     /// The watcher saw `path`'s writer close it (or rename it into place).
-    pub fn note_writer_done(&self, path: &Path) {
+    pub(crate) fn note_writer_done(&self, path: &Path) {
         self.writers().insert(path.to_owned());
     }
 
     /// The watcher saw `path` being written again.
-    pub fn note_writer_active(&self, path: &Path) {
+    pub(crate) fn note_writer_active(&self, path: &Path) {
         self.writers().remove(path);
     }
 
@@ -235,13 +235,13 @@ impl Tasks {
     }
 
     /// Forget a file; its cached values are zeroized when the last request using them ends.
-    pub fn remove(&self, path: &Path) -> bool {
+    pub(crate) fn remove(&self, path: &Path) -> bool {
         self.writers().remove(path);
         self.write().remove(path)
     }
 
     /// Forget every file under `dir` (a directory that was removed or moved away).
-    pub fn remove_under(&self, dir: &Path) -> Vec<PathBuf> {
+    pub(crate) fn remove_under(&self, dir: &Path) -> Vec<PathBuf> {
         let mut index = self.write();
         let gone: Vec<PathBuf> = index
             .files
@@ -256,17 +256,17 @@ impl Tasks {
     }
 
     /// Every known file path.
-    pub fn paths(&self) -> Vec<PathBuf> {
+    pub(crate) fn paths(&self) -> Vec<PathBuf> {
         self.read().files.keys().cloned().collect()
     }
 
     /// Every entry.
-    pub fn entries(&self) -> Vec<Arc<EnvEntry>> {
+    pub(crate) fn entries(&self) -> Vec<Arc<EnvEntry>> {
         self.read().files.values().cloned().collect()
     }
 
     /// Entries of one task directory, in path order.
-    pub fn entries_of(&self, task_dir: &Path) -> Vec<Arc<EnvEntry>> {
+    pub(crate) fn entries_of(&self, task_dir: &Path) -> Vec<Arc<EnvEntry>> {
         self.read()
             .by_task
             .get(task_dir)
@@ -275,12 +275,12 @@ impl Tasks {
     }
 
     /// Number of distinct task directories.
-    pub fn task_count(&self) -> usize {
+    pub(crate) fn task_count(&self) -> usize {
         self.read().by_task.len()
     }
 
     /// Distinct task directories whose files `uid` owns.
-    pub fn task_dirs_owned_by(&self, uid: u32) -> Vec<PathBuf> {
+    pub(crate) fn task_dirs_owned_by(&self, uid: u32) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = self
             .read()
             .by_task
@@ -293,12 +293,12 @@ impl Tasks {
     }
 
     /// Drop cached values opened with `key`; returns how many.
-    pub fn evict_key(&self, key: &Thumbprint) -> usize {
+    pub(crate) fn evict_key(&self, key: &Thumbprint) -> usize {
         self.entries().iter().map(|e| e.evict_key(key)).sum()
     }
 
     /// Drop every cached value.
-    pub fn evict_all(&self) {
+    pub(crate) fn evict_all(&self) {
         for e in self.entries() {
             for v in &e.vars {
                 *v.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;

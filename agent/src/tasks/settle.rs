@@ -5,10 +5,10 @@ use std::time::Duration;
 
 /// A file whose last line has no newline is read as complete only once its writer has closed it
 /// and it has not changed for this long (several quick appends stay one write)...
-pub const SETTLE: Duration = Duration::from_millis(300);
+pub(crate) const SETTLE: Duration = Duration::from_millis(300);
 /// ...or, when no close was seen (a writer holding the file open, or lost events), once it has
 /// not changed for this long.
-pub const UNTERMINATED_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const UNTERMINATED_GRACE: Duration = Duration::from_secs(5);
 
 /// Whether a file may be served: complete (its last line ends in a newline), or unterminated
 /// but closed by its writer at least [`SETTLE`] ago, or unchanged for [`UNTERMINATED_GRACE`]

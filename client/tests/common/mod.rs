@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 /// What the agent does with one request.
-pub enum Reply {
+pub(crate) enum Reply {
     /// Send this response object; `v` and the request's `id` are added unless present.
     Json(Value),
     /// Send these bytes verbatim (a newline is not added).
@@ -22,7 +22,7 @@ pub enum Reply {
 
 type Handler = dyn Fn(&Value) -> Reply + Send + Sync;
 
-pub struct FakeAgent {
+pub(crate) struct FakeAgent {
     pub dir: tempfile::TempDir,
     pub path: PathBuf,
     requests: Arc<Mutex<Vec<Value>>>,
@@ -30,7 +30,7 @@ pub struct FakeAgent {
 }
 
 impl FakeAgent {
-    pub fn start(handler: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> Self {
+    pub(crate) fn start(handler: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let agent = Self {
@@ -44,7 +44,7 @@ impl FakeAgent {
     }
 
     /// Like `start`, but the agent closes each connection after one answer.
-    pub fn start_closing(handler: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> Self {
+    pub(crate) fn start_closing(handler: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let agent = Self {
@@ -69,11 +69,11 @@ impl FakeAgent {
     }
 
     /// Every request received so far, in order.
-    pub fn requests(&self) -> Vec<Value> {
+    pub(crate) fn requests(&self) -> Vec<Value> {
         self.requests.lock().unwrap().clone()
     }
 
-    pub fn ops(&self) -> Vec<String> {
+    pub(crate) fn ops(&self) -> Vec<String> {
         self.requests()
             .iter()
             .map(|r| r["op"].as_str().unwrap_or("?").to_string())
@@ -90,7 +90,7 @@ impl Drop for FakeAgent {
 }
 
 /// Serve `listener` on background threads.
-pub fn serve(
+pub(crate) fn serve(
     listener: UnixListener,
     handler: Arc<Handler>,
     requests: Arc<Mutex<Vec<Value>>>,
@@ -145,7 +145,7 @@ fn handle(conn: UnixStream, handler: &Handler, requests: &Mutex<Vec<Value>>, clo
     }
 }
 
-pub fn ok(extra: Value) -> Reply {
+pub(crate) fn ok(extra: Value) -> Reply {
     let mut v = json!({"ok": true});
     v.as_object_mut()
         .unwrap()
@@ -153,7 +153,7 @@ pub fn ok(extra: Value) -> Reply {
     Reply::Json(v)
 }
 
-pub fn err(code: &str, message: &str, retryable: bool) -> Reply {
+pub(crate) fn err(code: &str, message: &str, retryable: bool) -> Reply {
     Reply::Json(json!({
         "ok": false,
         "error": {"code": code, "message": message, "retryable": retryable}
@@ -161,7 +161,7 @@ pub fn err(code: &str, message: &str, retryable: bool) -> Reply {
 }
 
 /// A handler that plays a small task with values `A=1`, `B=x y` and `PW=hunter2`.
-pub fn standard(req: &Value) -> Reply {
+pub(crate) fn standard(req: &Value) -> Reply {
     match req["op"].as_str().unwrap_or("") {
         "get" => match req["name"].as_str().unwrap_or("") {
             "A" => ok(json!({"value": "1"})),
