@@ -1,11 +1,15 @@
 //! `nodeseal-agent demo`: the whole path on a throwaway node layout, no Azure and no root.
 //! A key and its PFX drop as Batch makes them, a task env file with sealed values as Batch
 //! Shipyard writes it, the real agent serving it, and a task fetching its values.
+//!
+//! The node is the test kit's layout (`nodeseal-testkit`), the one the end-to-end tests and the
+//! benchmarks run on, with the agent in this process through [`crate::run`].
 
-use crate::config::{Config, KeySource, KeySourceKind};
+use crate::config::Config;
 use anyhow::{bail, Context, Result};
 use nodeseal_client::protocol::ErrorCode;
 use nodeseal_envelope::{legacy, token, KeyPair, SealOptions};
+use nodeseal_testkit::NodeLayout;
 
 const DEMO_VALUES: &[(&str, &str, &str)] = &[
     (
@@ -32,16 +36,8 @@ fn step(n: u32, text: &str) {
 
 /// Run the demo; with `keep`, leave the agent running until Ctrl-C.
 pub async fn run(keep: bool) -> Result<()> {
-    let tmp = tempfile::Builder::new()
-        .prefix("nodeseal-demo-")
-        .tempdir()?;
-    let root = tmp.path();
-    let certs = root.join("startup/certs");
-    let workitems = root.join("workitems");
-    let task_dir = workitems.join("demo-job/job-1/task-1");
-    let wd = task_dir.join("wd");
-    std::fs::create_dir_all(&certs)?;
-    std::fs::create_dir_all(&wd)?;
+    let node = NodeLayout::new("nodeseal-demo-");
+    let task_dir = node.task("demo-job", "task-1");
 
     step(
         1,
@@ -58,9 +54,7 @@ pub async fn run(keep: bool) -> Result<()> {
     );
     let passphrase = format!("demo-{}", std::process::id());
     let pfx = pair.to_pkcs12(passphrase.as_bytes(), false)?;
-    let pfx_path = certs.join(format!("sha1-{tp}.pfx"));
-    std::fs::write(&pfx_path, &pfx)?;
-    std::fs::write(certs.join(format!("sha1-{tp}.pfx.pw")), &passphrase)?;
+    let pfx_path = node.drop_pfx_bytes(&tp.to_string(), &pfx, &passphrase);
     println!("    {}", pfx_path.display());
 
     step(
@@ -94,24 +88,14 @@ pub async fn run(keep: bool) -> Result<()> {
         }
         env.push_str(&format!("{name}={sealed}\n"));
     }
-    let env_path = wd.join(".shipyard.envlist");
-    std::fs::write(&env_path, env)?;
+    node.write_env(&task_dir, &env);
 
     step(4, "Node: start nodeseal-agent on this layout");
-    let socket = root.join("agent.sock");
-    let config = Config {
-        socket_path: socket.clone(),
-        state_dir: root.join("state"),
-        key_sources: vec![KeySource {
-            kind: KeySourceKind::BatchCerts,
-            path: certs.clone(),
-            ingest: Some(true),
-            passphrase_file: None,
-        }],
-        revocation_list: None,
-        env_roots: vec![workitems.clone()],
-        ..Config::default()
-    };
+    // The config file an operator would write for this node: the Batch drop dir (ingested),
+    // the env root, the state dir.
+    node.write_config(serde_json::json!({"log_level": "error", "revocation_list": null}));
+    let config = Config::load(&node.config_path)?;
+    let socket = node.socket.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(crate::run(
@@ -197,7 +181,7 @@ pub async fn run(keep: bool) -> Result<()> {
     outcome?;
     println!(
         "\nDemo complete: every value reached the task; the layout in {} is removed.",
-        root.display()
+        node.root.display()
     );
     Ok(())
 }

@@ -15,7 +15,8 @@ mod stats;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use node::{get_request, name_of, value_of, BenchKey, Node};
+use node::{get_request, name_of, value_of, BenchKey};
+use nodeseal_testkit::Node;
 use serde_json::json;
 use stats::{quantile, Spread};
 use std::fmt::Write as _;
@@ -384,12 +385,12 @@ impl Keys {
 
 /// A task with `n` v1 values sealed to `key`.
 fn sealed_task(node: &Node, key: &BenchKey, job: &str, n: usize) -> Result<PathBuf> {
-    let dir = node.task_dir(job, "task-1")?;
+    let dir = node.task(job, "task-1");
     let mut lines = Vec::with_capacity(n);
     for i in 0..n {
         lines.push((name_of(i), key.seal_v1(&name_of(i), &value_of(i))?));
     }
-    node.write_env(&dir, &lines)?;
+    node::write_env(node, &dir, &lines);
     Ok(dir)
 }
 
@@ -397,7 +398,7 @@ fn sealed_task(node: &Node, key: &BenchKey, job: &str, n: usize) -> Result<PathB
 fn wait_served(node: &Node, task: &Path, timeout: Duration) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        if let Ok(r) = node.request(&get_request(task, &name_of(0))) {
+        if let Ok(r) = node::request(node, &get_request(task, &name_of(0))) {
             if r["ok"] == true {
                 return Ok(start.elapsed());
             }
@@ -406,7 +407,7 @@ fn wait_served(node: &Node, task: &Path, timeout: Duration) -> Result<Duration> 
             bail!(
                 "agent did not serve {} within {timeout:?}; log:\n{}",
                 task.display(),
-                node.logs()
+                node::log_tail(node)
             );
         }
         std::thread::sleep(Duration::from_micros(500));
@@ -650,20 +651,20 @@ fn bench_cached(
     scratch: &Path,
     report: &mut Report,
 ) -> Result<()> {
-    let mut node = Node::new(agent_bin, &json!({}))?;
-    node.drop_pfx(&keys.k4096)?;
+    let mut node = node::bench_node(agent_bin, &json!({}))?;
+    node::drop_key(&node, &keys.k4096);
     let task64 = sealed_task(&node, &keys.k4096, "cached", 64)?;
     let task20 = sealed_task(&node, &keys.k4096, "env20", 20)?;
-    node.start()?;
+    node.start();
     wait_served(&node, &task64, Duration::from_secs(30))?;
     for i in 0..64 {
-        node.get_expect(&task64, &name_of(i), &value_of(i))?;
+        node::get_expect(&node, &task64, &name_of(i), &value_of(i))?;
     }
     for i in 0..20 {
-        node.get_expect(&task20, &name_of(i), &value_of(i))?;
+        node::get_expect(&node, &task20, &name_of(i), &value_of(i))?;
     }
     let reqs = requests_for(&task64, 64);
-    let reply = node.request(&get_request(&task64, &name_of(0)))?;
+    let reply = node::request(&node, &get_request(&task64, &name_of(0)))?;
     let reply_bytes = serde_json::to_vec(&reply)?.len() + 1;
     let echo = Echo::start(scratch, reply_bytes)?;
     report.notes.push(format!(
@@ -751,10 +752,10 @@ fn bench_cached(
     for rep in 0..scale.repeats {
         let mut lat = Vec::with_capacity(scale.env_files);
         for i in 0..scale.env_files {
-            let dir = node.task_dir(&format!("lat{rep}"), &format!("t{i}"))?;
+            let dir = node.task(&format!("lat{rep}"), &format!("t{i}"));
             let lines = vec![(name_of(0), keys.k4096.seal_v1(&name_of(0), &value_of(0))?)];
             let t = Instant::now();
-            node.write_env(&dir, &lines)?;
+            node::write_env(&node, &dir, &lines);
             let took = t.elapsed() + wait_served(&node, &dir, Duration::from_secs(10))?;
             lat.push(took.as_secs_f64() * 1e3);
         }
@@ -784,7 +785,7 @@ fn bench_cached(
         "env file written → first get".into(),
         all.iter().map(|x| x * 1e3).collect(),
     ));
-    node.stop()?;
+    node::stop(&mut node)?;
     Ok(())
 }
 
@@ -796,19 +797,19 @@ fn bench_uncached(
     scratch: &Path,
     report: &mut Report,
 ) -> Result<()> {
-    let mut node = Node::new(agent_bin, &json!({"cache_ttl_secs": 0}))?;
+    let mut node = node::bench_node(agent_bin, &json!({"cache_ttl_secs": 0}))?;
     let mut tasks = Vec::new();
     for &bits in &scale.sizes {
         let key = keys.of_size(bits);
-        node.drop_pfx(key)?;
+        node::drop_key(&node, key);
         tasks.push((bits, sealed_task(&node, key, &format!("u{bits}"), 64)?));
     }
     if !scale.sizes.contains(&4096) {
-        node.drop_pfx(&keys.k4096)?;
+        node::drop_key(&node, &keys.k4096);
     }
     let task64 = sealed_task(&node, &keys.k4096, "cli64", 64)?;
     let task20 = sealed_task(&node, &keys.k4096, "env20", 20)?;
-    node.start()?;
+    node.start();
     for (_, t) in &tasks {
         wait_served(&node, t, Duration::from_secs(30))?;
     }
@@ -864,7 +865,7 @@ fn bench_uncached(
         report,
         false,
     )?;
-    node.stop()?;
+    node::stop(&mut node)?;
     Ok(())
 }
 
@@ -876,13 +877,13 @@ fn bench_startup_and_rss(
 ) -> Result<()> {
     let n = keys.startup.len();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut node = Node::new(agent_bin, &json!({}))?;
+    let mut node = node::bench_node(agent_bin, &json!({}))?;
     let (mut first, mut warm, mut base) = (vec![], vec![], vec![]);
     for _ in 0..scale.repeats {
-        node.stop()?;
-        node.wipe_state()?;
+        node::stop(&mut node)?;
+        node.wipe_state();
         for k in &keys.startup {
-            node.drop_pfx(k)?;
+            node::drop_key(&node, k);
         }
         // Baseline: the same PFX parses in this process, serially, divided by the cores.
         let t = Instant::now();
@@ -895,23 +896,23 @@ fn bench_startup_and_rss(
             .context("baseline PFX parse failed")?;
         }
         base.push(t.elapsed().as_secs_f64() * 1e3 / cores as f64);
-        first.push(node.start()?.as_secs_f64() * 1e3);
-        let h = node.request(&json!({"op": "health"}))?;
+        first.push(node.start().as_secs_f64() * 1e3);
+        let h = node::request(&node, &json!({"op": "health"}))?;
         if h["info"]["keys"] != n {
             bail!(
                 "agent loaded {} of {n} keys; log:\n{}",
                 h["info"]["keys"],
-                node.logs()
+                node::log_tail(&node)
             );
         }
-        node.stop()?;
-        warm.push(node.start()?.as_secs_f64() * 1e3);
-        let h = node.request(&json!({"op": "health"}))?;
+        node::stop(&mut node)?;
+        warm.push(node.start().as_secs_f64() * 1e3);
+        let h = node::request(&node, &json!({"op": "health"}))?;
         if h["info"]["keys"] != n {
             bail!(
                 "agent reloaded {} of {n} keys from its store; log:\n{}",
                 h["info"]["keys"],
-                node.logs()
+                node::log_tail(&node)
             );
         }
     }
@@ -940,7 +941,7 @@ fn bench_startup_and_rss(
     let scratch = tempfile::tempdir()?;
     let key = &keys.startup[0];
     let task = {
-        let dir = node.task_dir("rss", "task-1")?;
+        let dir = node.task("rss", "task-1");
         let lines: Vec<(String, String)> = (0..scale.cached_values)
             .map(|i| Ok((name_of(i), key.seal_v1(&name_of(i), &value_of(i))?)))
             .collect::<Result<_>>()?;
@@ -949,10 +950,10 @@ fn bench_startup_and_rss(
     let env_path = task.0.join("wd/.shipyard.envlist");
     for _ in 0..rss_repeats {
         let _ = std::fs::remove_file(&env_path);
-        node.stop()?;
-        node.start()?;
+        node::stop(&mut node)?;
+        node.start();
         std::thread::sleep(settle);
-        let pid = node.pid().context("agent not running")?;
+        let pid = node.pid();
         let (base_rss, base_lck) = node::rss_kib(pid)?;
         idle.push(base_rss as f64 / 1024.0);
         lck.push(base_lck as f64 / 1024.0);
@@ -964,12 +965,12 @@ fn bench_startup_and_rss(
         conns_delta.push((node::rss_kib(pid)?.0 as f64 - base_rss as f64) / 1024.0);
         drop(held);
         // A fresh agent for the values, so the connections' memory does not count twice.
-        node.stop()?;
-        node.start()?;
+        node::stop(&mut node)?;
+        node.start();
         std::thread::sleep(settle);
-        let pid = node.pid().context("agent not running")?;
+        let pid = node.pid();
         let before = node::rss_kib(pid)?.0;
-        node.write_env(&task.0, &task.1)?;
+        node::write_env(&node, &task.0, &task.1);
         wait_served(&node, &task.0, Duration::from_secs(60))?;
         let reqs = requests_for(&task.0, scale.cached_values);
         load::one_connection(
@@ -993,7 +994,7 @@ fn bench_startup_and_rss(
         echo_conns.push((node::rss_kib(epid)?.0 as f64 - e0 as f64) / 1024.0);
         drop(held);
     }
-    node.stop()?;
+    node::stop(&mut node)?;
     report.rows.push(Row {
         figure: format!("RSS idle with {n} keys"),
         unit: "MiB",

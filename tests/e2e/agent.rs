@@ -1,9 +1,8 @@
 //! End-to-end tests of `nodeseal-agent`: values sealed with the real `nodeseal` CLI, dropped
 //! into a fake node, fetched over the real socket.
 
-use crate::node::{code_of, is_root, request_as, skip_unless_root, wait_until, TestNode};
-use crate::util::bin;
-use nix::sys::signal::Signal;
+use nodeseal_testkit::bin;
+use nodeseal_testkit::{code_of, is_root, request_as, wait_until, AgentOptions, Node};
 use serde_json::json;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -15,8 +14,8 @@ const DOCKER_PW: &str = "docker-Password-e2e-9d3a";
 const DB_URL: &str = "postgres://u:db-Secret-e2e-41@db/app";
 
 /// A node with one key and one task holding a v1 value, a legacy value and a plain value.
-fn node_with_task() -> (TestNode, std::path::PathBuf) {
-    let node = TestNode::new();
+fn node_with_task() -> (Node, std::path::PathBuf) {
+    let node = Node::new();
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     let task = node.task("job-a", "task-1");
@@ -98,7 +97,7 @@ fn serves_v1_legacy_and_plain_values_and_ingests_the_pfx() {
 
 #[test]
 fn files_added_after_start_are_served_and_deleted_ones_forgotten() {
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     node.start();
@@ -137,7 +136,7 @@ fn files_added_after_start_are_served_and_deleted_ones_forgotten() {
 
 #[test]
 fn tampered_misnamed_and_unknown_key_tokens_get_distinct_errors() {
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     let cert = node.create_cert("pool");
     let other = node.create_cert("other-pool");
     node.drop_pfx(&cert);
@@ -178,7 +177,7 @@ fn tampered_misnamed_and_unknown_key_tokens_get_distinct_errors() {
 
 #[test]
 fn a_corrupt_or_wrong_password_pfx_is_skipped_and_the_rest_load() {
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     let good = node.create_cert("good");
     let bad = node.create_cert("bad");
     node.drop_pfx(&good);
@@ -209,10 +208,8 @@ fn a_corrupt_or_wrong_password_pfx_is_skipped_and_the_rest_load() {
 }
 
 #[test]
+#[ignore = "needs root: chowns the env file to uid 4242 and connects as uids 4242 and 4243"]
 fn other_uids_are_refused_and_owners_served() {
-    if skip_unless_root("other_uids_are_refused_and_owners_served") {
-        return;
-    }
     let (mut node, task) = node_with_task();
     let env = task.join("wd/.shipyard.envlist");
     std::os::unix::fs::chown(&env, Some(4242), Some(4242)).unwrap();
@@ -247,10 +244,8 @@ fn other_uids_are_refused_and_owners_served() {
 }
 
 #[test]
+#[ignore = "needs root: revoke, restore and status answer host root only"]
 fn revoke_and_restore_by_command_and_by_list() {
-    if skip_unless_root("revoke_and_restore_by_command_and_by_list") {
-        return;
-    }
     let (mut node, task) = node_with_task();
     node.start();
     let tp = {
@@ -305,7 +300,7 @@ fn revoke_and_restore_by_command_and_by_list() {
 
 #[test]
 fn sighup_reloads_config_and_sigterm_stops_cleanly() {
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     let second_root = node.root.join("more-work");
@@ -320,14 +315,14 @@ fn sighup_reloads_config_and_sigterm_stops_cleanly() {
     let task = second_root.join("j/job-1/t");
     assert_eq!(code_of(&node.get(&task, "X")), "not_found");
     node.write_config(json!({"env_roots": [node.workitems, second_root]}));
-    node.signal(Signal::SIGHUP);
-    assert!(
-        wait_until(Duration::from_secs(5), || node.get(&task, "X")["value"]
-            == "from-second-root"),
+    // Returns once the reload (config, keys, env files) completed: no waiting for the value.
+    node.reload();
+    assert_eq!(
+        node.get(&task, "X")["value"],
+        "from-second-root",
         "reload did not pick up the new root; log:\n{}",
         node.logs()
     );
-    // A connection open across the reload still works.
     let status = node.stop();
     assert!(status.success(), "exit status {status:?}");
     assert!(!node.socket.exists(), "socket removed on stop");
@@ -348,7 +343,7 @@ fn no_cleartext_in_logs_at_trace_level() {
     node.stop();
     let logs = node.logs();
     assert!(logs.contains("outcome"), "logs captured: {logs}");
-    for secret in [STORAGE, DOCKER_PW, DB_URL, crate::node::PFX_PASS] {
+    for secret in [STORAGE, DOCKER_PW, DB_URL, nodeseal_testkit::PFX_PASS] {
         assert!(
             !logs.contains(secret),
             "cleartext {secret:?} found in the agent's log"
@@ -358,7 +353,7 @@ fn no_cleartext_in_logs_at_trace_level() {
 
 #[test]
 fn limits_cut_off_oversized_and_unfinished_lines() {
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     node.write_config(json!({"limits": {"max_request_bytes": 4096, "idle_timeout_secs": 1}}));
     node.start();
     use std::io::{BufRead, BufReader, Write};
@@ -387,7 +382,7 @@ fn limits_cut_off_oversized_and_unfinished_lines() {
 
 #[test]
 fn check_and_print_default_config() {
-    let node = TestNode::new();
+    let node = Node::new();
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     let out = Command::new(bin("nodeseal-agent"))
@@ -441,40 +436,29 @@ fn check_and_print_default_config() {
 #[test]
 fn tells_systemd_ready_and_pings_the_watchdog() {
     let (mut node, task) = node_with_task();
-    let notify_path = node.root.join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    // systemd sets WATCHDOG_PID to the service's pid; `exec` from a shell keeps the pid.
-    node.start_with(&[
-        ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
-        ("WATCHDOG_USEC", "200000"),
-        ("NODESEAL_TEST_EXEC_WITH_WATCHDOG_PID", "1"),
-    ]);
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 512];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && !(seen.iter().any(|m: &String| m.contains("READY=1"))
-            && seen.iter().any(|m| m.contains("WATCHDOG=1")))
-    {
-        let n = notify.recv(&mut buf).unwrap();
-        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
-    assert!(seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
-    assert!(seen.iter().any(|m| m.contains("WATCHDOG=1")), "{seen:?}");
+    // start_with returns only after READY=1 on the kit's NOTIFY_SOCKET.
+    node.start_with(&AgentOptions {
+        watchdog_usec: Some(200_000),
+        ..AgentOptions::default()
+    });
     // READY comes only once keys and env files are loaded: the first get right after it works.
     assert_eq!(node.get(&task, "DATABASE_URL")["value"], DB_URL);
+    let agent = node.agent();
+    assert!(
+        agent.wait_for_notification("WATCHDOG=1", Duration::from_secs(10)),
+        "no WATCHDOG=1 with WATCHDOG_USEC=200000: {:?}",
+        agent.notifications()
+    );
     assert!(node.stop().success());
-    let mut stopping = false;
-    while let Ok(n) = notify.recv(&mut buf) {
-        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
-            stopping = true;
-            break;
-        }
-    }
-    assert!(stopping, "STOPPING=1 sent on shutdown");
+    let agent = node.agent();
+    assert!(
+        agent
+            .notifications()
+            .iter()
+            .any(|m| m.contains("STOPPING=1")),
+        "no STOPPING=1 on shutdown: {:?}",
+        agent.notifications()
+    );
 }
 
 #[test]
@@ -501,7 +485,7 @@ fn accepts_a_socket_passed_by_systemd() {
     let _guard = KillOnDrop(&mut child);
     assert!(wait_until(Duration::from_secs(10), || activated.exists()));
     // The first connection starts the agent, which adopts the listening socket (LISTEN_FDS).
-    let r = crate::node::request_at(
+    let r = nodeseal_testkit::request_at(
         &activated,
         &json!({"op": "get", "name": "DATABASE_URL", "task": task}),
     );
@@ -546,18 +530,15 @@ fn a_connection_open_across_a_reload_keeps_working() {
         serde_json::from_str::<serde_json::Value>(&line).unwrap()
     };
     assert_eq!(ask(&mut s)["value"], DB_URL);
-    node.signal(Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    node.reload();
     assert_eq!(ask(&mut s)["value"], DB_URL);
     assert!(node.logs().contains("SIGHUP"), "{}", node.logs());
 }
 
 #[test]
+#[ignore = "needs root: connects as uids 4242 and 4243"]
 fn open_follows_the_per_key_rules() {
-    if skip_unless_root("open_follows_the_per_key_rules") {
-        return;
-    }
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     let cert = node.create_cert("pool");
     let locked = node.create_cert("locked");
     node.drop_pfx(&cert);
@@ -593,7 +574,7 @@ fn open_follows_the_per_key_rules() {
 #[test]
 fn an_unterminated_last_line_is_served_only_once_its_writer_is_done() {
     use std::io::Write;
-    let mut node = TestNode::new();
+    let mut node = Node::new();
     node.start();
     let task = node.task("slow-writer", "t");
     let path = task.join("wd/.shipyard.envlist");
@@ -602,6 +583,8 @@ fn an_unterminated_last_line_is_served_only_once_its_writer_is_done() {
     file.write_all(b"FIRST=done\nPLAIN=abc").unwrap();
     file.flush().unwrap();
     let start = Instant::now();
+    // The scenario is a writer that stays mid-value for four settle times: nothing announces
+    // "still not served", so the test keeps asking through that window.
     while start.elapsed() < Duration::from_millis(1200) {
         let r = node.get(&task, "PLAIN");
         assert_eq!(code_of(&r), "not_found", "half a value was served: {r}");

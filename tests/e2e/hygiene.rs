@@ -2,9 +2,9 @@
 //! files or logs; no core dumps; nothing leaked to callers who are not entitled; memory locking
 //! reported either way.
 
-use crate::node::{code_of, request_as, skip_unless_root, wait_child, TestNode};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::Signal;
+use nodeseal_testkit::{code_of, request_as, wait_until, Node};
 use serde_json::json;
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
@@ -15,8 +15,8 @@ const V1_SECRET: &str = "hygiene-V1-secret-7f3a9c";
 const LEGACY_SECRET: &str = "hygiene-LEGACY-secret-2b8e41";
 
 /// A node with one key and a task whose env file holds one v1 and one legacy value.
-fn node_with_secrets() -> (TestNode, PathBuf, String, String) {
-    let node = TestNode::new();
+fn node_with_secrets() -> (Node, PathBuf, String, String) {
+    let node = Node::new();
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     let task = node.task("job-h", "task-1");
@@ -30,7 +30,7 @@ fn node_with_secrets() -> (TestNode, PathBuf, String, String) {
 }
 
 /// Fetch both values once so the agent has decrypted (and possibly cached) them.
-fn fetch_both(node: &TestNode, task: &Path) {
+fn fetch_both(node: &Node, task: &Path) {
     assert_eq!(node.get(task, "API_TOKEN")["value"], V1_SECRET);
     assert_eq!(
         node.get(task, "DOCKER_LOGIN_PASSWORD")["value"],
@@ -86,8 +86,16 @@ fn agent_writes_no_cleartext_or_private_key_pem() {
     let (mut node, task, _, _) = node_with_secrets();
     node.start();
     fetch_both(&node, &task);
-    // Let the agent finish any ingest/persist work, then stop it so everything is flushed.
-    std::thread::sleep(Duration::from_millis(300));
+    // Ingest removes the readable originals only once the store copies are written: wait for
+    // that, then stop the agent so everything is flushed.
+    assert!(
+        wait_until(Duration::from_secs(10), || fs::read_dir(&node.certs)
+            .unwrap()
+            .next()
+            .is_none()),
+        "the PFX drop was never ingested; log:\n{}",
+        node.logs()
+    );
     let status = node.stop();
     assert!(status.success(), "agent exit: {status:?}\n{}", node.logs());
 
@@ -114,10 +122,8 @@ fn agent_writes_no_cleartext_or_private_key_pem() {
 }
 
 #[test]
+#[ignore = "needs root: reads the agent's /proc/<pid>/limits and cwd, which its non-dumpable hardening leaves to root"]
 fn crash_leaves_no_core_dump() {
-    if skip_unless_root("crash_leaves_no_core_dump") {
-        return;
-    }
     let (mut node, task, _, _) = node_with_secrets();
     // Children inherit our limits: allow cores so that only the agent's own hardening can be
     // what prevents one. Restored right after the spawn.
@@ -154,8 +160,7 @@ fn crash_leaves_no_core_dump() {
     // SIGABRT's default action dumps core; the Rust runtime does not handle it (it does handle
     // SIGSEGV, to report stack overflows).
     node.signal(Signal::SIGABRT);
-    let mut child = node.child.take().unwrap();
-    let status = wait_child(&mut child, Duration::from_secs(10));
+    let status = node.wait_exit(Duration::from_secs(10));
     assert_eq!(status.signal(), Some(Signal::SIGABRT as i32), "{status:?}");
     // WCOREDUMP: set by the kernel whenever it produced a core, whatever core_pattern says
     // (file or pipe to a handler such as systemd-coredump).
@@ -169,10 +174,8 @@ fn crash_leaves_no_core_dump() {
 }
 
 #[test]
+#[ignore = "needs root: chowns the env file to uid 4242 and connects as uids 4242 and 4243"]
 fn non_entitled_callers_never_see_cleartext() {
-    if skip_unless_root("non_entitled_callers_never_see_cleartext") {
-        return;
-    }
     let (mut node, task, v1, legacy) = node_with_secrets();
     let env = task.join("wd/.shipyard.envlist");
     std::os::unix::fs::chown(&env, Some(4242), Some(4242)).unwrap();

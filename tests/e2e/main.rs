@@ -4,7 +4,5 @@ mod client;
 mod faults;
 mod hygiene;
 mod keys;
-mod node;
 mod packaging;
 mod seal;
-mod util;

@@ -1,9 +1,9 @@
 //! End-to-end tests of the `nodeseal` CLI, run as a real process, including interoperability
 //! with the `openssl` command line tool (Batch Shipyard's legacy format, PFX encodings).
 
-use crate::util::{bin, code, run_with_stdin, stderr, stdout};
 use nodeseal_envelope::token::{self, SealOptions};
 use nodeseal_envelope::{KeyPair, Recipient};
+use nodeseal_testkit::{bin, code, run_with_stdin, stderr, stdout};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,17 +1,19 @@
-//! Shared helpers for the end-to-end tests: locating the built binaries and running them.
+//! Locating the workspace's built binaries and running commands.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-/// `target/<profile>`: the test executable lives in its `deps/` subdirectory (as ripgrep's
-/// tests locate `rg`), which stays right under a custom CARGO_TARGET_DIR.
+/// `target/<profile>`: a test executable lives in its `deps/` subdirectory (as ripgrep's
+/// tests locate `rg`), a binary right in it; both stay right under a custom CARGO_TARGET_DIR.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test executable is in <target>/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("path of the running executable");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary, failing with what to do when it was not built.
