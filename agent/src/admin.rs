@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::time::Duration;
 
-/// Send one request and return the agent's `info` document, or the agent's error.
-pub fn call<T: DeserializeOwned>(socket: &Path, op: Operation) -> Result<T> {
+/// Send one request and return the agent's `info` document as it came, or the agent's error.
+pub fn call(socket: &Path, op: Operation) -> Result<serde_json::Value> {
     let mut client = nodeseal_client::Client::builder()
         .socket(socket)
         .retry_for(Duration::from_secs(5))
@@ -22,7 +22,11 @@ pub fn call<T: DeserializeOwned>(socket: &Path, op: Operation) -> Result<T> {
     if let Some(err) = &response.error {
         bail!("agent refused: {} ({})", err.message, err.code);
     }
-    let info = response.info.clone().unwrap_or(serde_json::Value::Null);
+    Ok(response.info.clone().unwrap_or(serde_json::Value::Null))
+}
+
+/// Read an `info` document as the report type it is.
+pub fn typed<T: DeserializeOwned>(info: serde_json::Value) -> Result<T> {
     serde_json::from_value(info).context("the agent's answer is not what this version expects")
 }
 

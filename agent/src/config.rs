@@ -214,15 +214,18 @@ fn serialize_rules_by_key<S: Serializer>(
 fn deserialize_rules_by_key<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<BTreeMap<Thumbprint, OpenRule>, D::Error> {
-    BTreeMap::<String, OpenRule>::deserialize(d)?
-        .into_iter()
-        .map(|(t, rule)| {
-            let tp = Thumbprint::from_hex(&t).map_err(|e| {
-                serde::de::Error::custom(format!("open_allowed_by_key: {t:?}: {e}"))
-            })?;
-            Ok((tp, rule))
-        })
-        .collect()
+    let mut rules = BTreeMap::new();
+    for (t, rule) in BTreeMap::<String, OpenRule>::deserialize(d)? {
+        let tp = Thumbprint::from_hex(&t)
+            .map_err(|e| serde::de::Error::custom(format!("open_allowed_by_key: {t:?}: {e}")))?;
+        // Two spellings of one thumbprint (hex case) would leave it unclear which rule holds.
+        if rules.insert(tp, rule).is_some() {
+            return Err(serde::de::Error::custom(format!(
+                "open_allowed_by_key: thumbprint {tp} appears more than once; keep one rule per key"
+            )));
+        }
+    }
+    Ok(rules)
 }
 
 /// Who may `open` tokens of one key.
@@ -501,6 +504,10 @@ mod tests {
             (
                 r#"{"open_allowed_by_key": {"xyz": {"uids": [1]}}}"#,
                 "open_allowed_by_key",
+            ),
+            (
+                r#"{"open_allowed_by_key": {"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA": {}, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa": {}}}"#,
+                "more than once",
             ),
         ] {
             let msg = Config::parse(json, Path::new("t.json"))

@@ -91,6 +91,10 @@ pub async fn run(
     if let Err(e) = keys::check_store_dir(&config.key_store_dir()) {
         tracing::error!(error = %format!("{e:#}"), "key store unusable; continuing with keys from their sources only");
     }
+    // First the socket: it refuses to start beside a live agent, before anything touches the
+    // key store. Connections wait in its backlog until serving starts below.
+    let (listener, owned_socket) =
+        server::listener::host_socket(&config, options.socket_activation)?;
     let (lifecycle, changed, lifecycle_thread) = Lifecycle::start(state.clone())?;
     let (mut trigger, stop_listener) = shutdown::channel();
 
@@ -115,8 +119,6 @@ pub async fn run(
         .await
         .context("initial load failed")?;
 
-    let (listener, owned_socket) =
-        server::listener::host_socket(&config, options.socket_activation)?;
     let handler = Arc::new(Handler::new(state.clone(), lifecycle.clone()));
     let ctx = ServeContext {
         handler: handler.clone(),
@@ -144,7 +146,7 @@ pub async fn run(
         config = %options.config_path.as_deref().map_or("(built-in defaults)".into(), |p| p.display().to_string()),
         socket = %socket_shown.display(),
         keys = state.keys.usable_count(),
-        tasks = state.tasks.task_count(),
+        tasks = state.tasks.entries().len(),
         roots = ?config.env_roots,
         "nodeseal-agent ready"
     );

@@ -16,7 +16,6 @@ use anyhow::{Context, Result};
 use nodeseal_envelope::Thumbprint;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,11 +80,19 @@ pub(crate) struct Lifecycle {
     commands: mpsc::UnboundedSender<Command>,
 }
 
+/// How much file-system work is done: scans completed, and how many of them completed a reload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Generation {
+    pub(crate) scans: u64,
+    pub(crate) reloads: u64,
+}
+
 /// What the lifecycle thread tells the rest of the agent.
 #[derive(Clone)]
 pub(crate) struct Changed {
-    /// Moves after every scan that may have changed the set of tasks.
-    pub(crate) tasks: watch::Receiver<u64>,
+    /// Moves after every scan (which may have changed the set of tasks). The per-task sockets
+    /// publish it in `health` once they match it, so a caller who saw it move can connect.
+    pub(crate) tasks: watch::Receiver<Generation>,
     /// Moves when a reload replaced the config: watches and task sockets are set up again.
     pub(crate) config: watch::Receiver<u64>,
 }
@@ -99,7 +106,7 @@ impl Lifecycle {
     /// Start the lifecycle thread. It ends when every [`Lifecycle`] handle is dropped.
     pub(crate) fn start(state: Arc<State>) -> Result<(Self, Changed, std::thread::JoinHandle<()>)> {
         let (commands, rx) = mpsc::unbounded_channel();
-        let (tasks_tx, tasks) = watch::channel(0u64);
+        let (tasks_tx, tasks) = watch::channel(Generation::default());
         let (config_tx, config) = watch::channel(0u64);
         let owner = Owner {
             state,
@@ -158,13 +165,27 @@ impl Lifecycle {
 struct Owner {
     state: Arc<State>,
     expiry: ExpiryWarnings,
-    tasks_changed: watch::Sender<u64>,
+    tasks_changed: watch::Sender<Generation>,
     config_changed: watch::Sender<u64>,
 }
 
 impl Owner {
     fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         while let Some(command) = commands.blocking_recv() {
+            // A bug in one command must not stop every later rescan, revoke and reload (test
+            // builds unwind; release builds abort on panic anyway).
+            let done =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(command)));
+            if done.is_err() {
+                tracing::error!(
+                    "a lifecycle command panicked; its caller gets no answer, later commands run"
+                );
+            }
+        }
+    }
+
+    fn apply(&mut self, command: Command) {
+        {
             match command {
                 Command::Scan { work, reply } => {
                     let unsettled = self.scan(*work);
@@ -187,7 +208,6 @@ impl Owner {
     fn scan(&mut self, work: ScanWork) -> Vec<PathBuf> {
         let state = &self.state;
         let config = state.config();
-        let now = SystemTime::now();
         let mut unsettled = Vec::new();
         for (path, closed) in &work.writer_closed {
             if *closed {
@@ -200,8 +220,12 @@ impl Owner {
             self.rescan_keys(&config, !work.skip_ingest);
         }
         if work.full {
-            unsettled.extend(discovery::rescan_env(&state.tasks, &config, now));
-            let now_unix = now
+            unsettled.extend(discovery::rescan_env(
+                &state.tasks,
+                &config,
+                &SystemTime::now,
+            ));
+            let now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
             self.expiry
@@ -213,23 +237,34 @@ impl Owner {
                 }
             }
             for dir in &work.env_dirs {
-                unsettled.extend(discovery::scan_env_dir(&state.tasks, &config, dir, now));
+                unsettled.extend(discovery::scan_env_dir(
+                    &state.tasks,
+                    &config,
+                    dir,
+                    &SystemTime::now,
+                ));
             }
             for file in &work.env_files {
                 if let Some(root) = discovery::root_of(&config, file) {
-                    if let crate::tasks::FileUpdate::Unsettled =
-                        discovery::update_env_file(&state.tasks, &config, file, root, now)
-                    {
+                    if let crate::tasks::FileUpdate::Unsettled = discovery::update_env_file(
+                        &state.tasks,
+                        &config,
+                        file,
+                        root,
+                        &SystemTime::now,
+                    ) {
                         unsettled.push(file.clone());
                     }
                 }
             }
         }
-        state.counters.scans.fetch_add(1, Ordering::Relaxed);
-        if work.completes_reload {
-            state.counters.reloads.fetch_add(1, Ordering::Relaxed);
-        }
-        self.tasks_changed.send_modify(|g| *g += 1);
+        let completes_reload = work.completes_reload;
+        self.tasks_changed.send_modify(|g| {
+            g.scans += 1;
+            if completes_reload {
+                g.reloads += 1;
+            }
+        });
         unsettled
     }
 

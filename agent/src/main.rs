@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use nodeseal_agent::config::{Config, DEFAULT_CONFIG_PATH};
-use nodeseal_agent::report::{KeyChange, StatusReport};
+use nodeseal_agent::report::StatusReport;
 use nodeseal_agent::{admin, demo, logging, RunOptions};
 use nodeseal_client::protocol::Operation;
 use std::path::PathBuf;
@@ -131,19 +131,25 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { json } | Command::Keys { json } => {
             let (config, _) = load_config(&cli)?;
-            let report: StatusReport = admin::call(&config.socket_path, Operation::Status)?;
+            let info = admin::call(&config.socket_path, Operation::Status)?;
             let keys_only = matches!(cli.command, Some(Command::Keys { .. }));
-            match (*json, keys_only) {
-                (true, true) => println!("{}", serde_json::to_string_pretty(&report.keys)?),
-                (true, false) => println!("{}", serde_json::to_string_pretty(&report)?),
-                (false, true) => print!("{}", admin::render_keys(&report)),
-                (false, false) => print!("{}", admin::render_status(&report)),
+            if *json {
+                // As the agent sent it: a newer agent's extra fields are not lost.
+                let doc = if keys_only { &info["keys"] } else { &info };
+                println!("{}", serde_json::to_string_pretty(doc)?);
+            } else {
+                let report: StatusReport = admin::typed(info)?;
+                if keys_only {
+                    print!("{}", admin::render_keys(&report));
+                } else {
+                    print!("{}", admin::render_status(&report));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { thumbprint, purge } => {
             let (config, _) = load_config(&cli)?;
-            let info: KeyChange = admin::call(
+            let info = admin::call(
                 &config.socket_path,
                 Operation::Revoke {
                     thumbprint: thumbprint.clone(),
@@ -155,7 +161,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restore { thumbprint } => {
             let (config, _) = load_config(&cli)?;
-            let info: KeyChange = admin::call(
+            let info = admin::call(
                 &config.socket_path,
                 Operation::Restore {
                     thumbprint: thumbprint.clone(),

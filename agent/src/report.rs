@@ -17,9 +17,11 @@ pub struct Health {
     pub keys: usize,
     /// Task directories with known env files.
     pub tasks: usize,
-    /// Completed SIGHUP reloads.
+    /// Completed SIGHUP reloads (absent from older agents).
+    #[serde(default)]
     pub reloads: u64,
     /// Completed batches of file-system work.
+    #[serde(default)]
     pub scans: u64,
 }
 
@@ -89,8 +91,10 @@ pub struct CounterReport {
     /// Connections refused or cut at a limit.
     pub limited: u64,
     /// Completed SIGHUP reloads.
+    #[serde(default)]
     pub reloads: u64,
     /// Completed batches of file-system work.
+    #[serde(default)]
     pub scans: u64,
     /// Failed answers by error code.
     pub errors: BTreeMap<String, u64>,

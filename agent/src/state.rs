@@ -24,10 +24,11 @@ pub(crate) struct Counters {
     pub(crate) decrypts: AtomicU64,
     /// Connections refused or cut at a limit.
     pub(crate) limited: AtomicU64,
-    /// SIGHUP reloads completed (config re-read, keys and env files rescanned): tests and
-    /// operators wait for this to move instead of sleeping.
+    /// SIGHUP reloads completed (config re-read, keys and env files rescanned, task sockets
+    /// rebound): tests and operators wait for this to move instead of sleeping.
     pub(crate) reloads: AtomicU64,
-    /// Batches of file-system work completed (watch events and periodic rescans).
+    /// Batches of file-system work completed, task sockets included (watch events and periodic
+    /// rescans).
     pub(crate) scans: AtomicU64,
 }
 

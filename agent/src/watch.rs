@@ -268,9 +268,9 @@ pub(crate) async fn run(
             work.full = false;
         }
         let full = work.full;
-        let Ok(newly_unsettled) = lifecycle.scan(batch.scan).await else {
-            break;
-        };
+        // No answer: the command failed (logged by the lifecycle thread) or the agent is
+        // stopping, which the select above sees next.
+        let newly_unsettled = lifecycle.scan(batch.scan).await.unwrap_or_default();
         if full {
             last_full = Instant::now();
             full_pending = false;

@@ -88,33 +88,15 @@ async fn cut_off(ctx: &ServeContext, peer: &Peer, write_half: &mut OwnedWriteHal
         peer_uid = peer.uid,
         peer_pid = peer.pid,
         outcome = %why.code(),
-        reason = %why,
+        reason = why.to_string().as_str(),
         "limit broken; disconnecting"
     );
     let _ = write_half.write_all(&why.to_line()).await;
 }
 
-/// Serve one connection until it ends, breaks a limit, or the agent stops.
-pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, scope: Scope) {
-    let peer = match stream.peer_cred() {
-        Ok(cred) => Peer::from_cred(&cred, ctx.own_pid_ns.as_ref()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read peer credentials; closing connection");
-            return;
-        }
-    };
+/// Serve one admitted connection until it ends, breaks a limit, or the agent stops.
+pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, scope: Scope) {
     let state = ctx.handler.state();
-    let Some(_slot) = ctx.admission.uid_slot(peer.uid, &state.config().limits) else {
-        state.counters.limited.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            peer_uid = peer.uid,
-            peer_pid = peer.pid,
-            outcome = "busy",
-            "per-uid connection limit reached; refusing a connection"
-        );
-        refuse(stream, Refusal::TooManyConnectionsForUid).await;
-        return;
-    };
     let (read_half, mut write_half) = stream.into_split();
     // Requests are small; a 1 KiB buffer (not tokio's 8 KiB) keeps idle connections cheap.
     let mut reader = BufReader::with_capacity(1024, read_half);

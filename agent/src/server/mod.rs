@@ -10,6 +10,7 @@ pub(crate) mod task_sockets;
 
 use crate::authz::Scope;
 use crate::handler::Handler;
+use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
 use admission::Admission;
@@ -51,24 +52,41 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
                 continue;
             }
         };
-        match ctx.admission.connection() {
-            Some(permit) => {
-                let ctx = ctx.clone();
-                let scope = scope.clone();
-                tokio::spawn(async move {
-                    connection::handle(&ctx, stream, scope).await;
-                    drop(permit);
-                });
+        // Who it is first, then its own allowance, then the shared budget: a uid over its
+        // limit is refused without ever holding one of the slots every uid shares.
+        let peer = match stream.peer_cred() {
+            Ok(cred) => Peer::from_cred(&cred, ctx.own_pid_ns.as_ref()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing connection");
+                continue;
             }
-            None => {
-                ctx.handler
-                    .state()
-                    .counters
-                    .limited
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("connection limit reached; refusing a connection");
-                tokio::spawn(connection::refuse(stream, Refusal::TooManyConnections));
-            }
-        }
+        };
+        let state = ctx.handler.state();
+        let Some(slot) = ctx.admission.uid_slot(peer.uid, &state.config().limits) else {
+            state.counters.limited.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                peer_uid = peer.uid,
+                peer_pid = peer.pid,
+                outcome = "busy",
+                "per-uid connection limit reached; refusing a connection"
+            );
+            tokio::spawn(connection::refuse(
+                stream,
+                Refusal::TooManyConnectionsForUid,
+            ));
+            continue;
+        };
+        let Some(permit) = ctx.admission.connection() else {
+            state.counters.limited.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("connection limit reached; refusing a connection");
+            tokio::spawn(connection::refuse(stream, Refusal::TooManyConnections));
+            continue;
+        };
+        let ctx = ctx.clone();
+        let scope = scope.clone();
+        tokio::spawn(async move {
+            connection::handle(&ctx, stream, peer, scope).await;
+            drop((slot, permit));
+        });
     }
 }

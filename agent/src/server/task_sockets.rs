@@ -4,27 +4,47 @@
 
 use super::{serve, ServeContext};
 use crate::authz::Scope;
-use crate::lifecycle::Changed;
+use crate::lifecycle::{Changed, Generation};
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use tokio::task::JoinHandle;
 
-/// Keep one socket per known task until shutdown: sync after every change of the task set,
-/// rebind all after a reload (the socket name may have changed).
+/// Keep one socket per known task until shutdown: sync after every scan, rebind all after a
+/// reload (the socket name may have changed). Each scan generation is published in `health`
+/// only once the sockets match it.
 pub(crate) async fn run(ctx: ServeContext, mut changed: Changed) {
     let mut sockets = TaskSockets::default();
     let mut shutdown = ctx.shutdown.clone();
     sockets.sync(&ctx);
+    publish(&ctx, *changed.tasks.borrow_and_update());
     loop {
         tokio::select! {
-            Ok(()) = changed.config.changed() => sockets.clear(),
-            Ok(()) = changed.tasks.changed() => sockets.sync(&ctx),
+            // Config first: a reload's rebind must not be undone by a sync ordered before it.
+            biased;
+            Ok(()) = changed.config.changed() => {
+                sockets.clear();
+                sockets.sync(&ctx);
+            }
+            Ok(()) = changed.tasks.changed() => {
+                let generation = *changed.tasks.borrow_and_update();
+                sockets.sync(&ctx);
+                publish(&ctx, generation);
+            }
             _ = shutdown.stopped() => break,
             else => break,
         }
     }
     sockets.clear();
+}
+
+fn publish(ctx: &ServeContext, generation: Generation) {
+    let counters = &ctx.handler.state().counters;
+    counters.scans.store(generation.scans, Ordering::Relaxed);
+    counters
+        .reloads
+        .store(generation.reloads, Ordering::Relaxed);
 }
 
 /// The per-task sockets currently served.

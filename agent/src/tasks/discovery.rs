@@ -3,12 +3,11 @@
 //! into the index.
 
 use super::envfile::Classifier;
-use super::index::{FileUpdate, Tasks};
+use super::index::{Clock, FileUpdate, Tasks};
 use crate::config::Config;
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 /// How deep below an env root task env files may sit (`<sched>/<job>/job-1/<task>/wd/file`
 /// is 6).
@@ -16,14 +15,14 @@ const MAX_ENV_DEPTH: usize = 8;
 
 /// Read every env file under the configured roots and forget the ones that are gone.
 /// Returns files that are still being written (retry after they settle).
-pub(crate) fn rescan_env(tasks: &Tasks, config: &Config, now: SystemTime) -> Vec<PathBuf> {
+pub(crate) fn rescan_env(tasks: &Tasks, config: &Config, clock: Clock<'_>) -> Vec<PathBuf> {
     let mut seen = HashSet::new();
     let mut unsettled = Vec::new();
     for root in &config.env_roots {
         let mut found = Vec::new();
         find_env_files(root, &config.env_file_names, 0, &mut found);
         for path in found {
-            if let FileUpdate::Unsettled = update_env_file(tasks, config, &path, root, now) {
+            if let FileUpdate::Unsettled = update_env_file(tasks, config, &path, root, clock) {
                 unsettled.push(path.clone());
             }
             seen.insert(path);
@@ -43,7 +42,7 @@ pub(crate) fn scan_env_dir(
     tasks: &Tasks,
     config: &Config,
     dir: &Path,
-    now: SystemTime,
+    clock: Clock<'_>,
 ) -> Vec<PathBuf> {
     let Some(root) = root_of(config, dir) else {
         return Vec::new();
@@ -55,7 +54,7 @@ pub(crate) fn scan_env_dir(
         .into_iter()
         .filter(|path| {
             matches!(
-                update_env_file(tasks, config, path, root, now),
+                update_env_file(tasks, config, path, root, clock),
                 FileUpdate::Unsettled
             )
         })
@@ -77,13 +76,13 @@ pub(crate) fn update_env_file(
     config: &Config,
     path: &Path,
     root: &Path,
-    now: SystemTime,
+    clock: Clock<'_>,
 ) -> FileUpdate {
     let classifier = Classifier {
         legacy_names: &config.legacy_names,
         legacy_by_length: config.legacy_by_length,
     };
-    let update = tasks.update_file(path, root, &classifier, now);
+    let update = tasks.update_file(path, root, &classifier, clock);
     match &update {
         FileUpdate::Loaded { vars } => {
             tracing::info!(path = %path.display(), vars, "env file loaded")

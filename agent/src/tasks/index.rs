@@ -88,6 +88,9 @@ impl EnvEntry {
     }
 }
 
+/// Where the wall-clock time comes from (`&SystemTime::now` outside tests).
+pub(crate) type Clock<'a> = &'a dyn Fn() -> SystemTime;
+
 /// Everything the agent knows about tasks, by env-file path and by task directory.
 #[derive(Default)]
 pub(crate) struct Tasks {
@@ -152,13 +155,15 @@ impl Tasks {
         Self::default()
     }
 
-    /// (Re)read `path`, which lies under `root`, at wall-clock time `now`.
+    /// (Re)read `path`, which lies under `root`. `clock` tells the time once the file has been
+    /// read: a time taken earlier could be older than a write made meanwhile, and that file
+    /// would look settled.
     pub(crate) fn update_file(
         &self,
         path: &Path,
         root: &Path,
         classifier: &Classifier<'_>,
-        now: SystemTime,
+        clock: Clock<'_>,
     ) -> FileUpdate {
         if let Ok(m) = std::fs::symlink_metadata(path) {
             let known = self.read().files.get(path).cloned();
@@ -183,7 +188,7 @@ impl Tasks {
         let age = meta
             .modified()
             .ok()
-            .and_then(|m| now.duration_since(m).ok());
+            .and_then(|m| clock().duration_since(m).ok());
         if !settle::is_settled(parsed.terminated, self.writers().contains(path), age) {
             // A writer may still be appending to the last line: never serve half a value.
             return FileUpdate::Unsettled;
@@ -304,5 +309,46 @@ impl Tasks {
                 *v.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
+    use std::time::Duration;
+
+    #[test]
+    fn an_unterminated_file_is_served_only_once_it_settles_by_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = dir.path().join("job/job-1/t1/wd");
+        std::fs::create_dir_all(&task).unwrap();
+        let file = task.join("nodeseal.env");
+        std::fs::write(&file, "A=1\nB=half-writ").unwrap();
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let tasks = Tasks::new();
+        let classifier = Classifier {
+            legacy_names: &[],
+            legacy_by_length: false,
+        };
+        let at = |d: Duration| move || mtime + d;
+        let update = |d| tasks.update_file(&file, dir.path(), &classifier, &at(d));
+        assert_eq!(update(Duration::ZERO), FileUpdate::Unsettled);
+        // Closed by its writer: served once quiet for SETTLE.
+        tasks.note_writer_done(&file);
+        assert_eq!(
+            update(SETTLE - Duration::from_millis(1)),
+            FileUpdate::Unsettled
+        );
+        assert_eq!(update(SETTLE), FileUpdate::Loaded { vars: 2 });
+        assert_eq!(update(SETTLE), FileUpdate::Unchanged);
+        // Rewritten, writer still active: only the grace period lets it through.
+        std::fs::write(&file, "A=1\nB=half-writ-again").unwrap();
+        let mtime2 = std::fs::metadata(&file).unwrap().modified().unwrap();
+        tasks.note_writer_active(&file);
+        let at2 = |d: Duration| move || mtime2 + d;
+        let update2 = |d| tasks.update_file(&file, dir.path(), &classifier, &at2(d));
+        assert_eq!(update2(SETTLE), FileUpdate::Unsettled);
+        assert_eq!(update2(UNTERMINATED_GRACE), FileUpdate::Loaded { vars: 2 });
     }
 }
