@@ -23,7 +23,7 @@ if $is_root; then
   if [ $# -gt 0 ]; then
     echo "scripts/test.sh: arguments given, so the root-only tests were not run (add: -p nodeseal-tests --test e2e -- --ignored)" >&2
   else
-    expected=$(grep -ho '#\[ignore = "needs root:' tests/e2e/*.rs | wc -l)
+    expected=$(grep -h '^#\[ignore = "needs root:' tests/e2e/*.rs | wc -l)
     log=$(mktemp)
     trap 'rm -f "$log"' EXIT
     cargo test --locked -p nodeseal-tests --test e2e -- --ignored 2>&1 | tee "$log"

@@ -206,6 +206,8 @@ fn refused_socket_is_retried_until_the_agent_comes_back() {
     drop(UnixListener::bind(&path).unwrap());
     let p = path.clone();
     let restarter = std::thread::spawn(move || {
+        // The outage is the scenario, not synchronization: the client must meet refused
+        // connects for a while before the agent comes back.
         std::thread::sleep(Duration::from_millis(300));
         std::fs::remove_file(&p).unwrap();
         let listener = UnixListener::bind(&p).unwrap();

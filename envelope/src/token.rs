@@ -969,7 +969,7 @@ mod tests {
     /// Regenerates tests/vectors/v1.json. Run by hand only:
     /// `NODESEAL_WRITE_VECTORS=1 cargo test -p nodeseal-envelope -- --ignored write_vectors`
     #[test]
-    #[ignore]
+    #[ignore = "regenerates tests/vectors/v1.json: by hand, with NODESEAL_WRITE_VECTORS=1"]
     fn write_vectors() {
         if std::env::var_os("NODESEAL_WRITE_VECTORS").is_none() {
             return;

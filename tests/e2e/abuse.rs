@@ -375,16 +375,33 @@ fn abuse_one_uid_holding_every_connection_does_not_lock_out_other_uids() {
     for _ in 0..1500 {
         held.push(UnixStream::connect(&node.socket).unwrap());
     }
-    // Connecting only queues in the backlog: wait until the agent holds uid 0's whole
-    // allowance, so the other uid really comes after uid 0 filled it.
-    let filled = wait_until(Duration::from_secs(10), || {
-        fd_count(node.pid()) >= fds_before + per_uid
+    // Connecting only queues in the backlog: wait until the agent has dealt with every one,
+    // holding uid 0's allowance and having hung up on the rest (after a busy line), so the
+    // other uid really comes after uid 0 filled its share and the refusals are over.
+    for s in &held {
+        s.set_nonblocking(true).unwrap();
+    }
+    let mut hung_up = vec![false; held.len()];
+    let refusals_done = wait_until(Duration::from_secs(10), || {
+        let mut buf = [0u8; 512];
+        for (s, gone) in held.iter().zip(hung_up.iter_mut()) {
+            while !*gone {
+                match (&*s).read(&mut buf) {
+                    Ok(0) => *gone = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => *gone = true,
+                }
+            }
+        }
+        hung_up.iter().filter(|g| **g).count() >= held.len() - per_uid
     });
     let fds = fd_count(node.pid());
     assert!(
-        filled,
-        "the agent accepted only {} of uid 0's {per_uid} connections",
-        fds - fds_before
+        refusals_done,
+        "the agent hung up on {} of uid 0's {} connections over its {per_uid} (agent fds {fds_before} -> {fds})",
+        hung_up.iter().filter(|g| **g).count(),
+        held.len() - per_uid
     );
     // Another uid on the node (another task) must still be served: a connection limit one uid
     // can fill at zero requests per second would be a denial of service on every task.
