@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// RSA private-key operations per second over all cores: `openssl speed -multi <cores>
 /// -seconds <secs> rsa<bits>`, its `sign/s` column.
-pub fn openssl_rsa_sign_per_sec(bits: u32, cores: usize, secs: u32) -> Result<f64> {
+pub(crate) fn openssl_rsa_sign_per_sec(bits: u32, cores: usize, secs: u32) -> Result<f64> {
     let out = Command::new("openssl")
         .args([
             "speed",
@@ -31,7 +31,7 @@ pub fn openssl_rsa_sign_per_sec(bits: u32, cores: usize, secs: u32) -> Result<f6
 }
 
 /// The `sign/s` figure of the `rsa <bits> bits` line.
-pub fn parse_openssl_speed(text: &str, bits: u32) -> Option<f64> {
+pub(crate) fn parse_openssl_speed(text: &str, bits: u32) -> Option<f64> {
     let prefix = format!("rsa {bits} bits");
     let line = text.lines().find(|l| l.trim_start().starts_with(&prefix))?;
     // "rsa 2048 bits 0.000135s 0.000008s   7425.0 133219.0": sign s, verify s, sign/s, verify/s.
@@ -41,7 +41,7 @@ pub fn parse_openssl_speed(text: &str, bits: u32) -> Option<f64> {
 
 /// Batch Shipyard's node-side files for one key: the private key as an unencrypted PEM, as
 /// Shipyard left it (`openssl pkcs12 -nodes`).
-pub fn extract_key_pem(pfx: &Path, pass_file: &Path, out: &Path) -> Result<()> {
+pub(crate) fn extract_key_pem(pfx: &Path, pass_file: &Path, out: &Path) -> Result<()> {
     let st = Command::new("openssl")
         .args(["pkcs12", "-nodes", "-nocerts", "-in"])
         .arg(pfx)
@@ -60,7 +60,7 @@ pub fn extract_key_pem(pfx: &Path, pass_file: &Path, out: &Path) -> Result<()> {
 
 /// One secret the Shipyard way: `echo $CT | base64 -d | openssl rsautl -decrypt -inkey key.pem`
 /// in a fresh shell. Returns the wall time; the cleartext must equal `want`.
-pub fn shipyard_decrypt(key_pem: &Path, ciphertext: &str, want: &str) -> Result<Duration> {
+pub(crate) fn shipyard_decrypt(key_pem: &Path, ciphertext: &str, want: &str) -> Result<Duration> {
     let t = Instant::now();
     let out = Command::new("sh")
         .arg("-c")
@@ -79,7 +79,7 @@ pub fn shipyard_decrypt(key_pem: &Path, ciphertext: &str, want: &str) -> Result<
 }
 
 /// A `systemd-creds` credential, if the tool works here.
-pub struct SystemdCred {
+pub(crate) struct SystemdCred {
     /// The encrypted credential file.
     pub path: PathBuf,
     /// Its name.
@@ -87,7 +87,7 @@ pub struct SystemdCred {
 }
 
 /// Encrypt `value` with `systemd-creds encrypt --with-key=host`; `Err` says why it cannot be used.
-pub fn systemd_creds_encrypt(dir: &Path, name: &str, value: &str) -> Result<SystemdCred> {
+pub(crate) fn systemd_creds_encrypt(dir: &Path, name: &str, value: &str) -> Result<SystemdCred> {
     use std::io::Write;
     let path = dir.join(format!("{name}.cred"));
     let mut child = Command::new("systemd-creds")
@@ -119,7 +119,7 @@ pub fn systemd_creds_encrypt(dir: &Path, name: &str, value: &str) -> Result<Syst
 }
 
 /// One `systemd-creds decrypt`; returns the wall time.
-pub fn systemd_creds_decrypt(cred: &SystemdCred, want: &str) -> Result<Duration> {
+pub(crate) fn systemd_creds_decrypt(cred: &SystemdCred, want: &str) -> Result<Duration> {
     let t = Instant::now();
     let out = Command::new("systemd-creds")
         .arg("decrypt")

@@ -30,7 +30,7 @@ fn register_font() -> Result<()> {
 }
 
 /// Draw every `(label, latencies in µs)` series as a CDF into `out` (PNG).
-pub fn latency_cdf(out: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<()> {
+pub(crate) fn latency_cdf(out: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<()> {
     register_font()?;
     let series: Vec<(&String, Vec<f64>)> = series
         .iter()

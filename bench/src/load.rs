@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// What one load run measured.
-pub struct LoadResult {
+pub(crate) struct LoadResult {
     /// Per-request latencies in microseconds.
     pub latencies_us: Vec<f64>,
     /// Completed requests per second over the run.
@@ -43,7 +43,7 @@ fn round_trip(
 }
 
 /// `count` requests one after another on one connection, after `warmup` unmeasured ones.
-pub fn one_connection(
+pub(crate) fn one_connection(
     socket: &Path,
     requests: &[Vec<u8>],
     warmup: usize,
@@ -87,7 +87,7 @@ pub fn one_connection(
 
 /// `conns` connections, each a thread sending requests back to back for `duration` (or until
 /// `max_per_conn`); connection `c` starts at request `c` of `requests` and walks them in turn.
-pub fn many_connections(
+pub(crate) fn many_connections(
     socket: &Path,
     requests: &[Vec<u8>],
     conns: usize,

@@ -7,13 +7,13 @@ use anyhow::{bail, Context, Result};
 use nodeseal_envelope::token::{self, SealOptions};
 use nodeseal_envelope::KeyPair;
 use nodeseal_testkit::Node;
-pub use nodeseal_testkit::PFX_PASS;
+pub(crate) use nodeseal_testkit::PFX_PASS;
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 /// One generated key pair with its PFX bytes.
-pub struct BenchKey {
+pub(crate) struct BenchKey {
     /// The pair, for sealing and for the in-process parse baseline.
     pub pair: KeyPair,
     /// PKCS#12 under [`PFX_PASS`].
@@ -22,7 +22,7 @@ pub struct BenchKey {
 
 impl BenchKey {
     /// A fresh RSA key of `bits` with a self-signed certificate.
-    pub fn generate(bits: u32) -> Result<Self> {
+    pub(crate) fn generate(bits: u32) -> Result<Self> {
         let pair = KeyPair::generate(bits, 30, "nodeseal-bench")
             .with_context(|| format!("cannot generate an RSA {bits} key"))?;
         let pfx = pair
@@ -32,12 +32,12 @@ impl BenchKey {
     }
 
     /// Lowercase thumbprint.
-    pub fn thumbprint(&self) -> String {
+    pub(crate) fn thumbprint(&self) -> String {
         self.pair.thumbprint().to_string()
     }
 
     /// A v1 token of `value` bound to `name`.
-    pub fn seal_v1(&self, name: &str, value: &str) -> Result<String> {
+    pub(crate) fn seal_v1(&self, name: &str, value: &str) -> Result<String> {
         let opts = SealOptions {
             name: Some(name.to_owned()),
             not_after: None,
@@ -47,7 +47,7 @@ impl BenchKey {
     }
 
     /// A Batch Shipyard ciphertext of `value` (raw RSA PKCS#1 v1.5, base64).
-    pub fn seal_shipyard(&self, value: &str) -> Result<String> {
+    pub(crate) fn seal_shipyard(&self, value: &str) -> Result<String> {
         let public = self
             .pair
             .certificate()
@@ -60,17 +60,17 @@ impl BenchKey {
 
 /// The cleartext the benchmark stores under variable `i` (fixed length, so request and
 /// response sizes are the same for every variable).
-pub fn value_of(i: usize) -> String {
+pub(crate) fn value_of(i: usize) -> String {
     format!("bench-value-{i:08}-0123456789abcdef")
 }
 
 /// Variable name `i`.
-pub fn name_of(i: usize) -> String {
+pub(crate) fn name_of(i: usize) -> String {
     format!("SECRET_{i:05}")
 }
 
 /// A fresh node run by `agent_bin`; `config_extra` is merged over the benchmark's config.
-pub fn bench_node(agent_bin: &Path, config_extra: &Value) -> Result<Node> {
+pub(crate) fn bench_node(agent_bin: &Path, config_extra: &Value) -> Result<Node> {
     let node = Node::with_agent_bin(agent_bin, "nodeseal-bench-");
     // Raised limits: the benchmark measures capacity, and one uid (root) sends everything,
     // which the default 200 requests/s per uid would cut off within a fraction of a second.
@@ -95,12 +95,12 @@ pub fn bench_node(agent_bin: &Path, config_extra: &Value) -> Result<Node> {
 }
 
 /// Drop `key` into the certificate dir as Batch does.
-pub fn drop_key(node: &Node, key: &BenchKey) {
+pub(crate) fn drop_key(node: &Node, key: &BenchKey) {
     node.drop_pfx_bytes(&key.thumbprint(), &key.pfx, PFX_PASS);
 }
 
 /// Stop the agent if it runs (SIGTERM, bounded wait).
-pub fn stop(node: &mut Node) -> Result<()> {
+pub(crate) fn stop(node: &mut Node) -> Result<()> {
     if node.is_running() {
         let status = node.stop();
         if !status.success() {
@@ -114,26 +114,26 @@ pub fn stop(node: &mut Node) -> Result<()> {
 }
 
 /// Write a task's env file from name/value pairs.
-pub fn write_env(node: &Node, task_dir: &Path, lines: &[(String, String)]) -> PathBuf {
+pub(crate) fn write_env(node: &Node, task_dir: &Path, lines: &[(String, String)]) -> PathBuf {
     let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     node.write_env(task_dir, &text)
 }
 
 /// The last 40 lines the agent logged.
-pub fn log_tail(node: &Node) -> String {
+pub(crate) fn log_tail(node: &Node) -> String {
     let text = node.logs();
     let tail: Vec<&str> = text.lines().rev().take(40).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// One request on a new connection.
-pub fn request(node: &Node, req: &Value) -> Result<Value> {
+pub(crate) fn request(node: &Node, req: &Value) -> Result<Value> {
     node.try_request(req)
         .with_context(|| format!("no answer from {}", node.socket.display()))
 }
 
 /// `get` and insist on `want`.
-pub fn get_expect(node: &Node, task: &Path, name: &str, want: &str) -> Result<()> {
+pub(crate) fn get_expect(node: &Node, task: &Path, name: &str, want: &str) -> Result<()> {
     let r = request(node, &get_request(task, name))?;
     if r["ok"] != true || r["value"] != want {
         bail!(
@@ -146,18 +146,18 @@ pub fn get_expect(node: &Node, task: &Path, name: &str, want: &str) -> Result<()
 }
 
 /// A `get` request as JSON.
-pub fn get_request(task: &Path, name: &str) -> Value {
+pub(crate) fn get_request(task: &Path, name: &str) -> Value {
     json!({"v": 1, "op": "get", "name": name, "task": task})
 }
 
 /// `VmRSS` and `VmLck` of `pid`, in KiB.
-pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     let f = status_fields(pid, &["VmRSS:", "VmLck:"])?;
     Ok((f[0], f[1]))
 }
 
 /// Numeric fields (KiB) of `/proc/<pid>/status`, 0 when absent.
-pub fn status_fields(pid: u32, names: &[&str]) -> Result<Vec<u64>> {
+pub(crate) fn status_fields(pid: u32, names: &[&str]) -> Result<Vec<u64>> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
     let field = |name: &str| {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 /// Serve `socket` until killed, answering each line with `reply_bytes` bytes (newline included).
-pub fn echo_server(socket: &Path, reply_bytes: usize) -> Result<()> {
+pub(crate) fn echo_server(socket: &Path, reply_bytes: usize) -> Result<()> {
     let mut reply = vec![b'x'; reply_bytes.max(1)];
     if let Some(last) = reply.last_mut() {
         *last = b'\n';

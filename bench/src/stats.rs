@@ -1,7 +1,7 @@
 //! Percentiles of one run and the spread of a figure over repeated runs.
 
 /// The `q`-quantile (0..=1) of `samples` by nearest rank; `None` when there are no samples.
-pub fn quantile(samples: &[f64], q: f64) -> Option<f64> {
+pub(crate) fn quantile(samples: &[f64], q: f64) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }
@@ -16,7 +16,7 @@ pub fn quantile(samples: &[f64], q: f64) -> Option<f64> {
 
 /// One figure measured once per repeat: its median over the repeats and the range.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Spread {
+pub(crate) struct Spread {
     /// Median over repeats.
     pub median: f64,
     /// Smallest repeat.
@@ -29,7 +29,7 @@ pub struct Spread {
 
 impl Spread {
     /// Spread of per-repeat values; `None` when no repeat produced a value.
-    pub fn of(values: &[f64]) -> Option<Self> {
+    pub(crate) fn of(values: &[f64]) -> Option<Self> {
         let median = quantile(values, 0.5)?;
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
