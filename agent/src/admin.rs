@@ -54,7 +54,7 @@ pub fn check(config: &Config, path: &Path) -> usize {
             KeyState::Loaded | KeyState::Revoked => println!(
                 "key {} {} ({} bits) from {}",
                 r.thumbprint.as_deref().unwrap_or("-"),
-                state_name(r.state),
+                r.state.as_str(),
                 r.bits.unwrap_or(0),
                 r.source
             ),
@@ -74,13 +74,6 @@ pub fn check(config: &Config, path: &Path) -> usize {
         store.usable_count()
     );
     problems
-}
-
-fn state_name(state: KeyState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 fn fmt_time(unix: Option<i64>) -> String {
@@ -103,7 +96,7 @@ pub fn render_keys(report: &StatusReport) -> String {
         out.push_str(&format!(
             "{:<40}  {:<8}  {:>5}  {:<20}  {:>6}  {}{}\n",
             k.thumbprint.as_deref().unwrap_or("-"),
-            state_name(k.state),
+            k.state.as_str(),
             k.bits.map_or("-".into(), |b| b.to_string()),
             fmt_time(k.not_after),
             k.opened,

@@ -41,6 +41,19 @@ pub enum KeyState {
     Missing,
 }
 
+impl KeyState {
+    /// The name the JSON uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loaded => "loaded",
+            Self::Revoked => "revoked",
+            Self::Pending => "pending",
+            Self::Broken => "broken",
+            Self::Missing => "missing",
+        }
+    }
+}
+
 /// One row of `status`/`keys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyStatus {
@@ -127,4 +140,22 @@ pub struct KeyChange {
     /// `revoke` only: whether its ingested copy was deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purged: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_state_names_are_the_json_ones() {
+        for s in [
+            KeyState::Loaded,
+            KeyState::Revoked,
+            KeyState::Pending,
+            KeyState::Broken,
+            KeyState::Missing,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 }

@@ -9,7 +9,6 @@ use nodeseal_envelope::KeyPair;
 use nodeseal_testkit::Node;
 pub(crate) use nodeseal_testkit::PFX_PASS;
 use serde_json::{json, Value};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// One generated key pair with its PFX bytes.
@@ -158,15 +157,6 @@ pub(crate) fn rss_kib(pid: u32) -> Result<(u64, u64)> {
 
 /// Numeric fields (KiB) of `/proc/<pid>/status`, 0 when absent.
 pub(crate) fn status_fields(pid: u32, names: &[&str]) -> Result<Vec<u64>> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok(names.iter().map(|n| field(n)).collect())
+    nodeseal_testkit::proc_status_kib(pid, names)
+        .with_context(|| format!("cannot read /proc/{pid}/status"))
 }

@@ -22,7 +22,9 @@ mod wire;
 pub use agent::{AgentOptions, AgentProcess, Node};
 pub use bins::{bin, bin_dir, code, openssl, run_with_stdin, stderr, stdout};
 pub use layout::{Cert, NodeLayout, PFX_PASS};
-pub use wire::{code_of, fd_count, request_as, request_at, rss_kib, try_request_as};
+pub use wire::{
+    code_of, fd_count, proc_status_kib, request_as, request_at, rss_kib, try_request_as,
+};
 
 use std::time::{Duration, Instant};
 

@@ -71,15 +71,25 @@ sys.stdout.write(buf.decode())
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// Numeric fields (KiB) of `/proc/<pid>/status`, such as `"VmRSS:"`; 0 for a field that is
+/// absent.
+pub fn proc_status_kib(pid: u32, names: &[&str]) -> std::io::Result<Vec<u64>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(names.iter().map(|n| field(n)).collect())
+}
+
 /// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"))
+    proc_status_kib(pid, &["VmRSS:"])
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"))[0]
 }
 
 /// Number of file descriptors `pid` has open. The agent makes itself non-dumpable, which

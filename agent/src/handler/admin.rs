@@ -3,8 +3,9 @@
 use super::audit::Audit;
 use super::{Answer, Context, Handler};
 use crate::authz;
+use crate::lifecycle;
 use crate::refusal::Refusal;
-use crate::report::{Health, StatusReport, TaskStatus};
+use crate::report::{Health, KeyChange, StatusReport, TaskStatus};
 use crate::tasks::EnvEntry;
 use nodeseal_envelope::Thumbprint;
 use std::collections::BTreeMap;
@@ -71,16 +72,8 @@ impl Handler {
         purge: bool,
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
-        authz::require_host_root(&cx.caller, cx.scope, "revoke")?;
-        let tp = parse_thumbprint(thumbprint)?;
-        audit.key_id = Some(tp);
-        let change = self
-            .lifecycle
-            .revoke(tp, purge)
-            .await
-            .map_err(|_| Refusal::ShuttingDown)?
-            .map_err(|e| Refusal::Internal(format!("{e:#}")))?;
-        Answer::report(&change)
+        let tp = self.key_operation(cx, "revoke", thumbprint, audit)?;
+        key_change(self.lifecycle.revoke(tp, purge).await)
     }
 
     pub(super) async fn restore(
@@ -89,17 +82,33 @@ impl Handler {
         thumbprint: &str,
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
-        authz::require_host_root(&cx.caller, cx.scope, "restore")?;
+        let tp = self.key_operation(cx, "restore", thumbprint, audit)?;
+        key_change(self.lifecycle.restore(tp).await)
+    }
+
+    /// The key an admin operation names, once the caller may run it.
+    fn key_operation(
+        &self,
+        cx: &Context<'_>,
+        op: &'static str,
+        thumbprint: &str,
+        audit: &mut Audit,
+    ) -> Result<Thumbprint, Refusal> {
+        authz::require_host_root(&cx.caller, cx.scope, op)?;
         let tp = parse_thumbprint(thumbprint)?;
         audit.key_id = Some(tp);
-        let change = self
-            .lifecycle
-            .restore(tp)
-            .await
-            .map_err(|_| Refusal::ShuttingDown)?
-            .map_err(|e| Refusal::Internal(format!("{e:#}")))?;
-        Answer::report(&change)
+        Ok(tp)
     }
+}
+
+/// The lifecycle thread's answer to a revoke or restore.
+fn key_change(
+    answer: Result<anyhow::Result<KeyChange>, lifecycle::Stopped>,
+) -> Result<Answer, Refusal> {
+    let change = answer
+        .map_err(|_| Refusal::ShuttingDown)?
+        .map_err(|e| Refusal::Internal(format!("{e:#}")))?;
+    Answer::report(&change)
 }
 
 fn parse_thumbprint(s: &str) -> Result<Thumbprint, Refusal> {
