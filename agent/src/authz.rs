@@ -26,8 +26,9 @@ pub(crate) enum Scope {
     /// The host-wide socket: access by the caller's credentials.
     Host,
     /// A per-task socket inside this task directory: answers for that task only, whoever asks
-    /// (reaching the socket file is the credential).
-    Task(PathBuf),
+    /// (reaching the socket file is the credential), and only with the env files of the task's
+    /// owner.
+    Task { dir: PathBuf, owner: u32 },
 }
 
 /// Who may `open` presented tokens, from the config.
@@ -83,8 +84,8 @@ pub(crate) fn task_to_read(
     owned_by: impl FnOnce(u32) -> Vec<PathBuf>,
 ) -> Result<PathBuf, Refusal> {
     match (scope, asked) {
-        (Scope::Task(dir), None) => Ok(dir.clone()),
-        (Scope::Task(dir), Some(t)) => {
+        (Scope::Task { dir, .. }, None) => Ok(dir.clone()),
+        (Scope::Task { dir, .. }, Some(t)) => {
             let asked = normalize_task_dir(t);
             if &asked == dir {
                 Ok(asked)
@@ -123,7 +124,7 @@ pub(crate) fn readable_files(
     }
     let all = || (0..owners.len()).collect();
     let readable: Vec<usize> = match scope {
-        Scope::Task(_) => all(),
+        Scope::Task { owner, .. } => (0..owners.len()).filter(|&i| owners[i] == *owner).collect(),
         Scope::Host if caller.host_root => all(),
         Scope::Host if caller.uid == 0 => return Err(Refusal::ContainerRoot),
         Scope::Host => (0..owners.len())
@@ -147,7 +148,7 @@ pub(crate) fn may_open(
     policy: &OpenPolicy<'_>,
     key: &Thumbprint,
 ) -> bool {
-    if caller.host_root || matches!(scope, Scope::Task(_)) {
+    if caller.host_root || matches!(scope, Scope::Task { .. }) {
         return true;
     }
     if let Some(rule) = policy.by_key.get(key) {
@@ -209,7 +210,10 @@ mod tests {
         PathBuf::from("/mnt/batch/tasks/workitems/j/job-1/t")
     }
     fn task_scope() -> Scope {
-        Scope::Task(task_dir())
+        Scope::Task {
+            dir: task_dir(),
+            owner: VICTIM,
+        }
     }
     fn code(r: Result<impl std::fmt::Debug, Refusal>) -> Option<ErrorCode> {
         r.err().map(|e| e.code())
@@ -377,14 +381,21 @@ mod tests {
                 vec![VICTIM],
                 Err(ErrorCode::Forbidden),
             ),
-            // Reaching a per-task socket is the credential: anyone, every file of that task.
+            // Reaching a per-task socket is the credential: anyone, every file of the task's
+            // owner, and no other uid's file that happens to sit in the task.
             (
                 caller(OTHER, OTHER, false),
                 task_scope(),
                 vec![VICTIM, OTHER],
-                Ok(vec![0, 1]),
+                Ok(vec![0]),
             ),
             (container_root(), task_scope(), vec![VICTIM], Ok(vec![0])),
+            (
+                caller(OTHER, OTHER, false),
+                task_scope(),
+                vec![OTHER],
+                Err(ErrorCode::Forbidden),
+            ),
             (
                 caller(VICTIM, VICTIM, false),
                 Scope::Host,

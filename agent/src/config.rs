@@ -62,6 +62,8 @@ pub struct Config {
     pub env_roots: Vec<PathBuf>,
     /// File names (not paths) that are task env files.
     pub env_file_names: Vec<String>,
+    /// Where the scheduler puts tasks below each env root: `batch` or `flat`.
+    pub task_layout: TaskLayout,
     /// Variables whose values may be legacy Batch Shipyard ciphertexts.
     pub legacy_names: Vec<String>,
     /// Also treat any value whose base64 decodes to 256, 384 or 512 bytes as legacy.
@@ -228,6 +230,18 @@ fn deserialize_rules_by_key<'de, D: Deserializer<'de>>(
     Ok(rules)
 }
 
+/// How tasks are laid out below an env root; tasks exist only there.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskLayout {
+    /// Azure Batch: `<root>/[<schedule>/]<job>/job-<n>/<task>/`, env files in `<task>/wd/` and
+    /// `<task>/`.
+    #[default]
+    Batch,
+    /// One directory per task: `<root>/<id>/`, env files in it (Slurm, Kubernetes, plain hosts).
+    Flat,
+}
+
 /// Who may `open` tokens of one key.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -294,6 +308,9 @@ pub struct Limits {
     pub burst_per_uid: u32,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout_secs: u64,
+    /// Directories watched with inotify at most (layout levels and key sources); past it the
+    /// agent warns once and relies on its periodic rescans.
+    pub max_watched_dirs: usize,
 }
 
 impl Default for Limits {
@@ -306,6 +323,7 @@ impl Default for Limits {
             requests_per_sec_per_uid: 200,
             burst_per_uid: 400,
             drain_timeout_secs: 5,
+            max_watched_dirs: 16_384,
         }
     }
 }
@@ -346,6 +364,7 @@ impl Default for Config {
             revocation_list: Some(PathBuf::from("/etc/nodeseal/revoked")),
             env_roots: vec![PathBuf::from("/mnt/batch/tasks/workitems")],
             env_file_names: vec![".shipyard.envlist".into(), "nodeseal.env".into()],
+            task_layout: TaskLayout::Batch,
             legacy_names: vec![
                 "DOCKER_LOGIN_PASSWORD".into(),
                 "SINGULARITY_LOGIN_PASSWORD".into(),

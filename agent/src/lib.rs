@@ -52,6 +52,7 @@ mod state;
 mod sys;
 mod tasks;
 mod watch;
+mod watches;
 
 use anyhow::{Context, Result};
 use authz::Scope;
@@ -95,21 +96,12 @@ pub async fn run(
     // key store. Connections wait in its backlog until serving starts below.
     let (listener, owned_socket) =
         server::listener::host_socket(&config, options.socket_activation)?;
-    let (lifecycle, changed, lifecycle_thread) = Lifecycle::start(state.clone())?;
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (lifecycle, changed, lifecycle_thread) = Lifecycle::start(state.clone(), events_tx)?;
     let (mut trigger, stop_listener) = shutdown::channel();
 
-    // Watches first, then the initial load: a file written in between is seen by both at worst,
-    // never by neither.
-    let (watching_tx, watching) = tokio::sync::oneshot::channel();
-    let watcher = tokio::spawn(watch::run(
-        state.clone(),
-        lifecycle.clone(),
-        changed.clone(),
-        stop_listener.clone(),
-        watching_tx,
-    ));
-    let _ = watching.await;
-    // Store copies are written (with fsync) right after READY, not before.
+    // The first load walks every root and sets up every watch before READY: a file written
+    // right after READY is seen by its watch.
     let first_load = ScanWork {
         skip_ingest: true,
         ..ScanWork::full()
@@ -118,6 +110,12 @@ pub async fn run(
         .scan(first_load)
         .await
         .context("initial load failed")?;
+    let watcher = tokio::spawn(watch::run(
+        state.clone(),
+        lifecycle.clone(),
+        events,
+        stop_listener.clone(),
+    ));
 
     let handler = Arc::new(Handler::new(state.clone(), lifecycle.clone()));
     let ctx = ServeContext {

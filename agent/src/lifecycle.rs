@@ -11,7 +11,8 @@ use crate::keys::sources::SourceId;
 use crate::keys::{ingest, key_sources, revocation, Changes};
 use crate::report::{KeyChange, KeyState};
 use crate::state::State;
-use crate::tasks::discovery;
+use crate::tasks::discovery::{self, Refusals};
+use crate::watches::Watches;
 use anyhow::{Context, Result};
 use nodeseal_envelope::Thumbprint;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -30,15 +31,14 @@ pub(crate) struct ScanWork {
     /// Copy readable keys into the store during the key rescan (off only for the first load,
     /// so READY does not wait for the store's fsyncs).
     pub(crate) skip_ingest: bool,
-    /// Env files to (re)read.
-    pub(crate) env_files: BTreeSet<PathBuf>,
+    /// Layout directories to walk again (a task, a job, a root): what the index knew below
+    /// each is replaced by what is there now.
+    pub(crate) targets: BTreeSet<PathBuf>,
+    /// Events were lost: directories made meanwhile have no watch yet.
+    pub(crate) rewatch: bool,
     /// What the watcher last saw of each file's writer: closed it (or renamed it into place)
     /// or still writing. Decides when a file with an unterminated last line may be read.
     pub(crate) writer_closed: BTreeMap<PathBuf, bool>,
-    /// Directories that appeared: scan them for env files.
-    pub(crate) env_dirs: BTreeSet<PathBuf>,
-    /// Paths that went away: forget the env files below them.
-    pub(crate) gone: BTreeSet<PathBuf>,
     /// This scan completes a SIGHUP reload.
     pub(crate) completes_reload: bool,
 }
@@ -104,13 +104,20 @@ pub(crate) struct Stopped;
 
 impl Lifecycle {
     /// Start the lifecycle thread. It ends when every [`Lifecycle`] handle is dropped.
-    pub(crate) fn start(state: Arc<State>) -> Result<(Self, Changed, std::thread::JoinHandle<()>)> {
+    pub(crate) fn start(
+        state: Arc<State>,
+        events: mpsc::UnboundedSender<notify::Result<notify::Event>>,
+    ) -> Result<(Self, Changed, std::thread::JoinHandle<()>)> {
         let (commands, rx) = mpsc::unbounded_channel();
         let (tasks_tx, tasks) = watch::channel(Generation::default());
         let (config_tx, config) = watch::channel(0u64);
         let owner = Owner {
             state,
             expiry: ExpiryWarnings::default(),
+            watches: Watches::new(events),
+            layout_dirs: BTreeSet::new(),
+            refusals: Refusals::default(),
+            pending_unsettled: Vec::new(),
             tasks_changed: tasks_tx,
             config_changed: config_tx,
         };
@@ -151,8 +158,8 @@ impl Lifecycle {
         self.ask(|reply| Command::Restore { key, reply }).await
     }
 
-    /// Put `config` in force (if any) and drop every cached value; the watcher then sets up its
-    /// watches again and asks for the full rescan that completes the reload.
+    /// Put `config` in force (if any), drop every cached value, and rescan everything under it
+    /// (watches included).
     pub(crate) async fn reload(&self, config: Option<Config>) -> Result<(), Stopped> {
         self.ask(|reply| Command::Reload {
             config: config.map(Box::new),
@@ -165,6 +172,13 @@ impl Lifecycle {
 struct Owner {
     state: Arc<State>,
     expiry: ExpiryWarnings,
+    watches: Watches,
+    /// Layout directories the last walks found: what is watched besides roots and key dirs.
+    layout_dirs: BTreeSet<PathBuf>,
+    refusals: Refusals,
+    /// Files still being written that a reload found: handed to the watcher with the next
+    /// scan's answer, so it retries them.
+    pending_unsettled: Vec<PathBuf>,
     tasks_changed: watch::Sender<Generation>,
     config_changed: watch::Sender<u64>,
 }
@@ -198,7 +212,9 @@ impl Owner {
                     let _ = reply.send(self.restore(key));
                 }
                 Command::Reload { config, reply } => {
-                    self.reload(config);
+                    // Files a reload found still being written go back with the next scan.
+                    let unsettled = self.reload(config);
+                    self.pending_unsettled.extend(unsettled);
                     let _ = reply.send(());
                 }
             }
@@ -206,9 +222,8 @@ impl Owner {
     }
 
     fn scan(&mut self, work: ScanWork) -> Vec<PathBuf> {
-        let state = &self.state;
+        let state = self.state.clone();
         let config = state.config();
-        let mut unsettled = Vec::new();
         for (path, closed) in &work.writer_closed {
             if *closed {
                 state.tasks.note_writer_done(path);
@@ -219,45 +234,41 @@ impl Owner {
         if work.full || work.keys {
             self.rescan_keys(&config, !work.skip_ingest);
         }
+        if work.rewatch {
+            self.watches.reset();
+        }
+        let mut unsettled = std::mem::take(&mut self.pending_unsettled);
         if work.full {
-            unsettled.extend(discovery::rescan_env(
-                &state.tasks,
-                &config,
-                &SystemTime::now,
-            ));
+            for path in state.tasks.paths() {
+                if discovery::root_of(&config, &path).is_none() {
+                    state.tasks.remove(&path);
+                    tracing::info!(path = %path.display(), "env file no longer under an env root; forgotten");
+                }
+            }
+            self.layout_dirs
+                .retain(|d| discovery::root_of(&config, d).is_some());
+            for root in &config.env_roots {
+                unsettled.extend(self.rescan_target(&config, root));
+            }
             let now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
             self.expiry
                 .check(&state.keys.loaded_entries(), now_unix, Instant::now());
         } else {
-            for path in &work.gone {
-                for f in state.tasks.remove_under(path) {
-                    tracing::info!(path = %f.display(), "env file gone; its values are forgotten");
-                }
-            }
-            for dir in &work.env_dirs {
-                unsettled.extend(discovery::scan_env_dir(
-                    &state.tasks,
-                    &config,
-                    dir,
-                    &SystemTime::now,
-                ));
-            }
-            for file in &work.env_files {
-                if let Some(root) = discovery::root_of(&config, file) {
-                    if let crate::tasks::FileUpdate::Unsettled = discovery::update_env_file(
-                        &state.tasks,
-                        &config,
-                        file,
-                        root,
-                        &SystemTime::now,
-                    ) {
-                        unsettled.push(file.clone());
-                    }
-                }
+            for target in &work.targets {
+                unsettled.extend(self.rescan_target(&config, target));
             }
         }
+        // Directories watched only now may have changed before their watch existed: walk
+        // them once more (once: what that walk adds is watched, and its events come).
+        let newly = self.sync_watches(&config);
+        for dir in newly {
+            if self.layout_dirs.contains(&dir) || config.env_roots.contains(&dir) {
+                unsettled.extend(self.rescan_target(&config, &dir));
+            }
+        }
+        self.sync_watches(&config);
         let completes_reload = work.completes_reload;
         self.tasks_changed.send_modify(|g| {
             g.scans += 1;
@@ -266,6 +277,39 @@ impl Owner {
             }
         });
         unsettled
+    }
+
+    /// Walk one layout directory and replace what was known below it.
+    fn rescan_target(&mut self, config: &Config, target: &std::path::Path) -> Vec<PathBuf> {
+        let found = discovery::rescan(
+            &self.state.tasks,
+            config,
+            target,
+            &mut self.refusals,
+            &SystemTime::now,
+        );
+        self.layout_dirs.retain(|d| !d.starts_with(target));
+        if !found.gone {
+            self.layout_dirs.extend(found.dirs);
+        }
+        found.unsettled
+    }
+
+    /// Watch the roots, the key source dirs and the revocation list's dir first, then the
+    /// layout directories; returns what is watched only now.
+    fn sync_watches(&mut self, config: &Config) -> Vec<PathBuf> {
+        let mut wanted: Vec<PathBuf> = config.env_roots.clone();
+        wanted.extend(key_sources(config).into_iter().map(|s| s.path));
+        if let Some(parent) = config.revocation_list.as_deref().and_then(|l| l.parent()) {
+            wanted.push(parent.to_path_buf());
+        }
+        wanted.extend(
+            self.layout_dirs
+                .iter()
+                .filter(|d| !config.env_roots.contains(d))
+                .cloned(),
+        );
+        self.watches.sync(&wanted, config.limits.max_watched_dirs)
     }
 
     /// Rescan every key source (and the store), ingest where configured, reload the revocation
@@ -342,7 +386,7 @@ impl Owner {
         })
     }
 
-    fn reload(&self, config: Option<Box<Config>>) {
+    fn reload(&mut self, config: Option<Box<Config>>) -> Vec<PathBuf> {
         if let Some(new) = config {
             let new = *new;
             if new.socket_path != self.state.config().socket_path {
@@ -353,5 +397,9 @@ impl Owner {
         tracing::info!("SIGHUP: reloading config, keys and env files");
         self.state.tasks.evict_all();
         self.config_changed.send_modify(|g| *g += 1);
+        self.scan(ScanWork {
+            completes_reload: true,
+            ..ScanWork::full()
+        })
     }
 }

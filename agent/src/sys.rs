@@ -1,8 +1,10 @@
-//! The agent's only `unsafe` code, two calls with no safe wrapper:
+//! The agent's only `unsafe` code, three calls with no safe wrapper:
 //! - adopting the listening socket systemd passes by socket activation: `sd_listen_fds` hands
 //!   over a raw descriptor number, and turning a number into an owned socket is unchecked;
 //! - `mlockall` with `MCL_ONFAULT`, which nix does not expose: without it `MCL_FUTURE` would
-//!   fault in every reserved thread stack and multiply the agent's resident memory.
+//!   fault in every reserved thread stack and multiply the agent's resident memory;
+//! - taking ownership of the descriptor `openat2`/`openat` return (nix hands back a raw number),
+//!   in [`open_beneath`], the one way the agent opens anything inside a task tree.
 //!
 //! Everything else goes through safe wrappers (tokio, nix).
 #![allow(unsafe_code)]
@@ -36,4 +38,43 @@ pub(crate) fn lock_memory() -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Open `name`, one path component, beneath the directory `dir` without following a symlink or
+/// magic link anywhere: `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_MAGICLINKS`, or, on kernels without `openat2` (before 5.6), `openat` with
+/// `O_NOFOLLOW`, which for a single component refuses exactly the same things.
+pub(crate) fn open_beneath(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    flags: nix::fcntl::OFlag,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(name);
+    if bytes.is_empty() || bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a single path component",
+        ));
+    }
+    let flags = flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let how = OpenHow::new().flags(flags).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    );
+    let fd = match nix::fcntl::openat2(dir.as_raw_fd(), name, how) {
+        Err(nix::errno::Errno::ENOSYS) => nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name,
+            flags,
+            nix::sys::stat::Mode::empty(),
+        ),
+        other => other,
+    }
+    .map_err(std::io::Error::from)?;
+    // SAFETY: the kernel just returned `fd` as a new descriptor owned by nobody else; it is
+    // wrapped exactly once, here.
+    Ok(unsafe { <OwnedFd as FromRawFd>::from_raw_fd(fd) })
 }

@@ -1,21 +1,24 @@
-//! Filesystem watching: inotify (through `notify`) on the env roots, key source dirs and the
-//! revocation list, debounced into rescans of exactly what changed; a full rescan at start, on
-//! reload, when the kernel reports lost events, and every minute as a safety net.
+//! Turning file-system events into work: inotify events (from the watches the lifecycle thread
+//! keeps) are classified by path alone — no file-system access here — and debounced into
+//! [`ScanWork`]: rescans of exactly the layout directories that changed. Ticks add the retries
+//! of files still being written and the periodic full rescan (every minute, and when the kernel
+//! reports lost events).
 
+use crate::config::Config;
 use crate::keys::key_sources;
-use crate::lifecycle::{Changed, Lifecycle, ScanWork};
+use crate::lifecycle::{Lifecycle, ScanWork};
 use crate::shutdown::Shutdown;
 use crate::state::State;
-use notify::{Event, EventKind, RecursiveMode, Watcher};
-use std::collections::HashSet;
-use std::path::PathBuf;
+use crate::tasks::layout::{components_below, level_of, Level};
+use notify::{Event, EventKind};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Quiet time after an event before acting, so a file written in several steps is read once.
 const DEBOUNCE: Duration = Duration::from_millis(25);
-/// How often missing directories are retried and the safety-net rescan considered.
+/// How often files still being written are retried and watches for missing dirs attempted.
 const TICK: Duration = Duration::from_millis(500);
 const FULL_RESCAN_EVERY: Duration = Duration::from_secs(60);
 /// Full rescans asked for by lost events are at least this far apart: the rescan's own file
@@ -23,137 +26,38 @@ const FULL_RESCAN_EVERY: Duration = Duration::from_secs(60);
 /// endless loop of rescans.
 const MIN_FULL_INTERVAL: Duration = Duration::from_secs(1);
 
-struct Watches {
-    watcher: Option<notify::RecommendedWatcher>,
-    /// Directories watched, with whether recursively.
-    active: HashSet<(PathBuf, bool)>,
-    /// Directories that did not exist yet.
-    missing: Vec<(PathBuf, bool)>,
-}
-
-impl Watches {
-    fn new(tx: mpsc::UnboundedSender<notify::Result<Event>>) -> Self {
-        let watcher = notify::recommended_watcher(move |res| {
-            let _ = tx.send(res);
-        })
-        .map_err(|e| tracing::error!(error = %e, "cannot start the file watcher; relying on periodic rescans"))
-        .ok();
-        Self {
-            watcher,
-            active: HashSet::new(),
-            missing: Vec::new(),
-        }
-    }
-
-    /// Watch what `config` names; returns directories that became watchable (to scan them).
-    fn setup(&mut self, state: &State) -> Vec<PathBuf> {
-        let config = state.config();
-        let mut wanted: Vec<(PathBuf, bool)> = Vec::new();
-        for root in &config.env_roots {
-            wanted.push((root.clone(), true));
-        }
-        for s in key_sources(&config) {
-            wanted.push((s.path.clone(), false));
-        }
-        if let Some(list) = &config.revocation_list {
-            if let Some(parent) = list.parent() {
-                wanted.push((parent.to_path_buf(), false));
-            }
-        }
-        if let Some(w) = self.watcher.as_mut() {
-            for (path, _) in self.active.iter() {
-                if !wanted.iter().any(|(p, _)| p == path) {
-                    let _ = w.unwatch(path);
-                }
-            }
-        }
-        self.active.retain(|a| wanted.contains(a));
-        self.missing = wanted
-            .into_iter()
-            .filter(|w| !self.active.contains(w))
-            .collect();
-        self.retry_missing()
-    }
-
-    /// A watched directory that was deleted takes its inotify watch with it: treat it as
-    /// missing again so it is re-watched (and rescanned) when it comes back.
-    fn forget_vanished(&mut self) {
-        let vanished: Vec<(PathBuf, bool)> = self
-            .active
-            .iter()
-            .filter(|(p, _)| !p.is_dir())
-            .cloned()
-            .collect();
-        for v in vanished {
-            if let Some(w) = self.watcher.as_mut() {
-                let _ = w.unwatch(&v.0);
-            }
-            self.active.remove(&v);
-            self.missing.push(v);
-        }
-    }
-
-    /// Watch every active directory again: notify then walks each tree and adds watches for
-    /// subdirectories whose creation events were lost.
-    fn rewatch(&mut self) {
-        for (path, recursive) in std::mem::take(&mut self.active) {
-            if let Some(w) = self.watcher.as_mut() {
-                let _ = w.unwatch(&path);
-            }
-            self.missing.push((path, recursive));
-        }
-        self.retry_missing();
-    }
-
-    fn retry_missing(&mut self) -> Vec<PathBuf> {
-        let Some(w) = self.watcher.as_mut() else {
-            return Vec::new();
+/// The layout directory to rescan for an event at `path`, if it concerns tasks at all: the
+/// task of an env file, or the layout directory itself. Anything else below a root (what a
+/// task makes inside its working directory) is ignored without a look.
+pub(crate) fn target_of(config: &Config, path: &Path) -> Option<PathBuf> {
+    let root = config.env_roots.iter().find(|r| path.starts_with(r))?;
+    let comps = components_below(root, path)?;
+    let Some((last, parent)) = comps.split_last() else {
+        return Some(root.clone());
+    };
+    if config.env_file_names.iter().any(|n| *last == n.as_str()) {
+        return match level_of(config.task_layout, parent) {
+            Level::Task { .. } => path.parent().map(Path::to_path_buf),
+            Level::Wd => path.parent().and_then(Path::parent).map(Path::to_path_buf),
+            _ => None,
         };
-        let mut added = Vec::new();
-        let mut still = Vec::new();
-        for (path, recursive) in std::mem::take(&mut self.missing) {
-            if !path.is_dir() {
-                still.push((path, recursive));
-                continue;
-            }
-            let mode = if recursive {
-                RecursiveMode::Recursive
-            } else {
-                RecursiveMode::NonRecursive
-            };
-            match w.watch(&path, mode) {
-                Ok(()) => {
-                    tracing::debug!(path = %path.display(), recursive, "watching");
-                    self.active.insert((path.clone(), recursive));
-                    added.push(path);
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot watch; will retry");
-                    still.push((path, recursive));
-                }
-            }
-        }
-        self.missing = still;
-        added
+    }
+    match level_of(config.task_layout, &comps) {
+        Level::Outside => None,
+        // The wd's task has the files to (re)read.
+        Level::Wd => path.parent().map(Path::to_path_buf),
+        Level::Root | Level::Container | Level::Task { .. } => Some(path.to_path_buf()),
     }
 }
 
 /// Everything a batch of events asks for.
-#[derive(Default)]
-struct Batch {
-    scan: ScanWork,
-    /// Events were lost: directories created meanwhile have no watch yet.
-    rewatch: bool,
-}
-
-fn classify(state: &State, event: notify::Result<Event>, batch: &mut Batch) {
-    let work = &mut batch.scan;
+fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) {
     let event = match event {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(error = %e, "file watcher error; re-adding watches and doing a full rescan");
             work.full = true;
-            batch.rewatch = true;
+            work.rewatch = true;
             return;
         }
     };
@@ -162,7 +66,7 @@ fn classify(state: &State, event: notify::Result<Event>, batch: &mut Batch) {
             "file watcher lost events (queue overflow); re-adding watches and doing a full rescan"
         );
         work.full = true;
-        batch.rewatch = true;
+        work.rewatch = true;
         return;
     }
     use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -175,8 +79,7 @@ fn classify(state: &State, event: notify::Result<Event>, batch: &mut Batch) {
         EventKind::Access(_) => return,
         _ => None,
     };
-    let config = state.config();
-    let key_dirs: Vec<PathBuf> = key_sources(&config).into_iter().map(|s| s.path).collect();
+    let key_dirs: Vec<PathBuf> = key_sources(config).into_iter().map(|s| s.path).collect();
     for path in event.paths {
         if config.revocation_list.as_deref() == Some(path.as_path())
             || key_dirs
@@ -185,9 +88,9 @@ fn classify(state: &State, event: notify::Result<Event>, batch: &mut Batch) {
         {
             work.keys = true;
         }
-        if !config.env_roots.iter().any(|r| path.starts_with(r)) {
+        let Some(target) = target_of(config, &path) else {
             continue;
-        }
+        };
         let is_env_name = path
             .file_name()
             .is_some_and(|n| config.env_file_names.iter().any(|e| n == e.as_str()));
@@ -196,73 +99,51 @@ fn classify(state: &State, event: notify::Result<Event>, batch: &mut Batch) {
                 // The last event of the batch tells where the writer is.
                 work.writer_closed.insert(path.clone(), closed);
             }
-            work.env_files.insert(path);
-        } else if path.is_dir() {
-            work.env_dirs.insert(path);
-        } else if !path.exists() {
-            // A removed or renamed-away directory takes its tasks with it.
-            work.gone.insert(path);
         }
+        work.targets.insert(target);
     }
 }
 
-/// Run the watcher until shutdown: events and ticks become [`ScanWork`] for the lifecycle
-/// thread; a config change (reload) sets the watches up again and completes the reload with a
-/// full rescan.
+/// Run until shutdown: events and ticks become [`ScanWork`] for the lifecycle thread.
 pub(crate) async fn run(
     state: Arc<State>,
     lifecycle: Lifecycle,
-    mut changed: Changed,
+    mut events: mpsc::UnboundedReceiver<notify::Result<Event>>,
     mut shutdown: Shutdown,
-    watching: tokio::sync::oneshot::Sender<()>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watches = Watches::new(tx);
-    watches.setup(&state);
-    let _ = watching.send(());
     let mut unsettled: Vec<(PathBuf, Instant)> = Vec::new();
     let mut last_full = Instant::now();
     let mut full_pending = false;
     let mut tick = tokio::time::interval(TICK);
     loop {
-        let mut batch = Batch::default();
+        let mut work = ScanWork::default();
         tokio::select! {
-            ev = rx.recv() => {
+            ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                classify(&state, ev, &mut batch);
+                let config = state.config();
+                classify(&config, ev, &mut work);
                 // Debounce: gather whatever else arrives in the next few milliseconds.
                 tokio::time::sleep(DEBOUNCE).await;
-                while let Ok(ev) = rx.try_recv() {
-                    classify(&state, ev, &mut batch);
+                while let Ok(ev) = events.try_recv() {
+                    classify(&config, ev, &mut work);
                 }
             }
             _ = tick.tick() => {
-                watches.forget_vanished();
-                let appeared = watches.retry_missing();
-                if !appeared.is_empty() {
-                    batch.scan.full = true;
-                }
+                let config = state.config();
                 let now = Instant::now();
                 for (path, _) in unsettled.iter().filter(|(_, due)| *due <= now) {
-                    batch.scan.env_files.insert(path.clone());
+                    if let Some(target) = target_of(&config, path) {
+                        work.targets.insert(target);
+                    }
                 }
                 unsettled.retain(|(_, due)| *due > now);
                 if last_full.elapsed() >= FULL_RESCAN_EVERY || full_pending {
-                    batch.scan.full = true;
+                    work.full = true;
                 }
-            }
-            Ok(()) = changed.config.changed() => {
-                watches.setup(&state);
-                batch.scan.full = true;
-                batch.scan.completes_reload = true;
             }
             _ = shutdown.stopped() => break,
         }
-        if batch.rewatch {
-            watches.rewatch();
-        }
-        let work = &mut batch.scan;
-        if work.full && !work.completes_reload && last_full.elapsed() < MIN_FULL_INTERVAL {
+        if work.full && last_full.elapsed() < MIN_FULL_INTERVAL {
             // Too soon after the last one: the next tick does it.
             full_pending = true;
             work.full = false;
@@ -270,12 +151,41 @@ pub(crate) async fn run(
         let full = work.full;
         // No answer: the command failed (logged by the lifecycle thread) or the agent is
         // stopping, which the select above sees next.
-        let newly_unsettled = lifecycle.scan(batch.scan).await.unwrap_or_default();
+        let newly_unsettled = lifecycle.scan(work).await.unwrap_or_default();
         if full {
             last_full = Instant::now();
             full_pending = false;
         }
         let due = Instant::now() + crate::tasks::settle::SETTLE;
         unsettled.extend(newly_unsettled.into_iter().map(|p| (p, due)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_layout_places_become_work() {
+        let config = Config {
+            env_roots: vec![PathBuf::from("/w")],
+            ..Config::default()
+        };
+        let t = |p: &str| target_of(&config, Path::new(p)).map(|p| p.display().to_string());
+        assert_eq!(
+            t("/w/j/job-1/t/wd/.shipyard.envlist").as_deref(),
+            Some("/w/j/job-1/t")
+        );
+        assert_eq!(
+            t("/w/j/job-1/t/nodeseal.env").as_deref(),
+            Some("/w/j/job-1/t")
+        );
+        assert_eq!(t("/w/j/job-1/t").as_deref(), Some("/w/j/job-1/t"));
+        assert_eq!(t("/w/j/job-1/t/wd").as_deref(), Some("/w/j/job-1/t"));
+        assert_eq!(t("/w/j").as_deref(), Some("/w/j"));
+        // What a task makes in its wd, env-file names below it included, is nobody's work.
+        assert_eq!(t("/w/j/job-1/t/wd/dir-123456"), None);
+        assert_eq!(t("/w/j/job-1/t/wd/sub/nodeseal.env"), None);
+        assert_eq!(t("/elsewhere/nodeseal.env"), None);
     }
 }

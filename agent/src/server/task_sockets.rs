@@ -1,13 +1,22 @@
 //! Per-task sockets: for each known task, a socket inside its task directory that answers only
-//! for that task, whoever connects. A container that has the task directory mounted reaches its
+//! for that task and its owner's env files, whoever connects. Bound, chowned and removed through
+//! the task directory's descriptor, never its path. A container that has the task directory mounted reaches its
 //! own secrets through it, with no host-wide socket and no uid mapping.
 
 use super::{serve, ServeContext};
 use crate::authz::Scope;
 use crate::lifecycle::{Changed, Generation};
+use crate::sys::open_beneath;
+use crate::tasks::discovery;
+use crate::tasks::layout::{open_task_dir, Dir};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{fstatat, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::collections::HashMap;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use tokio::task::JoinHandle;
 
@@ -47,10 +56,19 @@ fn publish(ctx: &ServeContext, generation: Generation) {
         .store(generation.reloads, Ordering::Relaxed);
 }
 
-/// The per-task sockets currently served.
+/// One served per-task socket: the task directory as the agent opened it, and the inode of
+/// the socket the agent bound there (the only thing it will ever remove).
+struct Served {
+    dir: Dir,
+    name: OsString,
+    inode: (u64, u64),
+    handle: JoinHandle<()>,
+}
+
+/// The per-task sockets currently served; `None`: binding failed (retried after a reload).
 #[derive(Default)]
 struct TaskSockets {
-    served: HashMap<PathBuf, (PathBuf, JoinHandle<()>)>,
+    served: HashMap<PathBuf, Option<Served>>,
 }
 
 impl TaskSockets {
@@ -64,7 +82,7 @@ impl TaskSockets {
         };
         let mut wanted: HashMap<PathBuf, u32> = HashMap::new();
         for e in state.tasks.entries() {
-            wanted.entry(e.task_dir.clone()).or_insert(e.owner_uid);
+            wanted.entry(e.task_dir.clone()).or_insert(e.task_owner);
         }
         let gone: Vec<PathBuf> = self
             .served
@@ -73,29 +91,40 @@ impl TaskSockets {
             .cloned()
             .collect();
         for dir in gone {
-            if let Some((path, handle)) = self.served.remove(&dir) {
-                handle.abort();
-                remove_socket(&path);
+            if let Some(Some(served)) = self.served.remove(&dir) {
+                served.remove();
                 tracing::info!(task_dir = %dir.display(), "task gone; its socket removed");
             }
         }
-        for (dir, owner) in wanted {
-            if self.served.contains_key(&dir) {
+        for (task_dir, owner) in wanted {
+            if self.served.contains_key(&task_dir) {
                 continue;
             }
-            let path = dir.join(&name);
-            match bind(&path, owner) {
-                Ok(listener) => {
-                    let handle =
-                        tokio::spawn(serve(ctx.clone(), listener, Scope::Task(dir.clone())));
-                    tracing::info!(task_dir = %dir.display(), socket = %path.display(), owner_uid = owner, "task socket ready");
-                    self.served.insert(dir, (path, handle));
+            let bound = discovery::root_of(&config, &task_dir)
+                .ok_or_else(|| std::io::Error::other("not under an env root"))
+                .and_then(|root| open_task_dir(config.task_layout, root, &task_dir))
+                .and_then(|dir| bind(dir, OsStr::new(&name), owner));
+            let socket = task_dir.join(&name);
+            match bound {
+                Ok((dir, inode, listener)) => {
+                    let scope = Scope::Task {
+                        dir: task_dir.clone(),
+                        owner,
+                    };
+                    let handle = tokio::spawn(serve(ctx.clone(), listener, scope));
+                    tracing::info!(task_dir = %task_dir.display(), socket = %socket.display(), owner_uid = owner, "task socket ready");
+                    let served = Served {
+                        dir,
+                        name: OsString::from(&name),
+                        inode,
+                        handle,
+                    };
+                    self.served.insert(task_dir, Some(served));
                 }
                 Err(e) => {
-                    tracing::warn!(task_dir = %dir.display(), socket = %path.display(), error = %e, "cannot create task socket; the task can still use the host socket");
+                    tracing::warn!(task_dir = %task_dir.display(), socket = %socket.display(), error = %e, "cannot create task socket; the task can still use the host socket");
                     // Remember the failure so we do not retry on every event; a reload retries.
-                    self.served
-                        .insert(dir, (PathBuf::new(), tokio::spawn(async {})));
+                    self.served.insert(task_dir, None);
                 }
             }
         }
@@ -103,28 +132,51 @@ impl TaskSockets {
 
     /// Stop serving and remove every task socket.
     fn clear(&mut self) {
-        for (_, (path, handle)) in self.served.drain() {
-            handle.abort();
-            if !path.as_os_str().is_empty() {
-                remove_socket(&path);
+        for (_, served) in self.served.drain() {
+            if let Some(served) = served {
+                served.remove();
             }
         }
     }
 }
 
-/// Remove `path` only if it is a socket: the task directory belongs to the task's user, who may
-/// have put anything there.
-fn remove_socket(path: &Path) {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
+impl Served {
+    /// Stop serving, and unlink the socket if the name still holds the inode we bound: the
+    /// task's user owns the directory and may have put anything there since.
+    fn remove(self) {
+        self.handle.abort();
+        if inode_at(&self.dir, &self.name).is_ok_and(|(ino, _)| ino == self.inode) {
+            let _ = unlinkat(
+                Some(self.dir.fd().as_raw_fd()),
+                self.name.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
     }
 }
 
-fn bind(path: &Path, owner: u32) -> std::io::Result<tokio::net::UnixListener> {
-    // A socket left by an earlier run is ours to replace; anything else is not.
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
+/// (device, inode) and whether it is a socket, of the entry `name` in `dir`, not following it.
+fn inode_at(dir: &Dir, name: &OsStr) -> std::io::Result<((u64, u64), bool)> {
+    let st = fstatat(
+        Some(dir.fd().as_raw_fd()),
+        name,
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    let is_socket = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK;
+    Ok(((st.st_dev, st.st_ino), is_socket))
+}
+
+/// Bind `name` in the opened task directory `dir` and give it to `owner`, acting on
+/// descriptors only: the directory's owner may rename or replace anything in it at any moment.
+fn bind(
+    dir: Dir,
+    name: &OsStr,
+    owner: u32,
+) -> std::io::Result<(Dir, (u64, u64), tokio::net::UnixListener)> {
+    // A socket left by an earlier run (or the task's own) is ours to replace; nothing else is.
+    match inode_at(&dir, name) {
+        Ok((_, true)) => unlinkat(Some(dir.fd().as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)?,
+        Ok((_, false)) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 "a non-socket file is in the way",
@@ -132,18 +184,25 @@ fn bind(path: &Path, owner: u32) -> std::io::Result<tokio::net::UnixListener> {
         }
         Err(_) => {}
     }
-    // The process umask (0077) keeps the socket private from its creation; the directory's
-    // owner may swap the path for a symlink at any time, so neither call below follows one.
-    let listener = tokio::net::UnixListener::bind(path)?;
-    nix::sys::stat::fchmodat(
-        None,
-        path,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        nix::sys::stat::FchmodatFlags::NoFollowSymlink,
-    )
-    .map_err(std::io::Error::from)?;
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::lchown(path, Some(owner), None)?;
+    // Through the directory's descriptor (the kernel resolves the magic link to that very
+    // inode), not its path. The process umask (0077) keeps the socket private from creation.
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd())).join(name);
+    let listener = tokio::net::UnixListener::bind(&via_fd)?;
+    // Chown and chmod the inode we bound, held by an O_PATH descriptor: refuse anything that
+    // is not our own, singly linked socket (a swap or a hard link to another socket).
+    let socket = open_beneath(dir.fd(), name, OFlag::O_PATH)?;
+    let meta = std::fs::File::from(socket.try_clone()?).metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_socket() || meta.uid() != me || meta.nlink() != 1 {
+        return Err(std::io::Error::other(
+            "the socket was replaced while it was being set up",
+        ));
     }
-    Ok(listener)
+    let inode = (meta.dev(), meta.ino());
+    let held = PathBuf::from(format!("/proc/self/fd/{}", socket.as_raw_fd()));
+    std::fs::set_permissions(&held, std::fs::Permissions::from_mode(0o600))?;
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&held, Some(owner), None)?;
+    }
+    Ok((dir, inode, listener))
 }

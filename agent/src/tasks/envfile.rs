@@ -4,7 +4,7 @@
 
 use nodeseal_envelope::token::{self, Format};
 use nodeseal_envelope::Thumbprint;
-use std::path::{Component, Path, PathBuf};
+
 use zeroize::Zeroizing;
 
 /// How a variable's value is stored in its env file.
@@ -74,91 +74,21 @@ impl Classifier<'_> {
     }
 }
 
-/// Read a regular file without following a symlink at its last component, and stat the very
-/// file that was read: the owner decides who may read the values, so the check and the read
-/// must concern the same inode.
-pub(crate) fn read_no_follow(
-    path: &Path,
-) -> std::io::Result<(Zeroizing<Vec<u8>>, std::fs::Metadata)> {
+/// Read an env file the layout walk opened (never by path: the walk decided which inode),
+/// refusing what is larger than an env file can be.
+pub(crate) fn read_env_file(
+    file: &mut std::fs::File,
+    meta: &std::fs::Metadata,
+) -> std::io::Result<Zeroizing<Vec<u8>>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
     if meta.len() > MAX_ENV_FILE_BYTES {
         return Err(std::io::Error::other("larger than an env file can be"));
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
-    file.read_to_end(&mut bytes)?;
-    Ok((bytes, meta))
-}
-
-/// Task directory, job id and task id implied by an env file's path under `root`.
-///
-/// Batch lays tasks out as `workitems/<job>/job-1/<task>/wd/` (a job schedule adds a level
-/// above the job); Shipyard writes its env file into `wd/`.
-pub(crate) fn task_of(path: &Path, root: &Path) -> (PathBuf, Option<String>, Option<String>) {
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    let task_dir = if parent.file_name().is_some_and(|n| n == "wd") {
-        parent.parent().unwrap_or(parent).to_path_buf()
-    } else {
-        parent.to_path_buf()
-    };
-    let task_id = task_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    let rel: Vec<String> = task_dir
-        .strip_prefix(root)
-        .map(|r| {
-            r.components()
-                .filter_map(|c| match c {
-                    Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    // The job id sits just before the `job-<n>` level.
-    let job_id = rel
-        .iter()
-        .position(|c| {
-            c.strip_prefix("job-")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .filter(|&i| i > 0)
-        .map(|i| rel[i - 1].clone())
-        .or_else(|| (rel.len() >= 2).then(|| rel[0].clone()));
-    (task_dir, job_id, task_id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn task_of_follows_the_batch_layout() {
-        let root = Path::new("/mnt/batch/tasks/workitems");
-        let (dir, job, task) = task_of(
-            Path::new("/mnt/batch/tasks/workitems/myjob/job-1/task-3/wd/.shipyard.envlist"),
-            root,
-        );
-        assert_eq!(
-            dir,
-            Path::new("/mnt/batch/tasks/workitems/myjob/job-1/task-3")
-        );
-        assert_eq!(job.as_deref(), Some("myjob"));
-        assert_eq!(task.as_deref(), Some("task-3"));
-        // A job schedule adds a level above the job.
-        let (_, job, task) = task_of(
-            Path::new("/mnt/batch/tasks/workitems/sched/myjob/job-1/t1/nodeseal.env"),
-            root,
-        );
-        assert_eq!(job.as_deref(), Some("myjob"));
-        assert_eq!(task.as_deref(), Some("t1"));
+    // `take`: a file growing while read still stops at the limit.
+    file.take(MAX_ENV_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_ENV_FILE_BYTES {
+        return Err(std::io::Error::other("larger than an env file can be"));
     }
+    Ok(bytes)
 }

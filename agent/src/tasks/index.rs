@@ -2,7 +2,8 @@
 //! variable holds (a v1 token, a legacy Shipyard ciphertext, or a plain value). Decrypted values
 //! are cached per variable and dropped (zeroized) with their file entry.
 
-use super::envfile::{read_no_follow, task_of, Classifier, ValueKind};
+use super::envfile::{read_env_file, Classifier, ValueKind};
+use super::layout::FoundFile;
 use super::settle;
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::Thumbprint;
@@ -43,8 +44,11 @@ pub(crate) struct EnvEntry {
     pub job_id: Option<String>,
     /// Batch task id, from the path.
     pub task_id: Option<String>,
-    /// The file's owner: the only non-root uid that may read these values.
+    /// The file's owner: the only non-root uid that may read these values on the host socket.
     pub owner_uid: u32,
+    /// The task's owner (its directory's, or its file's when root owns the directory): a
+    /// per-task socket belongs to it and serves only its files.
+    pub task_owner: u32,
     /// Variables in file order.
     pub vars: Vec<Var>,
     /// What the file looked like when read, so an unchanged file keeps its cached values.
@@ -155,33 +159,42 @@ impl Tasks {
         Self::default()
     }
 
-    /// (Re)read `path`, which lies under `root`. `clock` tells the time once the file has been
-    /// read: a time taken earlier could be older than a write made meanwhile, and that file
-    /// would look settled.
+    /// (Re)read an env file the layout walk found and opened. `clock` tells the time once the
+    /// file has been read: a time taken earlier could be older than a write made meanwhile, and
+    /// that file would look settled.
     pub(crate) fn update_file(
         &self,
-        path: &Path,
-        root: &Path,
+        found: FoundFile,
         classifier: &Classifier<'_>,
         clock: Clock<'_>,
     ) -> FileUpdate {
-        if let Ok(m) = std::fs::symlink_metadata(path) {
-            let known = self.read().files.get(path).cloned();
-            if known.is_some_and(|e| e.stamp == FileStamp::of(&m)) {
-                return FileUpdate::Unchanged;
-            }
-        }
-        let Ok((bytes, meta)) = read_no_follow(path) else {
-            return if self.remove(path) {
+        let FoundFile {
+            path,
+            mut file,
+            task,
+        } = found;
+        let Ok(meta) = file.metadata() else {
+            return if self.remove(&path) {
                 FileUpdate::Removed
             } else {
-                FileUpdate::Invalid("not readable".into())
+                FileUpdate::Invalid("cannot stat it".into())
             };
+        };
+        let known = self.read().files.get(&path).cloned();
+        if known.is_some_and(|e| e.stamp == FileStamp::of(&meta) && e.task_owner == task.owner) {
+            return FileUpdate::Unchanged;
+        }
+        let bytes = match read_env_file(&mut file, &meta) {
+            Ok(b) => b,
+            Err(e) => {
+                self.remove(&path);
+                return FileUpdate::Invalid(e.to_string());
+            }
         };
         let parsed = match EnvFile::parse_bytes(&bytes) {
             Ok(p) => p,
             Err(e) => {
-                self.remove(path);
+                self.remove(&path);
                 return FileUpdate::Invalid(e.to_string());
             }
         };
@@ -189,12 +202,11 @@ impl Tasks {
             .modified()
             .ok()
             .and_then(|m| clock().duration_since(m).ok());
-        if !settle::is_settled(parsed.terminated, self.writers().contains(path), age) {
+        if !settle::is_settled(parsed.terminated, self.writers().contains(&path), age) {
             // A writer may still be appending to the last line: never serve half a value.
             return FileUpdate::Unsettled;
         }
-        self.writers().remove(path);
-        let (task_dir, job_id, task_id) = task_of(path, root);
+        self.writers().remove(&path);
         let vars: Vec<Var> = parsed
             .vars()
             .map(|(name, value)| Var {
@@ -205,16 +217,27 @@ impl Tasks {
             .collect();
         let n = vars.len();
         let entry = Arc::new(EnvEntry {
-            path: path.to_owned(),
-            task_dir,
-            job_id,
-            task_id,
+            path,
+            task_dir: task.task_dir,
+            job_id: task.job_id,
+            task_id: Some(task.task_id),
             owner_uid: meta.uid(),
+            task_owner: task.owner,
             vars,
             stamp: FileStamp::of(&meta),
         });
         self.write().insert(entry);
         FileUpdate::Loaded { vars: n }
+    }
+
+    /// Every known file below `dir`.
+    pub(crate) fn paths_under(&self, dir: &Path) -> Vec<PathBuf> {
+        self.read()
+            .files
+            .keys()
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect()
     }
 
     fn writers(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
@@ -243,21 +266,6 @@ impl Tasks {
     pub(crate) fn remove(&self, path: &Path) -> bool {
         self.writers().remove(path);
         self.write().remove(path)
-    }
-
-    /// Forget every file under `dir` (a directory that was removed or moved away).
-    pub(crate) fn remove_under(&self, dir: &Path) -> Vec<PathBuf> {
-        let mut index = self.write();
-        let gone: Vec<PathBuf> = index
-            .files
-            .keys()
-            .filter(|p| p.starts_with(dir))
-            .cloned()
-            .collect();
-        for p in &gone {
-            index.remove(p);
-        }
-        gone
     }
 
     /// Every known file path.
@@ -315,6 +323,7 @@ impl Tasks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::layout::TaskIdentity;
     use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
     use std::time::Duration;
 
@@ -331,8 +340,18 @@ mod tests {
             legacy_names: &[],
             legacy_by_length: false,
         };
+        let found = || FoundFile {
+            path: file.clone(),
+            file: std::fs::File::open(&file).unwrap(),
+            task: TaskIdentity {
+                task_dir: task.parent().unwrap().to_owned(),
+                job_id: Some("job".into()),
+                task_id: "t1".into(),
+                owner: 0,
+            },
+        };
         let at = |d: Duration| move || mtime + d;
-        let update = |d| tasks.update_file(&file, dir.path(), &classifier, &at(d));
+        let update = |d| tasks.update_file(found(), &classifier, &at(d));
         assert_eq!(update(Duration::ZERO), FileUpdate::Unsettled);
         // Closed by its writer: served once quiet for SETTLE.
         tasks.note_writer_done(&file);
@@ -347,7 +366,7 @@ mod tests {
         let mtime2 = std::fs::metadata(&file).unwrap().modified().unwrap();
         tasks.note_writer_active(&file);
         let at2 = |d: Duration| move || mtime2 + d;
-        let update2 = |d| tasks.update_file(&file, dir.path(), &classifier, &at2(d));
+        let update2 = |d| tasks.update_file(found(), &classifier, &at2(d));
         assert_eq!(update2(SETTLE), FileUpdate::Unsettled);
         assert_eq!(update2(UNTERMINATED_GRACE), FileUpdate::Loaded { vars: 2 });
     }

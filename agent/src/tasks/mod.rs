@@ -6,7 +6,8 @@
 pub(crate) mod discovery;
 pub(crate) mod envfile;
 pub(crate) mod index;
+pub(crate) mod layout;
 pub(crate) mod settle;
 
 pub(crate) use envfile::ValueKind;
-pub(crate) use index::{Cached, EnvEntry, FileUpdate, Tasks};
+pub(crate) use index::{Cached, EnvEntry, Tasks};
