@@ -9,6 +9,7 @@ mod agent;
 mod client;
 mod faults;
 mod hostile_logs;
+mod hostile_trees;
 mod hygiene;
 mod keys;
 mod packaging;

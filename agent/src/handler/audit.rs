@@ -21,8 +21,8 @@ impl Audit {
         let key_id = self.key_id.map(|k| k.to_string());
         macro_rules! line {
             ($lvl:ident) => {
-                // Fixed vocabulary and hex as Display; names and ids the caller or a task chose
-                // stay Debug-quoted, so they cannot forge fields or lines in the log.
+                // Names and ids the caller or a task chose are escaped and quoted by the log's
+                // field formatter (logging.rs), so they cannot forge fields or lines.
                 tracing::$lvl!(
                     op = %op,
                     peer_uid = peer.uid,
