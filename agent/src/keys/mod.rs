@@ -7,6 +7,7 @@ pub(crate) mod ingest;
 pub(crate) mod revocation;
 pub(crate) mod sources;
 pub(crate) mod store;
+pub(crate) mod trust;
 
 pub(crate) use sources::{check_store_dir, key_sources};
 pub(crate) use store::{Changes, KeyStore};
