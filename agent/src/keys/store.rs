@@ -492,7 +492,8 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
         .filter_map(|e| e.ok())
         .filter(|e| {
             e.file_type().is_ok_and(|t| {
-                !t.is_dir() && !(t.is_symlink() && source.kind == KeySourceKind::Keyvault)
+                let latest_link = t.is_symlink() && source.kind == KeySourceKind::Keyvault;
+                !t.is_dir() && !latest_link
             })
         })
         .filter_map(|e| e.file_name().into_string().ok())
@@ -926,5 +927,22 @@ mod tests {
         );
         let reason = only_row(&store).reason.unwrap();
         assert!(reason.contains("writable by group or others"), "{reason}");
+    }
+
+    #[test]
+    fn the_key_vault_extensions_latest_link_is_skipped_and_its_versions_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("vault.cert.0123");
+        fs::write(&version, b"not a key").unwrap();
+        std::os::unix::fs::symlink(&version, dir.path().join("vault.cert")).unwrap();
+        let source = KeySource {
+            kind: KeySourceKind::Keyvault,
+            path: dir.path().to_owned(),
+            ingest: None,
+            passphrase_file: None,
+        };
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert_eq!(only_row(&store).source, version.display().to_string());
     }
 }
