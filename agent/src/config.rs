@@ -434,6 +434,38 @@ impl Config {
                 ));
             }
         }
+        // A key source inside a task tree would let task users plant keys (or links) in it.
+        for (i, source) in self.key_sources.iter().enumerate() {
+            let fields = [
+                ("path", Some(&source.path)),
+                ("passphrase_file", source.passphrase_file.as_ref()),
+            ];
+            for (name, p) in fields {
+                let Some(p) = p else { continue };
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        "key_sources",
+                        format!(
+                            "key_sources[{i}].{name} ({}) must be an absolute path",
+                            p.display()
+                        ),
+                    ));
+                }
+                let normal = lexically_normal(p);
+                for (j, root) in self.env_roots.iter().enumerate() {
+                    if normal.starts_with(lexically_normal(root)) {
+                        return Err(invalid(
+                            "key_sources",
+                            format!(
+                                "key_sources[{i}].{name} ({}) lies under env_roots[{j}] ({}), a task tree task users can write; keep key sources outside every env root",
+                                p.display(),
+                                root.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(name) = &self.task_socket_name {
             if name.is_empty() || name.contains('/') || name == "." || name == ".." {
                 return Err(invalid(
@@ -488,6 +520,23 @@ impl Config {
     pub fn key_store_dir(&self) -> PathBuf {
         self.state_dir.join("keys")
     }
+}
+
+/// `path` with `.` and `..` resolved and trailing slashes dropped, without touching the
+/// filesystem (`..` above the root stays at the root).
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -563,6 +612,47 @@ mod tests {
         let documented =
             Config::parse(&doc[start..end], Path::new("docs/configuration.md")).unwrap();
         assert_eq!(documented, Config::default());
+    }
+
+    #[test]
+    fn a_key_source_under_an_env_root_is_refused_naming_both_fields() {
+        for (source, extra) in [
+            (
+                r#""path": "/mnt/batch/tasks/workitems/job/job-1/t/certs""#,
+                "",
+            ),
+            (r#""path": "/mnt/batch/tasks/startup/../workitems/x/""#, ""),
+            (r#""path": "/mnt/batch/tasks/workitems/""#, ""),
+            (
+                r#""path": "/etc/nodeseal/keys""#,
+                r#", "passphrase_file": "/mnt/batch/tasks/workitems/./j/pass""#,
+            ),
+        ] {
+            let json = format!(
+                r#"{{"env_roots": ["/mnt/batch/tasks/workitems/"], "key_sources": [{{"kind": "key_dir", {source}{extra}}}]}}"#
+            );
+            let msg = Config::parse(&json, Path::new("t.json"))
+                .unwrap_err()
+                .to_string();
+            let field = if extra.is_empty() {
+                "key_sources[0].path"
+            } else {
+                "key_sources[0].passphrase_file"
+            };
+            assert!(msg.contains(field), "{json}: {msg}");
+            assert!(msg.contains("env_roots[0]"), "{json}: {msg}");
+        }
+        for ok in [
+            "/mnt/batch/tasks/startup/certs",
+            "/mnt/batch/tasks/workitems2",
+            "/mnt/batch/tasks",
+            "/mnt/batch/tasks/workitems/../startup",
+        ] {
+            let json = format!(
+                r#"{{"env_roots": ["/mnt/batch/tasks/workitems"], "key_sources": [{{"kind": "batch_certs", "path": "{ok}"}}]}}"#
+            );
+            Config::parse(&json, Path::new("t.json")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 
     #[test]

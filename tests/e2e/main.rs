@@ -8,6 +8,7 @@ mod abuse;
 mod agent;
 mod client;
 mod faults;
+mod hostile_keys;
 mod hostile_logs;
 mod hostile_trees;
 mod hygiene;

@@ -1,9 +1,12 @@
 //! Ingest: keys from sources task users can read (Batch certificate drops) are copied into the
 //! agent's root-only store as PKCS#12 under a fresh random passphrase, then the readable
-//! originals are deleted.
+//! originals are deleted. Only keys that passed the key source rules ([`super::trust`]: no
+//! links, regular files, owned by root, writable by no one else) are loaded, so only those are
+//! ever ingested; the rules are checked once more right before the copy.
 
 use super::sources::{check_store_dir, store_source, SourceId};
 use super::store::KeyStore;
+use super::trust::{self, DirProbe, Probe};
 use crate::config::{Config, KeySource};
 use crate::fsutil::atomic_write;
 use anyhow::{Context, Result};
@@ -32,6 +35,12 @@ pub(crate) fn ingest(keys: &KeyStore, config: &Config, sources: &[KeySource]) ->
         else {
             continue;
         };
+        // Only keys that passed the source rules were loaded; check again that they still
+        // hold (a chmod since the scan), so nothing planted is ever copied into the store.
+        if let Err(reason) = still_trusted(&entry.origin) {
+            tracing::warn!(key_id = %entry.pair.thumbprint(), path = %entry.origin.display(), %reason, "not ingested: its source is no longer trusted");
+            continue;
+        }
         if !store_checked {
             if let Err(e) = check_store_dir(&store.path) {
                 tracing::error!(error = %format!("{e:#}"), "key store unusable; keys are served from memory but not ingested");
@@ -73,6 +82,27 @@ fn write_store_copy(
     // Passphrase first: a PFX without its .pw is merely pending, a .pw alone is ignored.
     atomic_write(pw_path, passphrase.as_bytes(), 0o600)?;
     atomic_write(pfx_path, &pfx, 0o600)?;
+    Ok(())
+}
+
+/// The key file, its `.pw` and their directory still pass the key source rules.
+fn still_trusted(origin: &Path) -> Result<(), String> {
+    let dir = origin.parent().unwrap_or(Path::new("/"));
+    match trust::probe_dir(dir) {
+        DirProbe::Trusted => {}
+        DirProbe::Missing => return Err(format!("{} is gone", dir.display())),
+        DirProbe::Refused(reason, _) => return Err(reason),
+    }
+    for f in [
+        origin.to_path_buf(),
+        PathBuf::from(format!("{}.pw", origin.display())),
+    ] {
+        match trust::probe(&f) {
+            Probe::Open(_) => {}
+            Probe::Missing => return Err(format!("{} is gone", f.display())),
+            Probe::Refused(reason, _) => return Err(reason),
+        }
+    }
     Ok(())
 }
 

@@ -7,12 +7,12 @@
 //! remains.
 
 use super::sources::SourceId;
+use super::trust::{self, FileStamp, Probe};
 use crate::config::{KeySource, KeySourceKind};
 use crate::report::{KeyState, KeyStatus};
 use nodeseal_envelope::{KeyError, KeyPair, Thumbprint};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -36,14 +36,14 @@ enum FileState {
     Broken(String),
 }
 
-/// Cheap change detection so a rescan only re-parses files that changed.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Cheap change detection so a rescan only re-parses files that changed; taken from the fds the
+/// files are read through (or, for a refused file, from what is at its path).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Stamp {
-    len: u64,
-    mtime_ns: i128,
-    ino: u64,
-    /// The companion file (`.pw`, `.crt`) counts too: a rotated password must trigger a reload.
-    companion: Option<(u64, i128, u64)>,
+    file: FileStamp,
+    /// The companion file (`.pw`, `.crt`, passphrase file) counts too: a rotated password must
+    /// trigger a reload.
+    companion: Option<FileStamp>,
 }
 
 struct Tracked {
@@ -232,7 +232,6 @@ impl KeyStore {
     /// fails is logged with its path and reason and recorded for `status`; the rest load.
     pub(crate) fn rescan_source(&self, source: &KeySource) -> Changes {
         let id = SourceId::of(source);
-        let candidates = list_candidates(source);
         // Parse outside the lock: PKCS#12 key derivation takes milliseconds per file.
         let previous: HashMap<PathBuf, Option<Stamp>> = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -243,25 +242,60 @@ impl KeyStore {
                 .map(|(p, t)| (p.clone(), t.stamp))
                 .collect()
         };
+        match trust::probe_dir(&source.path) {
+            trust::DirProbe::Trusted => {}
+            trust::DirProbe::Missing => {
+                return self.mutate(|inner| inner.files.retain(|_, t| t.source != id));
+            }
+            trust::DirProbe::Refused(reason, stamp) => {
+                // One row for the directory; none of its files is even opened.
+                let stamp = stamp.map(|file| Stamp {
+                    file,
+                    companion: None,
+                });
+                let unchanged = stamp.is_some() && previous.get(&source.path) == Some(&stamp);
+                if !unchanged {
+                    tracing::warn!(path = %source.path.display(), %reason, "key source refused");
+                }
+                let path = source.path.clone();
+                return self.mutate(|inner| {
+                    inner
+                        .files
+                        .retain(|p, t| t.source != id || (unchanged && *p == path));
+                    if !unchanged {
+                        inner.files.insert(
+                            path,
+                            Tracked {
+                                source: id.clone(),
+                                stamp,
+                                state: FileState::Broken(reason),
+                            },
+                        );
+                    }
+                });
+            }
+        }
+        let candidates = list_candidates(source);
         let mut unchanged: HashSet<PathBuf> = HashSet::new();
-        let mut changed: Vec<(&Candidate, Option<Stamp>)> = Vec::new();
+        let mut changed: Vec<(&Candidate, Option<Stamp>, Probes)> = Vec::new();
         for cand in &candidates {
-            let stamp = stamp_of(&cand.path, cand.companion.as_deref());
-            if stamp.is_some() && previous.get(&cand.path) == Some(&stamp) {
+            let probes = Probes::of(cand);
+            let Some(stamp) = probes.stamp() else {
+                continue; // gone since the listing
+            };
+            let stamp = Some(stamp);
+            if previous.get(&cand.path) == Some(&stamp) {
                 unchanged.insert(cand.path.clone());
             } else {
-                changed.push((cand, stamp));
+                changed.push((cand, stamp, probes));
             }
         }
         // Serial on purpose: with OpenSSL 3.0, PKCS#12 parsing on two threads takes as long as
         // on one (its algorithm fetches contend on global locks; examples/pfx_timing.rs in the
         // envelope crate measures it), so threads would only add complexity.
-        let states: Vec<FileState> = changed
-            .iter()
-            .map(|(cand, _)| load_candidate(source, cand))
-            .collect();
         let mut fresh: Vec<(PathBuf, Tracked)> = Vec::new();
-        for ((cand, stamp), state) in changed.into_iter().zip(states) {
+        for (cand, stamp, probes) in changed {
+            let state = load_candidate(source, cand, probes);
             match &state {
                 FileState::Loaded(e) => tracing::info!(
                     key_id = %e.pair.thumbprint(),
@@ -305,7 +339,11 @@ impl KeyStore {
         companion: &Path,
         pair: Arc<KeyPair>,
     ) -> Changes {
-        let stamp = stamp_of(path, Some(companion));
+        let stamp = Probes {
+            file: trust::probe(path),
+            companion: Some(trust::probe(companion)),
+        }
+        .stamp();
         let entry = Arc::new(KeyEntry {
             pair,
             origin: path.to_owned(),
@@ -446,9 +484,18 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
     let Ok(dir) = fs::read_dir(&source.path) else {
         return Vec::new();
     };
+    // Everything but directories is a candidate, links and FIFOs included, so that one planted
+    // under a key's name shows up in `status` as refused instead of being silently skipped.
+    // Except the Key Vault extension's own `<vault>.<certificate>` link to the latest version:
+    // that version is loaded as the file it is.
     let mut names: Vec<String> = dir
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .filter(|e| {
+            e.file_type().is_ok_and(|t| {
+                let latest_link = t.is_symlink() && source.kind == KeySourceKind::Keyvault;
+                !t.is_dir() && !latest_link
+            })
+        })
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| !is_temp_or_hidden(n))
         .collect();
@@ -511,94 +558,107 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
     out
 }
 
-fn stamp_of(path: &Path, companion: Option<&Path>) -> Option<Stamp> {
-    let m = fs::metadata(path).ok()?;
-    let companion = companion.and_then(|c| fs::metadata(c).ok()).map(|c| {
-        (
-            c.len(),
-            i128::from(c.mtime()) * 1_000_000_000 + i128::from(c.mtime_nsec()),
-            c.ino(),
-        )
-    });
-    Some(Stamp {
-        len: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        ino: m.ino(),
-        companion,
-    })
+/// A candidate's files, opened (or refused) once per scan: stamped, then read, from these fds.
+struct Probes {
+    file: Probe,
+    companion: Option<Probe>,
 }
 
-/// Read a passphrase file: Batch writes it with or without a trailing newline.
-pub(crate) fn read_passphrase(path: &Path) -> std::io::Result<Zeroizing<Vec<u8>>> {
-    let mut bytes = Zeroizing::new(fs::read(path)?);
-    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-        bytes.pop();
+impl Probes {
+    fn of(cand: &Candidate) -> Self {
+        Self {
+            file: trust::probe(&cand.path),
+            companion: cand.companion.as_deref().map(trust::probe),
+        }
     }
-    Ok(bytes)
+
+    /// `None` when the key file itself is gone.
+    fn stamp(&self) -> Option<Stamp> {
+        Some(Stamp {
+            file: self.file.stamp()?,
+            companion: self.companion.as_ref().and_then(Probe::stamp),
+        })
+    }
 }
 
-fn load_candidate(source: &KeySource, cand: &Candidate) -> FileState {
+fn load_candidate(source: &KeySource, cand: &Candidate, probes: Probes) -> FileState {
     let kind = source.kind;
-    let result: Result<KeyPair, String> = match source.kind {
-        KeySourceKind::BatchCerts => {
-            let pw_path = cand.companion.as_deref().unwrap_or(Path::new(""));
-            match read_passphrase(pw_path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return FileState::Pending(format!(
-                        "waiting for its password file {}",
-                        pw_path.display()
-                    ))
-                }
-                Err(e) => Err(format!("cannot read {}: {e}", pw_path.display())),
-                Ok(pw) => read_file(&cand.path).and_then(|der| {
-                    KeyPair::from_pkcs12(&der, &pw, &cand.path).map_err(|e| e.to_string())
-                }),
+    let file = match probes.file {
+        Probe::Open(o) => o,
+        Probe::Refused(reason, _) => return FileState::Broken(reason),
+        Probe::Missing => {
+            return FileState::Broken(format!("{} vanished while read", cand.path.display()))
+        }
+    };
+    let companion_path = cand.companion.as_deref().unwrap_or(Path::new(""));
+    let companion = match probes.companion {
+        None => None,
+        Some(Probe::Open(o)) => Some(o),
+        Some(Probe::Refused(reason, _)) => return FileState::Broken(reason),
+        Some(Probe::Missing) => {
+            return match kind {
+                KeySourceKind::BatchCerts => FileState::Pending(format!(
+                    "waiting for its password file {}",
+                    companion_path.display()
+                )),
+                KeySourceKind::Waagent => FileState::Pending(format!(
+                    "waiting for its certificate {}",
+                    companion_path.display()
+                )),
+                _ => FileState::Broken(format!(
+                    "cannot read passphrase file {}: it does not exist",
+                    companion_path.display()
+                )),
             }
         }
-        KeySourceKind::Keyvault => read_file(&cand.path).and_then(|pem| {
+    };
+    let result: Result<KeyPair, String> = match kind {
+        KeySourceKind::BatchCerts => match companion {
+            None => Err("no password file".into()),
+            Some(pw) => trust::passphrase_from(pw, companion_path).and_then(|pw| {
+                file.read(&cand.path).and_then(|der| {
+                    KeyPair::from_pkcs12(&der, &pw, &cand.path).map_err(|e| e.to_string())
+                })
+            }),
+        },
+        KeySourceKind::Keyvault => file.read(&cand.path).and_then(|pem| {
             KeyPair::from_pem(&pem, None, None, &cand.path).map_err(|e| e.to_string())
         }),
-        KeySourceKind::Waagent => {
-            let crt = cand.companion.as_deref().unwrap_or(Path::new(""));
-            match fs::read(crt) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return FileState::Pending(format!(
-                        "waiting for its certificate {}",
-                        crt.display()
-                    ))
-                }
-                Err(e) => Err(format!("cannot read {}: {e}", crt.display())),
-                Ok(crt_pem) => read_file(&cand.path).and_then(|pem| {
+        KeySourceKind::Waagent => match companion {
+            None => Err("no certificate file".into()),
+            Some(crt) => crt.read(companion_path).and_then(|crt_pem| {
+                file.read(&cand.path).and_then(|pem| {
                     KeyPair::from_pem(&pem, Some(&crt_pem), None, &cand.path)
                         .map_err(|e| e.to_string())
-                }),
-            }
-        }
+                })
+            }),
+        },
         KeySourceKind::KeyDir => {
-            let passphrase = match &source.passphrase_file {
-                Some(p) => match read_passphrase(p) {
+            let passphrase = match companion {
+                Some(p) => match trust::passphrase_from(p, companion_path) {
                     Ok(pw) => Some(pw),
-                    Err(e) => {
-                        return FileState::Broken(format!(
-                            "cannot read passphrase file {}: {e}",
-                            p.display()
-                        ))
-                    }
+                    Err(e) => return FileState::Broken(format!("passphrase file: {e}")),
                 },
                 None => None,
             };
-            let text_is_cert_only = fs::read(&cand.path)
-                .map(|b| {
-                    let s = String::from_utf8_lossy(&b);
-                    s.contains("-----BEGIN CERTIFICATE") && !s.contains("PRIVATE KEY")
-                })
-                .unwrap_or(false);
-            if text_is_cert_only {
-                // A certificate beside its key: the key file picks it up as a sibling.
-                return FileState::Pending("certificate only (no private key in this file)".into());
+            let data = match file.read(&cand.path) {
+                Ok(d) => d,
+                Err(e) => return FileState::Broken(e),
+            };
+            match load_key_dir_file(
+                &cand.path,
+                &data,
+                passphrase.as_deref().map(|p| p.as_slice()),
+            ) {
+                Ok(Some(pair)) => Ok(pair),
+                Ok(None) => {
+                    // A certificate beside its key: the key file picks it up as a sibling.
+                    return FileState::Pending(
+                        "certificate only (no private key in this file)".into(),
+                    );
+                }
+                Err(e) => Err(e),
             }
-            KeyPair::load(&cand.path, passphrase.as_deref().map(|p| p.as_slice()))
-                .map_err(|e| e.to_string())
         }
     };
     match result {
@@ -625,8 +685,264 @@ fn load_candidate(source: &KeySource, cand: &Candidate) -> FileState {
     }
 }
 
-fn read_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
-    fs::read(path)
-        .map(Zeroizing::new)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+/// `KeyPair::load` for a `key_dir` file already read through a checked fd: PKCS#12, or a PEM
+/// key with its certificate in the same file or in a sibling `.crt`, `.cer` or `.pem` (opened
+/// under the same rules). `None`: a certificate-only PEM.
+fn load_key_dir_file(
+    path: &Path,
+    data: &[u8],
+    passphrase: Option<&[u8]>,
+) -> Result<Option<KeyPair>, String> {
+    let text = String::from_utf8_lossy(data);
+    let pair = if text.contains("-----BEGIN ") {
+        if !text.contains("PRIVATE KEY") {
+            if text.contains("-----BEGIN CERTIFICATE") {
+                return Ok(None);
+            }
+            return Err(KeyError::NoPrivateKey {
+                path: path.to_owned(),
+            }
+            .to_string());
+        }
+        if text.contains("-----BEGIN CERTIFICATE")
+            || text.contains("-----BEGIN X509 CERTIFICATE")
+            || text.contains("-----BEGIN TRUSTED CERTIFICATE")
+        {
+            KeyPair::from_pem(data, None, passphrase, path).map_err(|e| e.to_string())?
+        } else {
+            let mut sibling_pem = None;
+            for ext in ["crt", "cer", "pem"] {
+                let sibling = path.with_extension(ext);
+                if sibling == path {
+                    continue;
+                }
+                match trust::probe(&sibling) {
+                    Probe::Missing => continue,
+                    Probe::Refused(reason, _) => return Err(reason),
+                    Probe::Open(o) => {
+                        sibling_pem = Some((sibling.clone(), o.read(&sibling)?));
+                        break;
+                    }
+                }
+            }
+            let Some((sibling, cert)) = sibling_pem else {
+                return Err(KeyError::NoCertificate {
+                    path: path.to_owned(),
+                }
+                .to_string());
+            };
+            let cert_pem = if cert.windows(11).any(|w| w == b"-----BEGIN ") {
+                cert
+            } else {
+                let c = openssl::x509::X509::from_der(&cert).map_err(|_| {
+                    KeyError::NoCertificate {
+                        path: sibling.clone(),
+                    }
+                    .to_string()
+                })?;
+                Zeroizing::new(
+                    c.to_pem()
+                        .map_err(|e| format!("{}: {e}", sibling.display()))?,
+                )
+            };
+            KeyPair::from_pem(data, Some(&cert_pem), passphrase, path).map_err(|e| e.to_string())?
+        }
+    } else if data.first() == Some(&0x30) {
+        let Some(pass) = passphrase else {
+            return Err(KeyError::PassphraseRequired {
+                path: path.to_owned(),
+            }
+            .to_string());
+        };
+        KeyPair::from_pkcs12(data, pass, path).map_err(|e| e.to_string())?
+    } else {
+        return Err(KeyError::Malformed {
+            path: path.to_owned(),
+            reason: "not a PKCS#12 (.pfx) file nor a PEM private key".into(),
+        }
+        .to_string());
+    };
+    // `sha1-<thumbprint>.pfx` or `<THUMBPRINT>.key`: the name claims a thumbprint.
+    let claimed = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .map(|s| s.strip_prefix("sha1-").unwrap_or(s))
+        .and_then(|hex| Thumbprint::from_hex(hex).ok());
+    if let Some(expected) = claimed {
+        if expected != pair.thumbprint() {
+            return Err(KeyError::ThumbprintMismatch {
+                path: path.to_owned(),
+                expected,
+                actual: pair.thumbprint(),
+            }
+            .to_string());
+        }
+    }
+    Ok(Some(pair))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const PASS: &str = "right-passphrase";
+
+    /// A `batch_certs` dir (private, ours) holding one valid PFX, its `.pw` not yet written.
+    fn drop_dir() -> (tempfile::TempDir, KeySource, PathBuf, Thumbprint) {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = KeyPair::generate(2048, 30, "store test").unwrap();
+        let tp = pair.thumbprint();
+        let pfx = dir.path().join(format!("sha1-{tp}.pfx"));
+        fs::write(&pfx, pair.to_pkcs12(PASS.as_bytes(), false).unwrap()).unwrap();
+        let source = KeySource {
+            kind: KeySourceKind::BatchCerts,
+            path: dir.path().to_owned(),
+            ingest: Some(false),
+            passphrase_file: None,
+        };
+        (dir, source, pfx, tp)
+    }
+
+    fn pw_of(pfx: &Path) -> PathBuf {
+        PathBuf::from(format!("{}.pw", pfx.display()))
+    }
+
+    fn only_row(store: &KeyStore) -> KeyStatus {
+        let rows = store.status();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn a_symlinked_password_file_is_refused_even_when_its_target_is_the_passphrase() {
+        let (dir, source, pfx, tp) = drop_dir();
+        // The oracle: the link's target holds the right passphrase; the key must still not load.
+        let secret = dir.path().join(".root-only-secret");
+        fs::write(&secret, PASS).unwrap();
+        std::os::unix::fs::symlink(&secret, pw_of(&pfx)).unwrap();
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert_eq!(store.get(&tp).err(), Some(Unavailable::Missing));
+        let row = only_row(&store);
+        assert_eq!(row.state, KeyState::Broken);
+        let reason = row.reason.unwrap();
+        assert!(reason.contains(trust::LINK_REASON), "{reason}");
+        assert!(!reason.contains(PASS), "{reason}");
+        // Replaced by a regular file: picked up on the next scan.
+        fs::remove_file(pw_of(&pfx)).unwrap();
+        fs::write(pw_of(&pfx), PASS).unwrap();
+        assert_eq!(store.rescan_source(&source).added, vec![tp]);
+    }
+
+    #[test]
+    fn a_symlinked_key_file_is_refused_with_its_reason() {
+        let (dir, source, pfx, tp) = drop_dir();
+        fs::write(pw_of(&pfx), PASS).unwrap();
+        let real = dir.path().join("elsewhere");
+        fs::rename(&pfx, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &pfx).unwrap();
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert!(store.get(&tp).is_err());
+        let row = only_row(&store);
+        assert_eq!(row.state, KeyState::Broken);
+        assert!(row.reason.unwrap().contains(trust::LINK_REASON));
+    }
+
+    #[test]
+    fn a_fifo_password_file_is_refused_without_blocking_the_scan() {
+        let (_dir, source, pfx, tp) = drop_dir();
+        nix::unistd::mkfifo(
+            &pw_of(&pfx),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert!(store.get(&tp).is_err());
+        let reason = only_row(&store).reason.unwrap();
+        assert!(reason.contains("is a FIFO"), "{reason}");
+    }
+
+    #[test]
+    fn a_group_writable_key_file_or_dir_is_refused_with_the_fix_and_noticed_once_fixed() {
+        let (dir, source, pfx, tp) = drop_dir();
+        fs::write(pw_of(&pfx), PASS).unwrap();
+        let store = KeyStore::new();
+        fs::set_permissions(&pfx, fs::Permissions::from_mode(0o664)).unwrap();
+        store.rescan_source(&source);
+        assert!(store.get(&tp).is_err());
+        let reason = only_row(&store).reason.unwrap();
+        assert!(
+            reason.contains(&format!("chmod go-w {}", pfx.display())),
+            "{reason}"
+        );
+        // A chmod alone (no content change) is noticed.
+        fs::set_permissions(&pfx, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(store.rescan_source(&source).added, vec![tp]);
+
+        // The directory: one row for it, the key withdrawn, back once fixed.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(store.rescan_source(&source).removed, vec![tp]);
+        let row = only_row(&store);
+        assert_eq!(row.source, dir.path().display().to_string());
+        let reason = row.reason.unwrap();
+        assert!(
+            reason.contains("directory") && reason.contains("chmod go-w"),
+            "{reason}"
+        );
+        store.rescan_source(&source);
+        assert_eq!(store.status().len(), 1);
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(store.rescan_source(&source).added, vec![tp]);
+        assert_eq!(store.status().len(), 1);
+    }
+
+    #[test]
+    fn a_group_writable_passphrase_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        fs::create_dir(&keys).unwrap();
+        let pair = KeyPair::generate(2048, 30, "key dir test").unwrap();
+        fs::write(
+            keys.join("a.pfx"),
+            pair.to_pkcs12(PASS.as_bytes(), false).unwrap(),
+        )
+        .unwrap();
+        let pass = dir.path().join("pass");
+        fs::write(&pass, PASS).unwrap();
+        let source = KeySource {
+            kind: KeySourceKind::KeyDir,
+            path: keys,
+            ingest: None,
+            passphrase_file: Some(pass.clone()),
+        };
+        let store = KeyStore::new();
+        assert_eq!(store.rescan_source(&source).added, vec![pair.thumbprint()]);
+        fs::set_permissions(&pass, fs::Permissions::from_mode(0o620)).unwrap();
+        assert_eq!(
+            store.rescan_source(&source).removed,
+            vec![pair.thumbprint()]
+        );
+        let reason = only_row(&store).reason.unwrap();
+        assert!(reason.contains("writable by group or others"), "{reason}");
+    }
+
+    #[test]
+    fn the_key_vault_extensions_latest_link_is_skipped_and_its_versions_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("vault.cert.0123");
+        fs::write(&version, b"not a key").unwrap();
+        std::os::unix::fs::symlink(&version, dir.path().join("vault.cert")).unwrap();
+        let source = KeySource {
+            kind: KeySourceKind::Keyvault,
+            path: dir.path().to_owned(),
+            ingest: None,
+            passphrase_file: None,
+        };
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert_eq!(only_row(&store).source, version.display().to_string());
+    }
 }
