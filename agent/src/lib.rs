@@ -124,7 +124,10 @@ pub async fn run(
         shutdown: stop_listener,
         own_pid_ns: peer::own_pid_namespace(),
     };
-    let task_sockets = tokio::spawn(server::task_sockets::run(ctx.clone(), changed));
+    // READY promises the tasks' own sockets too.
+    let (synced_tx, synced) = tokio::sync::oneshot::channel();
+    let task_sockets = tokio::spawn(server::task_sockets::run(ctx.clone(), changed, synced_tx));
+    let _ = synced.await;
     let host = tokio::spawn(server::serve(ctx.clone(), listener, Scope::Host));
 
     // Registered before READY so a reload sent right after start is never lost (or fatal).

@@ -23,11 +23,16 @@ use tokio::task::JoinHandle;
 /// Keep one socket per known task until shutdown: sync after every scan, rebind all after a
 /// reload (the socket name may have changed). Each scan generation is published in `health`
 /// only once the sockets match it.
-pub(crate) async fn run(ctx: ServeContext, mut changed: Changed) {
+pub(crate) async fn run(
+    ctx: ServeContext,
+    mut changed: Changed,
+    first_sync: tokio::sync::oneshot::Sender<()>,
+) {
     let mut sockets = TaskSockets::default();
     let mut shutdown = ctx.shutdown.clone();
     sockets.sync(&ctx);
     publish(&ctx, *changed.tasks.borrow_and_update());
+    let _ = first_sync.send(());
     loop {
         tokio::select! {
             // Config first: a reload's rebind must not be undone by a sync ordered before it.
