@@ -267,6 +267,11 @@ fn main() -> Result<()> {
         "  start-up and memory done ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
+    bench_directory_storm(&scale, &agent_bin, &mut report)?;
+    eprintln!(
+        "  directory storm done ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
 
     let chart_note = match chart::latency_cdf(
         &chart_path,
@@ -1039,6 +1044,61 @@ fn bench_startup_and_rss(
 }
 
 /// Open `n` connections, send one request on each (read the answer when `read`), keep them.
+/// `health` latency while one task creates and removes many directories in its `wd`, against
+/// the same requests with the tree quiet, in the same run: the layout model watches no
+/// directory a task makes, so the storm should cost the agent next to nothing.
+fn bench_directory_storm(scale: &Scale, agent_bin: &Path, report: &mut Report) -> Result<()> {
+    let dirs = if scale.smoke { 2_000 } else { 50_000 };
+    let mut node = node::bench_node(agent_bin, &json!({}))?;
+    let task = node.task("storm", "t");
+    node::write_env(&node, &task, &[("PLAIN".into(), "x".into())]);
+    node.start();
+    node::get_expect(&node, &task, "PLAIN", "x")?;
+    let health = |samples: &mut Vec<f64>| -> Result<()> {
+        let t = Instant::now();
+        node::request(&node, &json!({"op": "health"}))?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+        Ok(())
+    };
+    let (mut quiet_p99, mut storm_p99) = (vec![], vec![]);
+    for _ in 0..scale.repeats {
+        let mut quiet = Vec::new();
+        for _ in 0..200 {
+            health(&mut quiet)?;
+        }
+        let script = "import os, sys\nos.chdir(sys.argv[1])\nn = int(sys.argv[2])\n\
+                      for i in range(n): os.mkdir('d%d' % i)\n\
+                      for i in range(n): os.rmdir('d%d' % i)\n";
+        let mut storm = Command::new("python3")
+            .args(["-c", script])
+            .arg(task.join("wd"))
+            .arg(dirs.to_string())
+            .spawn()
+            .context("cannot run python3 for the storm")?;
+        let mut during = Vec::new();
+        while storm.try_wait()?.is_none() {
+            health(&mut during)?;
+        }
+        if !storm.wait()?.success() {
+            bail!("the storm script failed");
+        }
+        quiet_p99.push(quantile(&quiet, 0.99).unwrap_or(0.0));
+        storm_p99.push(quantile(&during, 0.99).unwrap_or(0.0));
+    }
+    node::get_expect(&node, &task, "PLAIN", "x")?;
+    report.rows.push(Row {
+        figure: format!("`health` p99 while a task makes and removes {dirs} directories"),
+        unit: "ms",
+        ours: Spread::of(&storm_p99),
+        baseline_name: "`health` p99, tree quiet".into(),
+        baseline: Spread::of(&quiet_p99),
+        target: Target::RatioAtMost(5.0),
+        target_text: "≤ 5×".into(),
+        also: None,
+    });
+    Ok(())
+}
+
 fn hold_connections(
     socket: &Path,
     n: usize,
