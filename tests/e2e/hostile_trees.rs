@@ -284,3 +284,65 @@ fn an_env_file_written_right_after_ready_is_served_without_a_rescan() {
     });
     assert!(served, "{}", node.logs());
 }
+
+#[test]
+#[ignore = "needs root: the victim and the attacker are two other uids"]
+fn no_task_inside_a_task_and_no_shared_task_dir() {
+    let s = scene();
+    let job = s.attacker.parent().unwrap().to_path_buf();
+    // A task whose id looks like a job run, owned by the attacker, full of fake tasks (one
+    // named like the victim's) with env files where a task's would be.
+    let nest = job.join("job-5");
+    fs::create_dir(&nest).unwrap();
+    own(&nest, ATTACKER, 0o755);
+    let n = nest.display().to_string();
+    as_attacker(&format!(
+        "set -e; cd {n}
+         for t in n1 n2 victim; do mkdir -p $t/wd; echo NEST=1 > $t/wd/nodeseal.env; echo NEST=1 > $t/nodeseal.env; done"
+    ));
+    // A root-owned sticky task dir both may write: the victim's file in its wd, the
+    // attacker's beside it.
+    let shared = job.join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let sh = shared.display().to_string();
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "set -e; mkdir -m 755 {sh}/wd; echo SECRET={VICTIM_SECRET} > {sh}/wd/nodeseal.env; chmod 600 {sh}/wd/nodeseal.env"
+        ))
+        .uid(VICTIM)
+        .gid(VICTIM)
+        .status()
+        .unwrap();
+    as_attacker(&format!("echo SECRET=forged > {sh}/nodeseal.env"));
+    s.node.wait_scans(3);
+    let status = s.node.request(json!({"op": "status"}));
+    let tasks: Vec<String> = status["info"]["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_dir"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !tasks.iter().any(|t| t.starts_with(&n) && t != &n),
+        "tasks inside a task: {tasks:?}"
+    );
+    assert!(
+        !tasks.contains(&sh),
+        "a shared task dir was believed: {tasks:?}"
+    );
+    // job-5 itself holds no env file: no socket anywhere in it.
+    assert_eq!(sockets_under(&nest), Vec::<PathBuf>::new());
+    assert!(
+        !shared.join("nodeseal.sock").exists(),
+        "a socket in the shared dir"
+    );
+    let mut tasks_asked: Vec<PathBuf> = ["n1", "n2", "victim"]
+        .iter()
+        .map(|t| nest.join(t))
+        .collect();
+    tasks_asked.push(shared.clone());
+    assert_nothing_leaked(&s, &attacker_answers(&s, &tasks_asked));
+    victim_still_served(&s);
+}

@@ -65,6 +65,7 @@ fn publish(ctx: &ServeContext, generation: Generation) {
 /// the socket the agent bound there (the only thing it will ever remove).
 struct Served {
     dir: Dir,
+    owner: u32,
     name: OsString,
     inode: (u64, u64),
     handle: JoinHandle<()>,
@@ -85,15 +86,30 @@ impl TaskSockets {
             self.clear();
             return;
         };
-        let mut wanted: HashMap<PathBuf, u32> = HashMap::new();
+        // A task whose files disagree on its owner gets no socket: it would have two owners.
+        let mut owners: HashMap<PathBuf, Option<u32>> = HashMap::new();
         for e in state.tasks.entries() {
-            wanted.entry(e.task_dir.clone()).or_insert(e.task_owner);
+            let owner = owners
+                .entry(e.task_dir.clone())
+                .or_insert(Some(e.task_owner));
+            if *owner != Some(e.task_owner) {
+                *owner = None;
+            }
         }
+        let wanted: HashMap<PathBuf, u32> = owners
+            .into_iter()
+            .filter_map(|(dir, owner)| Some((dir, owner?)))
+            .collect();
         let gone: Vec<PathBuf> = self
             .served
-            .keys()
-            .filter(|d| !wanted.contains_key(*d))
-            .cloned()
+            .iter()
+            .filter(|(d, s)| match (wanted.get(*d), s) {
+                (None, _) => true,
+                // Its owner changed: bind again for the new one.
+                (Some(owner), Some(served)) => served.owner != *owner,
+                (Some(_), None) => false,
+            })
+            .map(|(d, _)| d.clone())
             .collect();
         for dir in gone {
             if let Some(Some(served)) = self.served.remove(&dir) {
@@ -120,6 +136,7 @@ impl TaskSockets {
                     tracing::info!(task_dir = %task_dir.display(), socket = %socket.display(), owner_uid = owner, "task socket ready");
                     let served = Served {
                         dir,
+                        owner,
                         name: OsString::from(&name),
                         inode,
                         handle,

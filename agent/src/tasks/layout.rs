@@ -102,11 +102,13 @@ impl Dir {
     }
 
     /// Why uids other than `trusted` could have created, renamed or replaced what is in it.
-    fn untrusted_because(&self, trusted: &[u32]) -> Option<String> {
+    /// `sticky_ok`: a sticky directory others may write still protects what is in it from them
+    /// (true above tasks; a task directory shared that way would have two owners).
+    fn untrusted_because(&self, trusted: &[u32], sticky_ok: bool) -> Option<String> {
         if !trusted.contains(&self.uid) {
             return Some(format!("it is owned by uid {}", self.uid));
         }
-        let sticky = self.mode & 0o1000 != 0;
+        let sticky = sticky_ok && self.mode & 0o1000 != 0;
         if self.mode & 0o022 != 0 && !sticky {
             return Some(format!(
                 "it is writable by group or others (mode {:o})",
@@ -144,8 +146,23 @@ fn text(c: &OsStr) -> String {
     c.to_string_lossy().into_owned()
 }
 
-/// The level of the directory at `comps` below the root.
+/// The level of the directory at `comps` below the root. Nothing below a task is a level of
+/// its own: a task named like `job-7` must not make its subdirectories look like tasks.
 pub(crate) fn level_of(layout: TaskLayout, comps: &[&OsStr]) -> Level {
+    for end in 1..comps.len() {
+        if let Level::Task { .. } = shape_of(layout, &comps[..end]) {
+            // Only the task's own `wd` (Batch) is below a task.
+            return match shape_of(layout, comps) {
+                Level::Wd if end + 1 == comps.len() => Level::Wd,
+                _ => Level::Outside,
+            };
+        }
+    }
+    shape_of(layout, comps)
+}
+
+/// The level `comps` would have by its shape alone.
+fn shape_of(layout: TaskLayout, comps: &[&OsStr]) -> Level {
     let task = |job: Option<&OsStr>, task: &OsStr| Level::Task {
         job_id: job.map(text),
         task_id: text(task),
@@ -311,6 +328,7 @@ impl Walker<'_> {
                 // The root level is trusted for root and the agent only; below it, the file's
                 // owner too. The wd counts when the file is in it.
                 let levels = chain.iter().chain(places[1..=i].iter().copied());
+                let task_depth = chain.len() - 1;
                 let mut reason = None;
                 for (depth, d) in levels.enumerate() {
                     let trusted: &[u32] = if depth == 0 {
@@ -318,7 +336,7 @@ impl Walker<'_> {
                     } else {
                         &[0, self.agent_uid, file_uid]
                     };
-                    if let Some(why) = d.untrusted_because(trusted) {
+                    if let Some(why) = d.untrusted_because(trusted, depth < task_depth) {
                         reason = Some(format!("{}: {why}", d.path().display()));
                         break;
                     }
@@ -399,16 +417,21 @@ mod tests {
             }
         );
         assert_eq!(level_of(b, &c("s/j/job-2/t/wd")), Level::Wd);
-        // Below a task's wd, and anything not shaped like the layout, is never looked into.
+        // Below a task's wd, and anything not shaped like the layout, is never looked into;
+        // nor is anything below a task whose id looks like a job run.
         for outside in [
             "j/job-1/t/wd/sub",
             "j/job-1/t/sub",
             "j/x/y",
             "s/j/job-2/t/wd/deep",
+            "j/job-1/job-5/x",
+            "j/job-1/job-5/x/wd",
+            "j/job-1/job-5/job-1/t",
         ] {
             assert_eq!(level_of(b, &c(outside)), Level::Outside, "{outside}");
         }
         assert_eq!(level_of(TaskLayout::Flat, &c("id/wd")), Level::Outside);
+        assert_eq!(level_of(b, &c("j/job-1/job-5/wd")), Level::Wd);
     }
 
     fn walker(names: &[String]) -> Walker<'_> {
@@ -496,5 +519,12 @@ mod tests {
         assert_eq!(walk.files.len(), 1);
         assert_eq!(walk.files[0].task.job_id.as_deref(), Some("j"));
         assert_eq!(walk.files[0].task.task_id, "t");
+        // But a task directory is one owner's: sticky there does not make it shared ground.
+        std::fs::set_permissions(&task, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let walk = walker(&names).walk(&root, &root).unwrap();
+        assert!(
+            walk.files.is_empty(),
+            "a sticky shared task dir was trusted"
+        );
     }
 }
