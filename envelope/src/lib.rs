@@ -6,12 +6,14 @@
 //! cleartext values in `Zeroizing` buffers; no type here derives `Debug` over secret material.
 #![forbid(unsafe_code)]
 
+pub mod audience;
 pub mod envfile;
 pub mod error;
 pub mod keys;
 pub mod legacy;
 pub mod token;
 
+pub use audience::Selector;
 pub use error::{EnvFileError, KeyError, TokenError};
 pub use keys::{KeyPair, Recipient, Thumbprint};
 pub use token::{Format, Opened, SealOptions, TokenInfo};
