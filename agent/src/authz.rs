@@ -10,14 +10,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The caller as the kernel reported it when it connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Caller {
     /// Effective uid.
     pub(crate) uid: u32,
     /// Effective gid.
     pub(crate) gid: u32,
-    /// uid 0 in the agent's own pid namespace. Root in a container is not host root.
+    /// Supplementary groups at `connect()` (`SO_PEERGROUPS`).
+    pub(crate) groups: Vec<u32>,
+    /// uid 0 in the agent's own pid namespace, attested through a pidfd at accept. Root in a
+    /// container is not host root.
     pub(crate) host_root: bool,
+    /// Whether the kernel can attest where callers run (`SO_PEERPIDFD`); without it nobody is
+    /// host root, and uid 0 is told why.
+    pub(crate) namespace_attested: bool,
 }
 
 /// Which socket a request came in on.
@@ -59,6 +65,8 @@ pub(crate) fn require_host_root(
 ) -> Result<(), Refusal> {
     if caller.host_root && *scope == Scope::Host {
         Ok(())
+    } else if caller.uid == 0 && !caller.namespace_attested && *scope == Scope::Host {
+        Err(Refusal::CallerUnattested)
     } else {
         Err(Refusal::HostRootOnly { op })
     }
@@ -126,6 +134,9 @@ pub(crate) fn readable_files(
     let readable: Vec<usize> = match scope {
         Scope::Task { owner, .. } => (0..owners.len()).filter(|&i| owners[i] == *owner).collect(),
         Scope::Host if caller.host_root => all(),
+        Scope::Host if caller.uid == 0 && !caller.namespace_attested => {
+            return Err(Refusal::CallerUnattested)
+        }
         Scope::Host if caller.uid == 0 => return Err(Refusal::ContainerRoot),
         Scope::Host => (0..owners.len())
             .filter(|&i| owners[i] == caller.uid)
@@ -197,7 +208,16 @@ mod tests {
         Caller {
             uid,
             gid,
+            groups: Vec::new(),
             host_root,
+            namespace_attested: true,
+        }
+    }
+    /// uid 0 on a kernel without `SO_PEERPIDFD`.
+    fn unattested_root() -> Caller {
+        Caller {
+            namespace_attested: false,
+            ..caller(0, 0, false)
         }
     }
     fn host_root() -> Caller {
@@ -236,6 +256,10 @@ mod tests {
                 assert!(e.to_string().contains("status"), "{e}");
             }
         }
+        // A kernel that cannot attest the caller: uid 0 is refused and told why.
+        let e = require_host_root(&unattested_root(), &Scope::Host, "status").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Forbidden);
+        assert!(e.to_string().contains("no SO_PEERPIDFD"), "{e}");
     }
 
     #[test]
@@ -381,6 +405,23 @@ mod tests {
                 vec![VICTIM],
                 Err(ErrorCode::Forbidden),
             ),
+            (
+                unattested_root(),
+                Scope::Host,
+                vec![0, VICTIM],
+                Err(ErrorCode::Forbidden),
+            ),
+            // Without attestation, reads by uid keep working.
+            (
+                Caller {
+                    namespace_attested: false,
+                    ..caller(VICTIM, VICTIM, false)
+                },
+                Scope::Host,
+                vec![VICTIM],
+                Ok(vec![0]),
+            ),
+            (unattested_root(), task_scope(), vec![VICTIM], Ok(vec![0])),
             // Reaching a per-task socket is the credential: anyone, every file of the task's
             // owner, and no other uid's file that happens to sit in the task.
             (
@@ -443,13 +484,13 @@ mod tests {
         let in_group = caller(OTHER, GROUP, false);
         // (caller, scope, policy, key, allowed)
         let table = [
-            (v, Scope::Host, everyone, key, true),
-            (o, Scope::Host, everyone, key, true),
+            (v.clone(), Scope::Host, everyone, key, true),
+            (o.clone(), Scope::Host, everyone, key, true),
             (container_root(), Scope::Host, everyone, key, false),
             (host_root(), Scope::Host, everyone, key, true),
             (host_root(), Scope::Host, nobody_but_group, key, true),
-            (v, Scope::Host, everyone, locked, false),
-            (o, Scope::Host, everyone, locked, true),
+            (v.clone(), Scope::Host, everyone, locked, false),
+            (o.clone(), Scope::Host, everyone, locked, true),
             (
                 caller(VICTIM, GROUP, false),
                 Scope::Host,
@@ -457,11 +498,11 @@ mod tests {
                 locked,
                 true,
             ),
-            (v, Scope::Host, only_victim, key, true),
-            (o, Scope::Host, only_victim, key, false),
-            (o, Scope::Host, nobody_but_group, key, false),
+            (v.clone(), Scope::Host, only_victim, key, true),
+            (o.clone(), Scope::Host, only_victim, key, false),
+            (o.clone(), Scope::Host, nobody_but_group, key, false),
             (in_group, Scope::Host, nobody_but_group, key, true),
-            (o, task_scope(), nobody_but_group, key, true),
+            (o.clone(), task_scope(), nobody_but_group, key, true),
             (container_root(), task_scope(), only_victim, key, true),
         ];
         for (who, scope, policy, tp, allowed) in table {

@@ -122,7 +122,7 @@ pub async fn run(
         handler: handler.clone(),
         admission: Arc::new(Admission::new(config.limits.max_connections)),
         shutdown: stop_listener,
-        own_pid_ns: peer::own_pid_namespace(),
+        identify: peer::Identify::probe(),
     };
     // READY promises the tasks' own sockets too.
     let (synced_tx, synced) = tokio::sync::oneshot::channel();

@@ -1,38 +1,123 @@
-//! Who is on the other end of a connection, from the kernel (`SO_PEERCRED`), never from anything
-//! the caller says.
+//! Who is on the other end of a connection, from the kernel, never from anything the caller says
+//! and never from a pid number.
+//!
+//! uid, gid and supplementary groups are the credentials the kernel recorded at `connect()`
+//! (`SO_PEERCRED`, `SO_PEERGROUPS`): they stay true of the connection whoever holds it later.
+//! Whether uid 0 is host root depends on the pid namespace of the process that connected, and
+//! that is read through a pidfd the kernel took at `connect()` (`SO_PEERPIDFD`), which names that
+//! process and no other: a pid number can be taken over by another process once the caller has
+//! exited, a pidfd cannot. It is decided once, at accept, and kept for the connection. When the
+//! kernel cannot say (no `SO_PEERPIDFD`, a process that has gone, a failed call), nobody is host
+//! root.
+//!
+//! [`Identify::account`] gathers what the kernel says; [`Peer::decide`] is the pure decision over
+//! it, tested below for every answer the kernel can give.
 
 use crate::authz::Caller;
-use std::path::PathBuf;
+use crate::sys;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 
-/// Kernel-reported identity of a connected process.
+/// A pid namespace, by its nsfs inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PidNamespace {
+    dev: u64,
+    ino: u64,
+}
+
+impl PidNamespace {
+    fn of_metadata(m: &std::fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+
+    fn of_fd(fd: OwnedFd) -> io::Result<Self> {
+        Ok(Self::of_metadata(&std::fs::File::from(fd).metadata()?))
+    }
+
+    /// The agent's own pid namespace.
+    fn own() -> io::Result<Self> {
+        Ok(Self::of_metadata(&std::fs::metadata("/proc/self/ns/pid")?))
+    }
+}
+
+/// What this kernel can tell about the process behind a connection; probed once at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Support {
+    /// `SO_PEERPIDFD` and `PIDFD_GET_PID_NAMESPACE` (Linux 6.11): the namespace straight from
+    /// the pidfd.
+    PidfdNamespace,
+    /// `SO_PEERPIDFD` without the ioctl (Linux 6.5 to 6.10): the namespace from `/proc/<pid>`
+    /// with the pid the pidfd reports, accepted only if the pidfd's process is still alive after
+    /// the read (then the pid was still its own).
+    PidfdProc,
+    /// No `SO_PEERPIDFD`: the kernel cannot attest where a caller runs.
+    Unattested,
+}
+
+/// Where the process that connected runs, as the kernel answered at accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PeerNamespace {
+    /// Still the process that connected, in this pid namespace.
+    Known(PidNamespace),
+    /// The process that connected has gone: whoever holds the connection now is unknown.
+    Gone,
+    /// The process runs in a pid namespace the agent cannot see into.
+    Invisible,
+    /// This kernel cannot say (no `SO_PEERPIDFD`).
+    Unattested,
+    /// The kernel refused to answer; the reason, for the log.
+    Failed(String),
+}
+
+/// What the kernel said about one connection: the input of [`Peer::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KernelAccount {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// For log lines only: a pid number identifies nobody.
+    pub(crate) pid: u32,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) namespace: PeerNamespace,
+}
+
+/// Kernel-reported identity of a connected process, decided at accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Peer {
     /// Effective uid at `connect()`.
     pub(crate) uid: u32,
     /// Effective gid at `connect()`.
     pub(crate) gid: u32,
-    /// Pid as seen from the agent's pid namespace; 0 when the peer lives in a namespace the agent
-    /// cannot see into.
+    /// Supplementary groups at `connect()`; empty when the kernel would not say.
+    pub(crate) groups: Vec<u32>,
+    /// Pid at `connect()` as seen from the agent's pid namespace, for log lines only; 0 when the
+    /// peer lives in a namespace the agent cannot see into.
     pub(crate) pid: u32,
-    /// uid 0 in the agent's own pid namespace. Root in a container is not host root.
+    /// uid 0 in the agent's own pid namespace, attested through the pidfd. Root in a container,
+    /// or a caller that has gone, is not host root.
     pub(crate) host_root: bool,
-}
-
-/// The agent's own pid namespace identity (`pid:[4026531836]`).
-pub(crate) fn own_pid_namespace() -> Option<PathBuf> {
-    std::fs::read_link("/proc/self/ns/pid").ok()
+    /// Whether this kernel can attest where a caller runs at all (`SO_PEERPIDFD`).
+    pub(crate) namespace_attested: bool,
 }
 
 impl Peer {
-    /// Build from the credentials tokio reads with `SO_PEERCRED`.
-    pub(crate) fn from_cred(cred: &tokio::net::unix::UCred, own_ns: Option<&PathBuf>) -> Self {
-        let uid = cred.uid();
-        let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    /// The decision: host root is uid 0 whose process, still the one that connected, runs in
+    /// the agent's own pid namespace. Everything else, an unknown own namespace included, is not.
+    pub(crate) fn decide(account: &KernelAccount, own_ns: Option<PidNamespace>) -> Self {
+        let in_own_namespace = match (&account.namespace, own_ns) {
+            (PeerNamespace::Known(theirs), Some(own)) => *theirs == own,
+            _ => false,
+        };
         Self {
-            uid,
-            gid: cred.gid(),
-            pid,
-            host_root: uid == 0 && is_in_namespace(pid, own_ns),
+            uid: account.uid,
+            gid: account.gid,
+            groups: account.groups.clone(),
+            pid: account.pid,
+            host_root: account.uid == 0 && in_own_namespace,
+            namespace_attested: account.namespace != PeerNamespace::Unattested,
         }
     }
 
@@ -41,34 +126,268 @@ impl Peer {
         Caller {
             uid: self.uid,
             gid: self.gid,
+            groups: self.groups.clone(),
             host_root: self.host_root,
+            namespace_attested: self.namespace_attested,
         }
     }
 }
 
-/// Whether `pid` shares our pid namespace. Fails closed: an unreadable link, pid 0 (the kernel's
-/// answer for a peer outside our view) or an unknown own namespace all mean "no".
-fn is_in_namespace(pid: u32, own_ns: Option<&PathBuf>) -> bool {
-    if pid == 0 {
-        return false;
+/// How this agent identifies callers: the kernel's support and the agent's own pid namespace.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identify {
+    support: Support,
+    own_ns: Option<PidNamespace>,
+}
+
+impl Identify {
+    /// Probe the kernel on a socket pair of our own and say in one log line how callers are
+    /// identified.
+    pub(crate) fn probe() -> Self {
+        let own_ns = PidNamespace::own();
+        let support = probe_support(own_ns.as_ref().ok().copied());
+        match (&own_ns, support) {
+            (Err(e), _) => tracing::error!(
+                error = %e,
+                "cannot read /proc/self/ns/pid: nobody is host root through a socket; admin operations are refused, task reads by uid still work"
+            ),
+            (Ok(_), Support::PidfdNamespace) => tracing::info!(
+                "callers identified at accept by pidfd (SO_PEERPIDFD, PIDFD_GET_PID_NAMESPACE)"
+            ),
+            (Ok(_), Support::PidfdProc) => tracing::info!(
+                "callers identified at accept by pidfd (SO_PEERPIDFD; namespace from /proc, rechecked against the pidfd)"
+            ),
+            (Ok(_), Support::Unattested) => tracing::warn!(
+                "this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): nobody is host root through a socket; admin operations are refused, task reads by uid still work"
+            ),
+        }
+        Self {
+            support,
+            own_ns: own_ns.ok(),
+        }
     }
-    let Some(own) = own_ns else { return false };
-    match std::fs::read_link(format!("/proc/{pid}/ns/pid")) {
-        Ok(theirs) => &theirs == own,
-        Err(_) => false,
+
+    /// The identity of the peer on `stream`, decided now, once.
+    pub(crate) fn peer(&self, stream: &tokio::net::UnixStream) -> io::Result<Peer> {
+        Ok(Peer::decide(&self.account(stream)?, self.own_ns))
     }
+
+    /// What the kernel says about the peer on `stream`. Fails only if it gives no credentials.
+    fn account(&self, stream: &tokio::net::UnixStream) -> io::Result<KernelAccount> {
+        let cred = stream.peer_cred()?;
+        let sock = stream.as_fd();
+        let groups = sys::peer_groups(sock).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the caller's groups (SO_PEERGROUPS); using none");
+            Vec::new()
+        });
+        Ok(KernelAccount {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+            groups,
+            namespace: peer_namespace(self.support, sock),
+        })
+    }
+}
+
+fn probe_support(own_ns: Option<PidNamespace>) -> Support {
+    let Ok((ours, _theirs)) = std::os::unix::net::UnixStream::pair() else {
+        return Support::Unattested;
+    };
+    let pidfd = match sys::peer_pidfd(ours.as_fd()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            if e.raw_os_error() != Some(libc::ENOPROTOOPT) {
+                tracing::warn!(error = %e, "SO_PEERPIDFD failed on a socket pair of our own");
+            }
+            return Support::Unattested;
+        }
+    };
+    // Each way is used only if it finds the agent itself where it is.
+    let found_self = |ns: io::Result<PidNamespace>| ns.ok().is_some_and(|ns| Some(ns) == own_ns);
+    if found_self(sys::pidfd_pid_namespace(pidfd.as_fd()).and_then(PidNamespace::of_fd)) {
+        Support::PidfdNamespace
+    } else if found_self(namespace_via_proc(pidfd.as_fd())) {
+        Support::PidfdProc
+    } else {
+        Support::Unattested
+    }
+}
+
+fn peer_namespace(support: Support, sock: BorrowedFd<'_>) -> PeerNamespace {
+    if support == Support::Unattested {
+        return PeerNamespace::Unattested;
+    }
+    let pidfd = match sys::peer_pidfd(sock) {
+        Ok(fd) => fd,
+        // Kernels before pidfs refuse a pidfd for a process that has been reaped.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EINVAL)) => {
+            return PeerNamespace::Gone
+        }
+        Err(e) => return PeerNamespace::Failed(format!("SO_PEERPIDFD: {e}")),
+    };
+    let ns = match support {
+        Support::PidfdNamespace => {
+            sys::pidfd_pid_namespace(pidfd.as_fd()).and_then(PidNamespace::of_fd)
+        }
+        _ => namespace_via_proc(pidfd.as_fd()),
+    };
+    match ns {
+        Ok(ns) => PeerNamespace::Known(ns),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => PeerNamespace::Gone,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => PeerNamespace::Invisible,
+        Err(e) => PeerNamespace::Failed(format!("pid namespace of the caller: {e}")),
+    }
+}
+
+/// The pid namespace of the pidfd's process through `/proc/<pid>/ns/pid`, with the pid its
+/// fdinfo reports; the read counts only if the process is still alive afterwards, because then
+/// the pid was still its own during the read. `ESRCH`: gone; `NotFound`: not visible from here.
+fn namespace_via_proc(pidfd: BorrowedFd<'_>) -> io::Result<PidNamespace> {
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    let pid = pid_of_fdinfo(&fdinfo)
+        .ok_or_else(|| io::Error::other("no Pid line in the pidfd's fdinfo"))?;
+    match pid {
+        -1 => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
+        0 => return Err(io::ErrorKind::NotFound.into()),
+        _ => {}
+    }
+    let read = std::fs::metadata(format!("/proc/{pid}/ns/pid"));
+    sys::pidfd_is_alive(pidfd)?;
+    Ok(PidNamespace::of_metadata(&read?))
+}
+
+/// The `Pid:` of a pidfd's fdinfo: the pid in our namespace, 0 outside our view, -1 once gone.
+fn pid_of_fdinfo(fdinfo: &str) -> Option<i64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const HOST: PidNamespace = PidNamespace { dev: 4, ino: 1 };
+    const CONTAINER: PidNamespace = PidNamespace { dev: 4, ino: 2 };
+
+    fn account(uid: u32, namespace: PeerNamespace) -> KernelAccount {
+        KernelAccount {
+            uid,
+            gid: uid,
+            pid: 1234,
+            groups: vec![5000, 5001],
+            namespace,
+        }
+    }
+
     #[test]
-    fn own_process_is_in_own_namespace_and_pid_zero_never_is() {
-        let own = own_pid_namespace();
-        assert!(own.is_some());
-        assert!(is_in_namespace(std::process::id(), own.as_ref()));
-        assert!(!is_in_namespace(0, own.as_ref()));
-        assert!(!is_in_namespace(std::process::id(), None));
+    fn host_root_is_uid_zero_still_alive_in_our_namespace_and_nothing_else() {
+        use PeerNamespace::*;
+        // (uid, what the kernel said, own namespace known, host root, kernel attests)
+        let table = [
+            (0, Known(HOST), true, true, true),
+            (0, Known(CONTAINER), true, false, true),
+            (1000, Known(HOST), true, false, true),
+            // The process that connected has gone: a pid-reuse attack ends here.
+            (0, Gone, true, false, true),
+            (0, Invisible, true, false, true),
+            (0, Failed("EPERM".into()), true, false, true),
+            (0, Known(HOST), false, false, true),
+            // No SO_PEERPIDFD: nobody is host root, and the caller can be told why.
+            (0, Unattested, true, false, false),
+            (1000, Unattested, true, false, false),
+        ];
+        for (uid, ns, own_known, host_root, attested) in table {
+            let own = own_known.then_some(HOST);
+            let peer = Peer::decide(&account(uid, ns.clone()), own);
+            assert_eq!(peer.host_root, host_root, "uid {uid}, {ns:?}, own {own:?}");
+            assert_eq!(peer.namespace_attested, attested, "uid {uid}, {ns:?}");
+            // The credentials recorded at connect() are kept whatever the namespace answer.
+            assert_eq!((peer.uid, peer.gid), (uid, uid));
+            assert_eq!(peer.groups, vec![5000, 5001]);
+            let caller = peer.caller();
+            assert_eq!(caller.host_root, host_root);
+            assert_eq!(caller.groups, peer.groups);
+        }
+    }
+
+    #[test]
+    fn the_fdinfo_pid_line() {
+        assert_eq!(
+            pid_of_fdinfo("pos:\t0\nflags:\t02000002\nPid:\t42\nNSpid:\t42\n"),
+            Some(42)
+        );
+        assert_eq!(pid_of_fdinfo("Pid:\t-1\n"), Some(-1));
+        assert_eq!(pid_of_fdinfo("Pid:\t0\n"), Some(0));
+        assert_eq!(pid_of_fdinfo("pos:\t0\n"), None);
+    }
+
+    /// On this kernel: a socket pair of our own finds the agent's own namespace both ways, and
+    /// the probe picks the best one it has.
+    #[test]
+    fn this_kernel_finds_our_own_namespace_through_a_socket_pair() {
+        let own = PidNamespace::own().unwrap();
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pidfd = match sys::peer_pidfd(ours.as_fd()) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                assert_eq!(probe_support(Some(own)), Support::Unattested);
+                eprintln!("SKIPPED: this kernel has no SO_PEERPIDFD");
+                return;
+            }
+            Err(e) => panic!("SO_PEERPIDFD: {e}"),
+        };
+        assert_eq!(namespace_via_proc(pidfd.as_fd()).unwrap(), own);
+        if let Ok(ns) = sys::pidfd_pid_namespace(pidfd.as_fd()) {
+            assert_eq!(PidNamespace::of_fd(ns).unwrap(), own);
+            assert_eq!(probe_support(Some(own)), Support::PidfdNamespace);
+        }
+        assert_eq!(probe_support(None), Support::Unattested);
+        let groups = sys::peer_groups(ours.as_fd()).unwrap();
+        let mut expected: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        let mut got = groups.clone();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, expected, "SO_PEERGROUPS on our own socket pair");
+    }
+
+    /// A child that has exited and been reaped is gone by either way, even though its pid
+    /// number may already belong to someone else.
+    #[test]
+    fn a_reaped_process_is_gone() {
+        let Ok(mut child) = std::process::Command::new("true").spawn() else {
+            return;
+        };
+        let pidfd = sys::pidfd_open(child.id() as i32);
+        let pidfd = match pidfd {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.wait();
+                panic!("pidfd_open: {e}");
+            }
+        };
+        child.wait().unwrap();
+        let err = namespace_via_proc(pidfd.as_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH), "{err}");
+        assert_eq!(
+            sys::pidfd_is_alive(pidfd.as_fd())
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ESRCH)
+        );
+        if let Err(e) = sys::pidfd_pid_namespace(pidfd.as_fd()) {
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOTTY)),
+                "{e}"
+            );
+        } else {
+            panic!("a reaped process still has a pid namespace");
+        }
     }
 }

@@ -32,6 +32,8 @@ pub(crate) enum Refusal {
     UnknownTask { task_dir: PathBuf },
     #[error("uid 0 outside the host's pid namespace is not host root; use the task's own socket")]
     ContainerRoot,
+    #[error("this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): admin operations are refused and uid 0 is not host root here; use the task's own socket for a task's values")]
+    CallerUnattested,
     #[error("uid {uid} does not own the env files of task {}", task_dir.display())]
     NotOwner { uid: u32, task_dir: PathBuf },
     #[error("no variable {name} in this task's env files")]
@@ -105,6 +107,7 @@ impl Refusal {
             Self::HostRootOnly { .. }
             | Self::ForeignTask
             | Self::ContainerRoot
+            | Self::CallerUnattested
             | Self::NotOwner { .. }
             | Self::OpenNotAllowed { .. } => ErrorCode::Forbidden,
             Self::NoTaskOwned { .. } | Self::UnknownTask { .. } | Self::NoSuchVariable { .. } => {
@@ -166,6 +169,7 @@ mod tests {
     fn refusals_of_identity_are_forbidden_and_limits_are_retryable() {
         for r in [
             Refusal::ContainerRoot,
+            Refusal::CallerUnattested,
             Refusal::ForeignTask,
             Refusal::HostRootOnly { op: "status" },
         ] {

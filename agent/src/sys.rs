@@ -1,15 +1,17 @@
-//! The agent's only `unsafe` code, three calls with no safe wrapper:
+//! The agent's only `unsafe` code, calls with no safe wrapper:
 //! - adopting the listening socket systemd passes by socket activation: `sd_listen_fds` hands
 //!   over a raw descriptor number, and turning a number into an owned socket is unchecked;
 //! - `mlockall` with `MCL_ONFAULT`, which nix does not expose: without it `MCL_FUTURE` would
 //!   fault in every reserved thread stack and multiply the agent's resident memory;
 //! - taking ownership of the descriptor `openat2`/`openat` return (nix hands back a raw number),
-//!   in [`open_beneath`], the one way the agent opens anything inside a task tree.
+//!   in [`open_beneath`], the one way the agent opens anything inside a task tree;
+//! - who is calling, from the kernel ([`peer_pidfd`], [`peer_groups`], [`pidfd_pid_namespace`],
+//!   [`pidfd_is_alive`]): getsockopt options and pidfd calls nix 0.29 does not wrap.
 //!
 //! Everything else goes through safe wrappers (tokio, nix).
 #![allow(unsafe_code)]
 
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 
 /// The first socket systemd passed us (`LISTEN_FDS`/`LISTEN_PID`), if any. The environment
@@ -48,9 +50,8 @@ pub(crate) fn open_beneath(
     dir: std::os::fd::BorrowedFd<'_>,
     name: &std::ffi::OsStr,
     flags: nix::fcntl::OFlag,
-) -> std::io::Result<std::os::fd::OwnedFd> {
+) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
-    use std::os::fd::{AsRawFd, OwnedFd};
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(name);
     if bytes.is_empty() || bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
         return Err(std::io::Error::new(
@@ -77,4 +78,111 @@ pub(crate) fn open_beneath(
     // SAFETY: the kernel just returned `fd` as a new descriptor owned by nobody else; it is
     // wrapped exactly once, here.
     Ok(unsafe { <OwnedFd as FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The pidfd of the process at the other end of a connected Unix socket, as the kernel captured
+/// it at `connect()` (`SO_PEERPIDFD`, Linux 6.5): it names that process, never a pid number
+/// another process could take. `ENOPROTOOPT`: this kernel has no such option.
+pub(crate) fn peer_pidfd(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` and `len` are live locals of the sizes `len` states; the kernel writes at most
+    // `len` bytes into `fd` and the new length into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if fd < 0 || len as usize != size_of::<libc::c_int>() {
+        return Err(std::io::Error::other("SO_PEERPIDFD returned no descriptor"));
+    }
+    // SAFETY: the kernel just installed `fd` as a new descriptor of ours; wrapped once, here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The supplementary groups of the peer at `connect()` (`SO_PEERGROUPS`, Linux 4.13), as the
+/// kernel recorded them with its credentials.
+pub(crate) fn peer_groups(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
+    // NGROUPS_MAX is 65536: one retry with the size the kernel asks for always suffices.
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..2 {
+        let mut len = (groups.len() * size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` owns `len` bytes of initialised gid_t the kernel may overwrite; it
+        // writes at most `len` bytes and the length it used (or needs, with ERANGE) into `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || count <= groups.len() || count > 65536 {
+            return Err(err);
+        }
+        groups.resize(count, 0);
+    }
+    Err(std::io::Error::other("SO_PEERGROUPS kept growing"))
+}
+
+/// The pid namespace of the process `pidfd` names (`PIDFD_GET_PID_NAMESPACE`, Linux 6.11), as a
+/// namespace descriptor; `ESRCH` once that process has been reaped, `ENOTTY` on kernels without
+/// the ioctl.
+pub(crate) fn pidfd_pid_namespace(pidfd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    // SAFETY: this ioctl takes no argument and touches no memory of ours; it returns a new
+    // descriptor or -1 with errno.
+    let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), libc::PIDFD_GET_PID_NAMESPACE, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just installed `fd` as a new descriptor of ours; wrapped once, here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process `pidfd` names still exists (`pidfd_send_signal` with signal 0, Linux
+/// 5.1): `Ok(())` while it runs or is a zombie, `ESRCH` once it has been reaped.
+pub(crate) fn pidfd_is_alive(pidfd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: signal 0 sends nothing; the siginfo pointer is null, which the syscall accepts,
+    // and flags are 0. No memory of ours is touched.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A pidfd for `pid` (`pidfd_open`, Linux 5.3), for tests that need one of a child of theirs.
+#[cfg(test)]
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just installed `fd` as a new descriptor of ours; wrapped once, here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

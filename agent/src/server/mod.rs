@@ -10,11 +10,10 @@ pub(crate) mod task_sockets;
 
 use crate::authz::Scope;
 use crate::handler::Handler;
-use crate::peer::Peer;
+use crate::peer::Identify;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
 use admission::Admission;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +25,8 @@ pub(crate) struct ServeContext {
     pub(crate) handler: Arc<Handler>,
     pub(crate) admission: Arc<Admission>,
     pub(crate) shutdown: Shutdown,
-    /// The agent's pid namespace, for telling host root from container root.
-    pub(crate) own_pid_ns: Option<PathBuf>,
+    /// How callers are identified (probed once at start), for telling host root from the rest.
+    pub(crate) identify: Identify,
 }
 
 /// Accept connections on `listener` until shutdown.
@@ -54,8 +53,8 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
         };
         // Who it is first, then its own allowance, then the shared budget: a uid over its
         // limit is refused without ever holding one of the slots every uid shares.
-        let peer = match stream.peer_cred() {
-            Ok(cred) => Peer::from_cred(&cred, ctx.own_pid_ns.as_ref()),
+        let peer = match ctx.identify.peer(&stream) {
+            Ok(peer) => peer,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials; closing connection");
                 continue;
