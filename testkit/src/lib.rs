@@ -17,11 +17,13 @@
 mod agent;
 mod bins;
 mod layout;
+mod pids;
 mod wire;
 
 pub use agent::{AgentOptions, AgentProcess, Node};
 pub use bins::{bin, bin_dir, code, openssl, run_with_stdin, stderr, stdout};
 pub use layout::{Cert, NodeLayout, PFX_PASS};
+pub use pids::spawn_with_pid;
 pub use wire::{
     code_of, fd_count, proc_status_kib, request_as, request_at, rss_kib, try_request_as,
 };

@@ -12,6 +12,7 @@ mod hostile_keys;
 mod hostile_logs;
 mod hostile_trees;
 mod hygiene;
+mod identity;
 mod keys;
 mod packaging;
 mod seal;

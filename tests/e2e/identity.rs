@@ -1,0 +1,234 @@
+//! Who is calling, under attack: root in a container (its own pid namespace) is not host root on
+//! the host socket, and neither is a host process of an ordinary uid that inherits a container
+//! root's connection and takes over its old pid number before the agent looks. Real host root
+//! still gets `status`.
+
+use nodeseal_testkit::{code_of, spawn_with_pid, wait_child, Node};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The ordinary host uid that attacks.
+const ATTACKER: u32 = 4361;
+/// The uid whose task values are the prize.
+const VICTIM: u32 = 4362;
+const SECRET: &str = "victim-Secret-identity-e2e";
+
+fn node_with_victim_task() -> (Node, PathBuf) {
+    let mut node = Node::new();
+    let cert = node.create_cert("pool");
+    node.drop_pfx(&cert);
+    let task = node.task("job-v", "victim");
+    node.write_env(
+        &task,
+        &format!("DB={}\n", node.seal(&cert, Some("DB"), SECRET, "v1")),
+    );
+    std::os::unix::fs::chown(
+        task.join("wd/.shipyard.envlist"),
+        Some(VICTIM),
+        Some(VICTIM),
+    )
+    .unwrap();
+    node.start();
+    (node, task)
+}
+
+fn has_unshare(test: &str) -> bool {
+    let ok = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        nodeseal_testkit::unavailable_here(test, "unshare --pid (util-linux) does not work here");
+    }
+    ok
+}
+
+/// Sends each request line (argv[2:]) over the connection it is given and prints each answer
+/// line, or `EOF` when the agent hung up. The connection is argv[1]: a socket path to connect
+/// to, or `inherit:<abstract name>` to listen there for one handed over by SCM_RIGHTS, say
+/// `inherited` and wait for a line on stdin before asking.
+const CALLER: &str = r#"
+import socket, sys
+def answer(conn):
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return "EOF\n"
+        buf += chunk
+    return buf.decode()
+if sys.argv[1].startswith("inherit:"):
+    l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    l.bind("\0" + sys.argv[1][len("inherit:"):])
+    l.listen(1)
+    print("listening", flush=True)
+    c, _ = l.accept()
+    _, fds, _, _ = socket.recv_fds(c, 16, 1)
+    conn = socket.socket(fileno=fds[0])
+    print("inherited", flush=True)
+    sys.stdin.readline()
+else:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(sys.argv[1])
+for req in sys.argv[2:]:
+    conn.sendall(req.encode() + b"\n")
+    sys.stdout.write(answer(conn))
+    sys.stdout.flush()
+"#;
+
+/// Connects to the agent's socket (argv[1]), hands the connection to the listener at the
+/// abstract name argv[2], prints its pid in the host's pid namespace (the host's /proc says, as
+/// nothing remounted it) and exits.
+const HANDER: &str = r#"
+import os, socket, sys
+a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+a.connect(sys.argv[1])
+h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+h.connect("\0" + sys.argv[2])
+socket.send_fds(h, [b"x"], [a.fileno()])
+print(os.readlink("/proc/self"), os.getpid())
+"#;
+
+fn requests(task: &std::path::Path) -> [String; 2] {
+    [
+        json!({"op": "status"}).to_string(),
+        json!({"op": "get", "name": "DB", "task": task}).to_string(),
+    ]
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not an answer: {line:?}: {e}"))
+}
+
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare), connects as other uids, stops the agent and sets ns_last_pid"]
+fn a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_root() {
+    let test = "a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    let (mut node, task) = node_with_victim_task();
+    let [status, get] = requests(&task);
+    let handoff = format!("nodeseal-identity-{}", std::process::id());
+
+    // The attacker's receiving end: an ordinary host uid waiting for a connection.
+    let mut receiver = Command::new("python3")
+        .args(["-c", CALLER, &format!("inherit:{handoff}"), &status, &get])
+        .uid(ATTACKER)
+        .gid(ATTACKER)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot run python3");
+    let mut out = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+
+    // The agent does not run between the container root's connect() and the pid's new owner
+    // taking it: the race the attacker would otherwise have to win, made certain.
+    node.signal(nix::sys::signal::Signal::SIGSTOP);
+    let container_root = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", HANDER])
+        .arg(&node.socket)
+        .arg(&handoff)
+        .output()
+        .unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let said = String::from_utf8_lossy(&container_root.stdout);
+    let pids: Vec<&str> = said.split_whitespace().collect();
+    assert!(
+        container_root.status.success() && line.trim() == "inherited" && pids.len() == 2,
+        "hand-over failed ({}): {line:?} {said:?}",
+        container_root.status
+    );
+    assert_eq!(
+        pids[1], "1",
+        "the container root ran in a pid namespace of its own"
+    );
+    let old_pid: u32 = pids[0].parse().unwrap();
+
+    // The container root has exited and been reaped; its host pid goes to the attacker.
+    let taker = spawn_with_pid(old_pid, 500, || {
+        let mut c = Command::new("sleep");
+        c.arg("300").uid(ATTACKER).gid(ATTACKER);
+        c
+    });
+    node.signal(nix::sys::signal::Signal::SIGCONT);
+    let Some(mut taker) = taker else {
+        let _ = receiver.kill();
+        panic!("could not take pid {old_pid} for uid {ATTACKER}: another process holds it; rerun");
+    };
+    assert_eq!(taker.id(), old_pid);
+
+    receiver.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        answers.push(line.clone());
+    }
+    let _ = wait_child(&mut receiver, Duration::from_secs(20));
+    let _ = taker.kill();
+    let _ = taker.wait();
+
+    for (what, answer) in ["status", "get of the victim's task"].iter().zip(&answers) {
+        assert!(!answer.contains(SECRET), "{what} leaked: {answer}");
+        let answer = parse(answer);
+        assert_eq!(
+            code_of(&answer),
+            "forbidden",
+            "{what} over a connection whose pid now names a host process of uid {ATTACKER}: {answer}"
+        );
+    }
+    let logs = node.logs();
+    assert!(!logs.contains(SECRET));
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("op=status") && l.contains("host_root=false")),
+        "{logs}"
+    );
+    // Real host root still is.
+    let served = node.request(json!({"op": "status"}));
+    assert_eq!(code_of(&served), "", "host root's status: {served}");
+}
+
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) as root"]
+fn root_in_its_own_pid_namespace_is_not_host_root_and_host_root_is() {
+    let test = "root_in_its_own_pid_namespace_is_not_host_root_and_host_root_is";
+    if !has_unshare(test) {
+        return;
+    }
+    let (node, task) = node_with_victim_task();
+    let [status, get] = requests(&task);
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", CALLER])
+        .arg(&node.socket)
+        .args([&status, &get])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(SECRET), "{text}");
+    let answers: Vec<Value> = text.lines().map(parse).collect();
+    assert_eq!(answers.len(), 2, "{text}");
+    for answer in &answers {
+        assert_eq!(code_of(answer), "forbidden", "{answer}");
+    }
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("host root")),
+        "{}",
+        answers[0]
+    );
+    let served = node.request(json!({"op": "status"}));
+    assert_eq!(code_of(&served), "", "host root's status: {served}");
+    let value = node.get(&task, "DB");
+    assert_eq!(value["value"], SECRET, "host root reads any task");
+}
