@@ -187,6 +187,11 @@ impl Identify {
             groups,
             namespace: peer_namespace(self.support, sock),
         })
+        .inspect(|a| {
+            if let PeerNamespace::Failed(why) = &a.namespace {
+                tracing::debug!(peer_uid = a.uid, error = %why, "caller's pid namespace unknown; not host root");
+            }
+        })
     }
 }
 
@@ -355,6 +360,44 @@ mod tests {
         expected.sort_unstable();
         got.sort_unstable();
         assert_eq!(got, expected, "SO_PEERGROUPS on our own socket pair");
+    }
+
+    /// The probe's answer is what the accept path acts on: the same live connection is host root
+    /// (when the test runs as root) with either pidfd way, and never without SO_PEERPIDFD.
+    #[tokio::test]
+    async fn the_accept_path_follows_the_probed_support() {
+        let own = PidNamespace::own().ok();
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        let supported = probe_support(own);
+        for support in [
+            Support::PidfdNamespace,
+            Support::PidfdProc,
+            Support::Unattested,
+        ] {
+            if supported == Support::Unattested && support != Support::Unattested {
+                continue;
+            }
+            if supported == Support::PidfdProc && support == Support::PidfdNamespace {
+                continue;
+            }
+            let peer = Identify {
+                support,
+                own_ns: own,
+            }
+            .peer(&ours)
+            .unwrap();
+            let attested = support != Support::Unattested;
+            assert_eq!(peer.host_root, root && attested, "{support:?}");
+            assert_eq!(peer.namespace_attested, attested, "{support:?}");
+            assert_eq!(peer.uid, nix::unistd::geteuid().as_raw());
+            assert_eq!(peer.pid, std::process::id());
+        }
+        let unknown_own = Identify {
+            support: supported,
+            own_ns: None,
+        };
+        assert!(!unknown_own.peer(&ours).unwrap().host_root);
     }
 
     /// A child that has exited and been reaped is gone by either way, even though its pid
