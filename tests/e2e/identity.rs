@@ -138,32 +138,38 @@ fn a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_r
         .arg(&handoff)
         .output()
         .unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let said = String::from_utf8_lossy(&container_root.stdout);
-    let pids: Vec<&str> = said.split_whitespace().collect();
-    assert!(
-        container_root.status.success() && line.trim() == "inherited" && pids.len() == 2,
-        "hand-over failed ({}): {line:?} {said:?}",
-        container_root.status
-    );
-    assert_eq!(
-        pids[1], "1",
-        "the container root ran in a pid namespace of its own"
-    );
-    let old_pid: u32 = pids[0].parse().unwrap();
-
-    // The container root has exited and been reaped; its host pid goes to the attacker.
-    let taker = spawn_with_pid(old_pid, 500, || {
-        let mut c = Command::new("sleep");
-        c.arg("300").uid(ATTACKER).gid(ATTACKER);
-        c
+    let said = String::from_utf8_lossy(&container_root.stdout).into_owned();
+    // "<host pid> <pid inside>": the inside pid 1 shows it ran in a pid namespace of its own.
+    let old_pid = match said.split_whitespace().collect::<Vec<_>>()[..] {
+        [host, "1"] if container_root.status.success() => host.parse::<u32>().ok(),
+        _ => None,
+    };
+    // The container root has exited and been reaped; its host pid goes to the attacker. The
+    // agent runs again whatever happened, so that a failure below cannot leave it stopped.
+    let taker = old_pid.and_then(|pid| {
+        spawn_with_pid(pid, 500, || {
+            let mut c = Command::new("sleep");
+            c.arg("300").uid(ATTACKER).gid(ATTACKER);
+            c
+        })
     });
     node.signal(nix::sys::signal::Signal::SIGCONT);
-    let Some(mut taker) = taker else {
+    let (Some(old_pid), Some(mut taker)) = (old_pid, taker) else {
         let _ = receiver.kill();
-        panic!("could not take pid {old_pid} for uid {ATTACKER}: another process holds it; rerun");
+        let _ = receiver.wait();
+        panic!(
+            "setup failed: hand-over {} said {said:?} ({}); or pid {old_pid:?} stayed taken by another process (rerun)",
+            container_root.status,
+            String::from_utf8_lossy(&container_root.stderr)
+        );
     };
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "inherited",
+        "the attacker holds the connection"
+    );
     assert_eq!(taker.id(), old_pid);
 
     receiver.stdin.take().unwrap().write_all(b"go\n").unwrap();
