@@ -237,4 +237,14 @@ fn root_in_its_own_pid_namespace_is_not_host_root_and_host_root_is() {
     assert_eq!(code_of(&served), "", "host root's status: {served}");
     let value = node.get(&task, "DB");
     assert_eq!(value["value"], SECRET, "host root reads any task");
+    // How callers are identified is said once, at start.
+    let logs = node.logs();
+    let said: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.contains("callers identified at accept by pidfd")
+                || l.contains("this kernel cannot attest the caller")
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "{logs}");
 }
