@@ -932,3 +932,146 @@ fn passphrase_is_never_in_argv_and_never_prompted_without_tty() {
         stderr(&out)
     );
 }
+
+fn inspect_json(token: &str) -> serde_json::Value {
+    serde_json::from_slice(&ok(ns(&["inspect", token], b"")).stdout).unwrap()
+}
+
+#[test]
+fn audience_round_trips_through_seal_inspect_open_and_rewrap() {
+    let pool = Pool::new();
+    let new = Pool::new();
+    let crt = pool.crt();
+    // Given out of order and with a repeat: stored canonical (by encoding: kind, then operand).
+    let tok = stdout(&ok(ns(
+        &[
+            "seal",
+            "--cert",
+            s(&crt),
+            "--name",
+            "DB_PASSWORD",
+            "--ttl",
+            "1d",
+            "--audience",
+            "job:nightly",
+            "--audience",
+            "uid:1000",
+            "--audience",
+            "task:nightly/task-7",
+            "--audience",
+            "job:nightly",
+        ],
+        b"bound value\n",
+    )))
+    .trim()
+    .to_owned();
+    let canonical = serde_json::json!(["uid:1000", "job:nightly", "task:nightly/task-7"]);
+    let info = inspect_json(&tok);
+    assert_eq!(info["audience"], canonical);
+    assert_eq!(info["name"], "DB_PASSWORD");
+    let lib = token::inspect(&tok).unwrap();
+    assert_eq!(lib.audience.len(), 3);
+    // An unbound token shows an empty audience.
+    let plain = stdout(&ok(ns(&["seal", "--cert", s(&crt)], b"v")));
+    assert_eq!(
+        inspect_json(plain.trim())["audience"],
+        serde_json::json!([])
+    );
+
+    // The key holder's `open` prints the value and says who enforces the audience.
+    let opened = ok(pool.open(&tok, &["--name", "DB_PASSWORD"]));
+    assert_eq!(opened.stdout, b"bound value");
+    let note = stderr(&opened);
+    assert!(
+        note.contains("audience uid:1000, job:nightly, task:nightly/task-7")
+            && note.contains("the agent enforces it"),
+        "{note}"
+    );
+
+    // rewrap keeps audience, name and expiry, for the single token and inside an env file.
+    let (old_pfx, new_crt) = (pool.pfx(), new.crt());
+    let rw = |input: &str| {
+        ok(ns(
+            &[
+                "rewrap",
+                "--pfx",
+                s(&old_pfx),
+                "--passphrase-file",
+                s(&pool.pw),
+                "--cert",
+                s(&new_crt),
+            ],
+            input.as_bytes(),
+        ))
+    };
+    let single = stdout(&rw(&format!("{tok}\n"))).trim().to_owned();
+    let after = inspect_json(&single);
+    assert_eq!(after["audience"], canonical);
+    assert_eq!(after["name"], "DB_PASSWORD");
+    assert_eq!(after["not_after_unix"], info["not_after_unix"]);
+    assert_eq!(after["recipients"], serde_json::json!([new.thumbprint]));
+    assert_eq!(
+        ok(new.open(&single, &["--name", "DB_PASSWORD"])).stdout,
+        b"bound value"
+    );
+
+    // seal-env binds every value it seals to the audience; rewrap of the file keeps it.
+    let input = pool.dir.join("task.env");
+    fs::write(&input, "A=one\nB=two\n").unwrap();
+    let sealed = stdout(&ok(ns(
+        &[
+            "seal-env",
+            "--cert",
+            s(&crt),
+            "--audience",
+            "pool:gpu-pool",
+            "--audience",
+            "group:batch-users",
+            s(&input),
+        ],
+        b"",
+    )));
+    let env_audience = serde_json::json!(["group:batch-users", "pool:gpu-pool"]);
+    let rewrapped = stdout(&rw(&sealed));
+    for text in [&sealed, &rewrapped] {
+        let tokens: Vec<&str> = text.lines().map(|l| &l[2..]).collect();
+        assert_eq!(tokens.len(), 2, "{text}");
+        for t in tokens {
+            assert_eq!(inspect_json(t)["audience"], env_audience, "{text}");
+        }
+    }
+
+    // Bad selectors, too many, and the legacy format (which cannot carry one) are usage errors.
+    let seal_with = |extra: &[&str]| {
+        let mut args = vec!["seal", "--cert", s(&crt)];
+        args.extend_from_slice(extra);
+        ns(&args, b"v")
+    };
+    for bad in ["uid:-1", "host:x", "job:a/b", "user:", "task:j"] {
+        let out = seal_with(&["--audience", bad]);
+        assert_eq!(code(&out), 64, "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("audience"), "{bad}: {}", stderr(&out));
+    }
+    let many: Vec<String> = (0..17).map(|i| format!("uid:{i}")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for m in &many {
+        args.extend(["--audience", m.as_str()]);
+    }
+    let out = seal_with(&args);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(stderr(&out).contains("at most 16"), "{}", stderr(&out));
+    let out = ns(
+        &[
+            "seal",
+            "--format",
+            "shipyard",
+            "--cert",
+            s(&pool.file(".pem")),
+            "--audience",
+            "uid:1",
+        ],
+        b"v",
+    );
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+}
