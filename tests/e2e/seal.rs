@@ -1075,3 +1075,72 @@ fn audience_round_trips_through_seal_inspect_open_and_rewrap() {
     assert_eq!(code(&out), 64, "{}", stderr(&out));
     assert!(stdout(&out).is_empty());
 }
+
+/// The Python reference decoder of docs/format.md, as written there, opens every committed
+/// vector and refuses every negative one with the listed error: the spec is precise enough for
+/// an independent decoder (and the doc's decoder does not rot).
+#[test]
+fn reference_decoder_agrees_with_the_vectors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = fs::read_to_string(root.join("docs/format.md")).unwrap();
+    let section = &doc[doc.find("### Reference decoder (Python)").unwrap()..];
+    let code_start = section.find("```python\n").unwrap() + "```python\n".len();
+    let code = &section[code_start..];
+    let code = &code[..code.find("\n```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("nodeseal_ref.py"), code).unwrap();
+    let driver = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from nodeseal_ref import open_v1
+pem = open(sys.argv[2], "rb").read()
+positive = negative = 0
+for path in sys.argv[3:]:
+    doc = json.load(open(path))
+    for v in doc["vectors"]:
+        d = v["description"]
+        got = open_v1(v["token"], pem, pem, v["name"], v["now"], lambda a: True)
+        want = (v["name"], v["not_after"], v.get("audience") or [], bytes.fromhex(v["value_hex"]))
+        assert got == want, f"{path}: {d}: {got!r} != {want!r}"
+        if want[2]:
+            try:
+                open_v1(v["token"], pem, pem, v["name"], v["now"])
+                raise AssertionError(f"{d}: bound token opened by an unbound-only opener")
+            except ValueError as e:
+                assert str(e) == "NotInAudience", f"{d}: {e}"
+        positive += 1
+    for v in doc["negative"]:
+        d, accept = v["description"], v.get("accept_audience", True)
+        try:
+            open_v1(v["token"], pem, pem, v["expected_name"], v["now"], lambda a: accept)
+            raise AssertionError(f"{path}: {d}: opened")
+        except ValueError as e:
+            kind = str(e).split(":")[0].split(" ")[0]
+            assert kind == v["error"], f"{path}: {d}: {e} (want {v['error']})"
+        negative += 1
+print(positive, negative)
+"#;
+    let vectors = root.join("tests/vectors");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(driver)
+        .arg(dir.path())
+        .arg(vectors.join("v1-testkey.pem"))
+        .arg(vectors.join("v1.json"))
+        .arg(vectors.join("v1-audience.json"))
+        .output()
+        .expect("python3 runs (the reference decoder needs python3 and python3-cryptography)");
+    assert!(
+        out.status.success(),
+        "reference decoder (needs python3-cryptography): {}",
+        stderr(&out)
+    );
+    let counts: Vec<usize> = stdout(&out)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        counts[0] >= 15 && counts[1] >= 30,
+        "checked only {counts:?} vectors"
+    );
+}
