@@ -80,9 +80,18 @@ impl Handler {
         let opened = self
             .blocking(move || {
                 let lookup = |tp: &Thumbprint| keys.iter().find(|k| k.thumbprint() == *tp).cloned();
-                token::open_v1(&token_text, &lookup, name.as_deref(), SystemTime::now())
+                // Audience matching needs the caller's policy; until it is wired in, every bound
+                // token is refused (fail closed), before any RSA work.
+                token::open_v1(
+                    &token_text,
+                    &lookup,
+                    name.as_deref(),
+                    &token::unbound_only,
+                    SystemTime::now(),
+                )
             })
-            .await??;
+            .await?
+            .map_err(Refusal::from_open_error)?;
         self.state.keys.count_open(&opened.key);
         Ok((utf8(opened.value)?, opened.key))
     }
