@@ -1,6 +1,7 @@
 //! `get`, `env` and `list`: values of the task the caller may read, from the env files the
 //! task index knows. The last definition of a name across a task's files wins, as with repeated
-//! `--env-file`.
+//! `--env-file`; the first appearance gives the order. [`Merged`] is that view, built in one
+//! pass, so a request costs what the task's own files hold and no more.
 
 use super::audit::Audit;
 use super::{Answer, Context, Handler};
@@ -8,6 +9,7 @@ use crate::authz;
 use crate::refusal::Refusal;
 use crate::tasks::EnvEntry;
 use nodeseal_client::protocol::NamedValue;
+use std::collections::HashMap;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
@@ -21,7 +23,7 @@ impl Handler {
     ) -> Result<Answer, Refusal> {
         audit.secret_name = Some(name.clone());
         let entries = self.readable_entries(cx, task, audit)?;
-        let Some((entry, index)) = find_var(&entries, &name) else {
+        let Some((entry, index)) = Merged::last_definition(&entries, &name)? else {
             return Err(Refusal::NoSuchVariable { name });
         };
         let (value, key) = self.resolve(&cx.config, &entry, index).await?;
@@ -35,15 +37,12 @@ impl Handler {
         task: Option<&str>,
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
-        let entries = self.readable_entries(cx, task, audit)?;
-        let order = names_in_order(&entries);
+        let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
         // Open every value at once: decryptions spread over the decrypt pool's threads instead
         // of running one after another.
         let mut jobs = tokio::task::JoinSet::new();
-        for (position, name) in order.into_iter().enumerate() {
-            let Some((entry, index)) = find_var(&entries, &name) else {
-                continue;
-            };
+        for (position, (name, entry, index)) in merged.iter().enumerate() {
+            let (name, entry) = (name.to_owned(), entry.clone());
             let handler = self.clone();
             let config = cx.config.clone();
             jobs.spawn(async move {
@@ -82,8 +81,8 @@ impl Handler {
         task: Option<&str>,
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
-        let entries = self.readable_entries(cx, task, audit)?;
-        Ok(Answer::Names(names_in_order(&entries)))
+        let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
+        Ok(Answer::Names(merged.names()))
     }
 
     /// The env files of the task the caller names (or owns) that the caller may read.
@@ -108,26 +107,71 @@ impl Handler {
     }
 }
 
-/// Every name once, in order of first appearance across the files.
-fn names_in_order(entries: &[Arc<EnvEntry>]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for e in entries {
-        for v in &e.vars {
-            if !names.contains(&v.name) {
-                names.push(v.name.clone());
-            }
-        }
-    }
-    names
+/// A task's variables as its caller sees them: every name once, in order of first appearance
+/// across the files (in path order), each bound to its last definition.
+pub(super) struct Merged {
+    entries: Vec<Arc<EnvEntry>>,
+    /// `(entry, variable)` of each name's winning definition, in first-appearance order.
+    slots: Vec<(usize, usize)>,
 }
 
-/// The last definition of `name` across the task's files.
-fn find_var(entries: &[Arc<EnvEntry>], name: &str) -> Option<(Arc<EnvEntry>, usize)> {
-    let mut found = None;
-    for e in entries {
-        if let Some(i) = e.vars.iter().rposition(|v| v.name == name) {
-            found = Some((e.clone(), i));
+impl Merged {
+    /// The view of `entries`, in one pass over their variables; a refused file refuses it all.
+    pub(super) fn new(entries: Vec<Arc<EnvEntry>>) -> Result<Self, Refusal> {
+        refusal_in(&entries)?;
+        let total = entries.iter().map(|e| e.vars.len()).sum();
+        let mut position: HashMap<&str, usize> = HashMap::with_capacity(total);
+        let mut slots: Vec<(usize, usize)> = Vec::with_capacity(total);
+        for (e, entry) in entries.iter().enumerate() {
+            for (v, var) in entry.vars.iter().enumerate() {
+                match position.get(var.name.as_str()) {
+                    Some(&at) => slots[at] = (e, v),
+                    None => {
+                        position.insert(&var.name, slots.len());
+                        slots.push((e, v));
+                    }
+                }
+            }
         }
+        drop(position);
+        Ok(Self { entries, slots })
     }
-    found
+
+    /// `(name, entry, variable index)` in first-appearance order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Arc<EnvEntry>, usize)> {
+        self.slots.iter().map(|&(e, v)| {
+            let entry = &self.entries[e];
+            (entry.vars[v].name.as_str(), entry, v)
+        })
+    }
+
+    /// Every name once, in first-appearance order.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.iter().map(|(name, _, _)| name.to_owned()).collect()
+    }
+
+    /// The definition of `name` the view binds it to, without building the view: the last
+    /// file defining it, its last line there.
+    pub(super) fn last_definition(
+        entries: &[Arc<EnvEntry>],
+        name: &str,
+    ) -> Result<Option<(Arc<EnvEntry>, usize)>, Refusal> {
+        refusal_in(entries)?;
+        Ok(entries.iter().rev().find_map(|e| {
+            let i = e.vars.iter().rposition(|v| v.name == name)?;
+            Some((e.clone(), i))
+        }))
+    }
+}
+
+/// A task with a refused file answers its reason, never a partial view: the refused file may be
+/// the one that defines or overrides a name.
+fn refusal_in(entries: &[Arc<EnvEntry>]) -> Result<(), Refusal> {
+    match entries.iter().find_map(|e| Some((e, e.refused.as_ref()?))) {
+        Some((e, why)) => Err(Refusal::EnvFileRefused {
+            path: e.path.clone(),
+            why: why.clone(),
+        }),
+        None => Ok(()),
+    }
 }

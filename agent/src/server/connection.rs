@@ -1,8 +1,11 @@
 //! One connection: who is calling (from the kernel, once, at accept), then newline-delimited
-//! requests under size, idle and rate limits, each answered by the handler.
+//! requests under size, idle and rate limits, each answered by the handler, and each answer
+//! written under the response cap, the caller's memory budget and the write timeout: a client
+//! that asks and never reads holds at most one answer, on its own budget, for a bounded time.
 
 use super::ServeContext;
 use crate::authz::Scope;
+use crate::config::Limits;
 use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
@@ -91,7 +94,8 @@ async fn cut_off(ctx: &ServeContext, peer: &Peer, write_half: &mut OwnedWriteHal
         reason = why.to_string().as_str(),
         "limit broken; disconnecting"
     );
-    let _ = write_half.write_all(&why.to_line()).await;
+    let write_timeout = Duration::from_secs(ctx.handler.state().config().limits.write_timeout_secs);
+    let _ = tokio::time::timeout(write_timeout, write_half.write_all(&why.to_line())).await;
 }
 
 /// Serve one admitted connection until it ends, breaks a limit, or the agent stops.
@@ -141,19 +145,91 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
                 Refusal::Malformed(e.to_string()).to_response()
             }
         };
-        if write_response(&mut write_half, response).await.is_err() {
+        if write_response(ctx, &peer, &mut write_half, response, &limits)
+            .await
+            .is_err()
+        {
             return;
         }
     }
 }
 
+/// The line for `response`; the serialized line may hold a secret and is wiped once dropped.
+fn serialize(response: &Response) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(serde_json::to_vec(response).unwrap_or_default());
+    out.push(b'\n');
+    out
+}
+
+/// Write one answer. Over `max_response_bytes`, or over the caller's memory budget with the
+/// answers it already has in flight, the caller gets the error instead; not taken within the
+/// write timeout, the answer is abandoned with the connection (an error: the caller hangs up).
 async fn write_response(
+    ctx: &ServeContext,
+    peer: &Peer,
     write_half: &mut OwnedWriteHalf,
     response: Response,
+    limits: &Limits,
 ) -> std::io::Result<()> {
-    // The serialized line may hold a secret: wipe it once written.
-    let mut out = Zeroizing::new(serde_json::to_vec(&response).unwrap_or_default());
-    out.push(b'\n');
+    let state = ctx.handler.state();
+    let id = response.id.clone();
+    let mut out = serialize(&response);
     drop(response);
-    write_half.write_all(&out).await
+    let instead = |why: Refusal| {
+        state.counters.limited.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            outcome = %why.code(),
+            reason = why.to_string().as_str(),
+            "answer withheld at a limit"
+        );
+        let mut r = why.to_response();
+        r.id = id.clone();
+        serialize(&r)
+    };
+    if out.len() > limits.max_response_bytes {
+        let len = out.len();
+        drop(out);
+        out = instead(Refusal::ResponseTooLarge {
+            len,
+            max: limits.max_response_bytes,
+        });
+    }
+    // Error lines are small and bounded; only an answer with values needs the budget.
+    let charge =
+        match state
+            .memory
+            .try_charge(peer.uid, out.len(), limits.memory_budget_per_uid, 0)
+        {
+            Ok(c) => Some(c),
+            Err(over) => {
+                let len = out.len();
+                drop(out);
+                out = instead(Refusal::MemoryBudgetFull {
+                    uid: peer.uid,
+                    used: over.used,
+                    len,
+                    max: limits.memory_budget_per_uid,
+                });
+                None
+            }
+        };
+    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
+    let written = tokio::time::timeout(write_timeout, write_half.write_all(&out)).await;
+    drop(out);
+    drop(charge);
+    match written {
+        Ok(result) => result,
+        Err(_) => {
+            state.counters.limited.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                peer_uid = peer.uid,
+                peer_pid = peer.pid,
+                secs = limits.write_timeout_secs,
+                "answer not read within the write timeout (limits.write_timeout_secs); disconnecting"
+            );
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
 }

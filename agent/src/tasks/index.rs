@@ -1,8 +1,17 @@
 //! The task index: which env files exist, who owns them, which task they belong to, and what each
 //! variable holds (a v1 token, a legacy Shipyard ciphertext, or a plain value). Decrypted values
 //! are cached per variable and dropped (zeroized) with their file entry.
+//!
+//! Each file is read under [`FileCaps`] and charged to its owner's accounts (`crate::budget`):
+//! its bytes, and the memory its entry holds. A file over a cap is kept as a *refused* entry
+//! with the reason, so its task answers with that reason instead of a partial view, and the
+//! reason is logged once, not on every rescan.
 
-use super::envfile::{read_env_file, Classifier, ValueKind};
+use super::envfile::{
+    candidate_var_lines, read_env_file, Classifier, FileCaps, OverCap, PerUid, Unreadable,
+    ValueKind,
+};
+use crate::budget::{Charge, Ledger};
 use super::layout::FoundFile;
 use super::settle;
 use nodeseal_envelope::envfile::EnvFile;
@@ -22,7 +31,20 @@ pub(crate) struct Cached {
     pub key: Thumbprint,
     /// When it stops being served from cache.
     pub expires: Instant,
+    /// Its memory on the file owner's budget, given back when the value is dropped.
+    pub _memory: Charge,
 }
+
+impl Cached {
+    /// What a cached cleartext of `len` bytes costs: the text, its `Arc` and the bookkeeping.
+    pub(crate) fn cost(len: usize) -> usize {
+        len + size_of::<Self>() + 2 * ALLOCATION_OVERHEAD + 16
+    }
+}
+
+/// What the allocator spends per allocation beyond the bytes asked for (header and rounding),
+/// counted so that a file of many tiny variables is charged what it really costs.
+const ALLOCATION_OVERHEAD: usize = 16;
 
 /// One variable of an env file.
 pub(crate) struct Var {
@@ -49,10 +71,18 @@ pub(crate) struct EnvEntry {
     /// The task's owner (its directory's, or its file's when root owns the directory): a
     /// per-task socket belongs to it and serves only its files.
     pub task_owner: u32,
-    /// Variables in file order.
+    /// Variables in file order (none when refused).
     pub vars: Vec<Var>,
+    /// Set when the file broke a cap: the task answers this instead of any of its values.
+    pub refused: Option<OverCap>,
     /// What the file looked like when read, so an unchanged file keeps its cached values.
     stamp: FileStamp,
+    /// The caps it was read under: a reload that changes them reads it again.
+    caps: FileCaps,
+    /// Its bytes on the owner's env-bytes account.
+    bytes: Charge,
+    /// Its entry's memory on the owner's memory budget.
+    memory: Charge,
 }
 
 /// Identity and version of a file as `stat` sees it; ctime covers chown and chmod too.
@@ -77,6 +107,20 @@ impl FileStamp {
     }
 }
 
+/// What a parsed variable costs the agent: the `Var`, its name and stored value (with
+/// recipients), and their allocations.
+fn var_cost(v: &Var) -> usize {
+    let stored = match &v.kind {
+        ValueKind::Plain(p) => p.capacity(),
+        ValueKind::V1 { token, recipients } => {
+            token.capacity() + size_of_val(recipients.as_slice()) + ALLOCATION_OVERHEAD
+        }
+        ValueKind::Shipyard { token, .. } => token.capacity(),
+        ValueKind::Invalid(reason) => reason.capacity(),
+    };
+    size_of::<Var>() + v.name.capacity() + stored + 2 * ALLOCATION_OVERHEAD
+}
+
 impl EnvEntry {
     /// Drop every cached value opened with `key`.
     pub(crate) fn evict_key(&self, key: &Thumbprint) -> usize {
@@ -96,19 +140,26 @@ impl EnvEntry {
 pub(crate) type Clock<'a> = &'a dyn Fn() -> SystemTime;
 
 /// Everything the agent knows about tasks, by env-file path and by task directory.
-#[derive(Default)]
 pub(crate) struct Tasks {
     inner: RwLock<Index>,
     /// Env files whose writer closed them (or renamed them into place) since they last changed.
     writers_done: Mutex<HashSet<PathBuf>>,
+    /// Per-uid memory: entries and cached values are charged here (shared with the server,
+    /// which charges responses being written).
+    memory: Arc<Ledger>,
+    /// Per-uid bytes of env files read.
+    env_bytes: Arc<Ledger>,
 }
 
 /// Both views under one lock so they never disagree; the per-task view makes a request's
 /// lookup independent of how many tasks the node runs.
+/// `by_owner` counts, per uid, its files in each task directory, so finding a caller's tasks
+/// costs what that caller has, not what the node holds.
 #[derive(Default)]
 struct Index {
     files: BTreeMap<PathBuf, Arc<EnvEntry>>,
     by_task: HashMap<PathBuf, BTreeMap<PathBuf, Arc<EnvEntry>>>,
+    by_owner: HashMap<u32, BTreeMap<PathBuf, usize>>,
 }
 
 impl Index {
@@ -118,6 +169,12 @@ impl Index {
             .entry(entry.task_dir.clone())
             .or_default()
             .insert(entry.path.clone(), entry.clone());
+        *self
+            .by_owner
+            .entry(entry.owner_uid)
+            .or_default()
+            .entry(entry.task_dir.clone())
+            .or_default() += 1;
         self.files.insert(entry.path.clone(), entry);
     }
 
@@ -129,6 +186,17 @@ impl Index {
             task.remove(path);
             if task.is_empty() {
                 self.by_task.remove(&old.task_dir);
+            }
+        }
+        if let Some(dirs) = self.by_owner.get_mut(&old.owner_uid) {
+            if let Some(n) = dirs.get_mut(&old.task_dir) {
+                *n -= 1;
+                if *n == 0 {
+                    dirs.remove(&old.task_dir);
+                }
+            }
+            if dirs.is_empty() {
+                self.by_owner.remove(&old.owner_uid);
             }
         }
         true
@@ -151,12 +219,68 @@ pub(crate) enum FileUpdate {
     Unsettled,
     /// Unparseable: forgotten until it changes.
     Invalid(String),
+    /// Over a cap: kept as refused (its task answers the reason) until it changes or fits.
+    Refused(OverCap),
 }
 
 impl Tasks {
-    /// An empty registry.
-    pub(crate) fn new() -> Self {
-        Self::default()
+    /// An empty registry charging entries and cached values to `memory`.
+    pub(crate) fn new(memory: Arc<Ledger>) -> Self {
+        Self {
+            inner: RwLock::default(),
+            writers_done: Mutex::default(),
+            memory,
+            env_bytes: Arc::default(),
+        }
+    }
+
+    /// Whether `known`, read from a file that has not changed since, can stay as it is: loaded
+    /// under the same caps, or refused for a reason that still holds.
+    fn still_current(&self, known: &EnvEntry, caps: &FileCaps) -> bool {
+        if known.caps != *caps {
+            return false;
+        }
+        let Some((account, need)) = known.refused.as_ref().and_then(OverCap::per_uid_need) else {
+            return true;
+        };
+        let uid = known.owner_uid;
+        let fits = match account {
+            PerUid::EnvBytes => {
+                self.env_bytes.used(uid).saturating_add(need) as u64 <= caps.max_env_bytes_per_uid
+            }
+            PerUid::Memory => {
+                self.memory.used(uid).saturating_add(need) <= caps.memory_budget_per_uid
+            }
+        };
+        !fits
+    }
+
+    /// Keep `path` as refused for `why`, replacing what was known of it.
+    fn refuse(
+        &self,
+        path: PathBuf,
+        task: super::layout::TaskIdentity,
+        meta: &std::fs::Metadata,
+        caps: &FileCaps,
+        why: OverCap,
+    ) -> FileUpdate {
+        self.writers().remove(&path);
+        let entry = Arc::new(EnvEntry {
+            path,
+            task_dir: task.task_dir,
+            job_id: task.job_id,
+            task_id: Some(task.task_id),
+            owner_uid: meta.uid(),
+            task_owner: task.owner,
+            vars: Vec::new(),
+            refused: Some(why.clone()),
+            stamp: FileStamp::of(meta),
+            caps: *caps,
+            bytes: self.env_bytes.free_charge(),
+            memory: self.memory.free_charge(),
+        });
+        self.write().insert(entry);
+        FileUpdate::Refused(why)
     }
 
     /// (Re)read an env file the layout walk found and opened. `clock` tells the time once the
@@ -166,6 +290,7 @@ impl Tasks {
         &self,
         found: FoundFile,
         classifier: &Classifier<'_>,
+        caps: &FileCaps,
         clock: Clock<'_>,
     ) -> FileUpdate {
         let FoundFile {
@@ -181,16 +306,49 @@ impl Tasks {
             };
         };
         let known = self.read().files.get(&path).cloned();
-        if known.is_some_and(|e| e.stamp == FileStamp::of(&meta) && e.task_owner == task.owner) {
+        if known.as_ref().is_some_and(|e| {
+            e.stamp == FileStamp::of(&meta)
+                && e.task_owner == task.owner
+                && self.still_current(e, caps)
+        }) {
             return FileUpdate::Unchanged;
         }
-        let bytes = match read_env_file(&mut file, &meta) {
+        let uid = meta.uid();
+        // What the entry being replaced gives back once it goes: its successor may use it.
+        let (bytes_credit, memory_credit) = known
+            .as_ref()
+            .filter(|e| e.owner_uid == uid)
+            .map_or((0, 0), |e| (e.bytes.bytes(), e.memory.bytes()));
+        drop(known);
+        let bytes = match read_env_file(&mut file, &meta, caps.max_file_bytes) {
             Ok(b) => b,
-            Err(e) => {
+            Err(Unreadable::Over(why)) => return self.refuse(path, task, &meta, caps, why),
+            Err(Unreadable::Io(e)) => {
                 self.remove(&path);
                 return FileUpdate::Invalid(e.to_string());
             }
         };
+        let bytes_charge = match self.env_bytes.try_charge(
+            uid,
+            bytes.len(),
+            caps.max_env_bytes_per_uid as usize,
+            bytes_credit,
+        ) {
+            Ok(c) => c,
+            Err(over) => {
+                let why = OverCap::EnvBytesPerUid {
+                    uid,
+                    wanted: over.wanted as u64,
+                    total: (over.used + over.wanted) as u64,
+                    max: caps.max_env_bytes_per_uid,
+                };
+                return self.refuse(path, task, &meta, caps, why);
+            }
+        };
+        if candidate_var_lines(&bytes) > caps.max_vars {
+            let why = OverCap::Vars { max: caps.max_vars };
+            return self.refuse(path, task, &meta, caps, why);
+        }
         let parsed = match EnvFile::parse_bytes(&bytes) {
             Ok(p) => p,
             Err(e) => {
@@ -206,25 +364,68 @@ impl Tasks {
             // A writer may still be appending to the last line: never serve half a value.
             return FileUpdate::Unsettled;
         }
-        self.writers().remove(&path);
-        let vars: Vec<Var> = parsed
+        if let Some((name, value)) = parsed
             .vars()
-            .map(|(name, value)| Var {
+            .find(|(_, value)| value.len() > caps.max_value_bytes)
+        {
+            let why = OverCap::ValueBytes {
                 name: name.to_owned(),
-                kind: classifier.classify(name, value),
-                cache: Mutex::new(None),
-            })
-            .collect();
+                len: value.len(),
+                max: caps.max_value_bytes,
+            };
+            return self.refuse(path, task, &meta, caps, why);
+        }
+        let mut vars = Vec::with_capacity(parsed.vars().count());
+        vars.extend(parsed.vars().map(|(name, value)| Var {
+            name: name.to_owned(),
+            kind: classifier.classify(name, value),
+            cache: Mutex::new(None),
+        }));
+        drop(parsed);
+        drop(bytes);
+        // The candidate count bounds this for the grammar as it is; checked again on what the
+        // parser really made, so a grammar change cannot lift the cap.
+        if vars.len() > caps.max_vars {
+            let why = OverCap::Vars { max: caps.max_vars };
+            return self.refuse(path, task, &meta, caps, why);
+        }
+        let cost = size_of::<EnvEntry>()
+            + path.as_os_str().len()
+            + task.task_dir.as_os_str().len()
+            + vars.iter().map(var_cost).sum::<usize>();
+        let memory_charge = match self.memory.try_charge(
+            uid,
+            cost,
+            caps.memory_budget_per_uid,
+            memory_credit,
+        ) {
+            Ok(c) => c,
+            Err(over) => {
+                drop(vars);
+                let why = OverCap::MemoryBudget {
+                    uid,
+                    wanted: over.wanted,
+                    total: over.used + over.wanted,
+                    max: caps.memory_budget_per_uid,
+                };
+                return self.refuse(path, task, &meta, caps, why);
+            }
+        };
+        self.writers().remove(&path);
         let n = vars.len();
         let entry = Arc::new(EnvEntry {
             path,
             task_dir: task.task_dir,
             job_id: task.job_id,
             task_id: Some(task.task_id),
-            owner_uid: meta.uid(),
+            owner_uid: uid,
             task_owner: task.owner,
             vars,
+            refused: None,
             stamp: FileStamp::of(&meta),
+            caps: *caps,
+            bytes: bytes_charge,
+            memory: memory_charge,
         });
         self.write().insert(entry);
         FileUpdate::Loaded { vars: n }
@@ -292,17 +493,13 @@ impl Tasks {
         self.read().by_task.len()
     }
 
-    /// Distinct task directories whose files `uid` owns.
+    /// Distinct task directories whose files `uid` owns, in path order.
     pub(crate) fn task_dirs_owned_by(&self, uid: u32) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = self
-            .read()
-            .by_task
-            .iter()
-            .filter(|(_, files)| files.values().any(|e| e.owner_uid == uid))
-            .map(|(dir, _)| dir.clone())
-            .collect();
-        dirs.sort();
-        dirs
+        self.read()
+            .by_owner
+            .get(&uid)
+            .map(|dirs| dirs.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Drop cached values opened with `key`; returns how many.
@@ -327,6 +524,10 @@ mod tests {
     use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
     use std::time::Duration;
 
+    fn caps() -> FileCaps {
+        FileCaps::from_limits(&crate::config::Limits::default())
+    }
+
     #[test]
     fn an_unterminated_file_is_served_only_once_it_settles_by_the_clock() {
         let dir = tempfile::tempdir().unwrap();
@@ -335,7 +536,7 @@ mod tests {
         let file = task.join("nodeseal.env");
         std::fs::write(&file, "A=1\nB=half-writ").unwrap();
         let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-        let tasks = Tasks::new();
+        let tasks = Tasks::new(Arc::default());
         let classifier = Classifier {
             legacy_names: &[],
             legacy_by_length: false,
@@ -351,7 +552,7 @@ mod tests {
             },
         };
         let at = |d: Duration| move || mtime + d;
-        let update = |d| tasks.update_file(found(), &classifier, &at(d));
+        let update = |d| tasks.update_file(found(), &classifier, &caps(), &at(d));
         assert_eq!(update(Duration::ZERO), FileUpdate::Unsettled);
         // Closed by its writer: served once quiet for SETTLE.
         tasks.note_writer_done(&file);
@@ -366,7 +567,7 @@ mod tests {
         let mtime2 = std::fs::metadata(&file).unwrap().modified().unwrap();
         tasks.note_writer_active(&file);
         let at2 = |d: Duration| move || mtime2 + d;
-        let update2 = |d| tasks.update_file(found(), &classifier, &at2(d));
+        let update2 = |d| tasks.update_file(found(), &classifier, &caps(), &at2(d));
         assert_eq!(update2(SETTLE), FileUpdate::Unsettled);
         assert_eq!(update2(UNTERMINATED_GRACE), FileUpdate::Loaded { vars: 2 });
     }
