@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes charged per uid, with no limit of its own: each charge names the limit in force (the
 /// config may change between charges).
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub(crate) struct Ledger {
     used: Mutex<HashMap<u32, usize>>,
 }
@@ -87,6 +87,7 @@ impl Ledger {
 }
 
 /// Bytes held on one uid's account until this is dropped.
+#[derive(Debug)]
 pub(crate) struct Charge {
     ledger: Option<Arc<Ledger>>,
     uid: u32,

@@ -543,8 +543,16 @@ impl Config {
             ("limits.max_value_bytes", l.max_value_bytes as u64, 1),
             ("limits.max_env_bytes_per_uid", l.max_env_bytes_per_uid, 1),
             // An error line must always fit in a response.
-            ("limits.max_response_bytes", l.max_response_bytes as u64, 4096),
-            ("limits.memory_budget_per_uid", l.memory_budget_per_uid as u64, 65_536),
+            (
+                "limits.max_response_bytes",
+                l.max_response_bytes as u64,
+                4096,
+            ),
+            (
+                "limits.memory_budget_per_uid",
+                l.memory_budget_per_uid as u64,
+                65_536,
+            ),
             ("limits.write_timeout_secs", l.write_timeout_secs, 1),
         ] {
             if value < min {
@@ -605,9 +613,18 @@ mod tests {
             (r#"{"log_level": "loud"}"#, "log_level"),
             (r#"{"socket_path": "relative.sock"}"#, "socket_path"),
             (r#"{"limits": {"max_connections": 0}}"#, "max_connections"),
-            (r#"{"limits": {"max_vars_per_file": 0}}"#, "max_vars_per_file"),
-            (r#"{"limits": {"write_timeout_secs": 0}}"#, "write_timeout_secs"),
-            (r#"{"limits": {"max_response_bytes": 100}}"#, "max_response_bytes"),
+            (
+                r#"{"limits": {"max_vars_per_file": 0}}"#,
+                "max_vars_per_file",
+            ),
+            (
+                r#"{"limits": {"write_timeout_secs": 0}}"#,
+                "write_timeout_secs",
+            ),
+            (
+                r#"{"limits": {"max_response_bytes": 100}}"#,
+                "max_response_bytes",
+            ),
             (
                 r#"{"limits": {"memory_budget_per_uid": 1000}}"#,
                 "memory_budget_per_uid",

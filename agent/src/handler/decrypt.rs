@@ -57,7 +57,11 @@ impl Handler {
             *slot = None;
             let cost = Cached::cost(value.len());
             let budget = config.limits.memory_budget_per_uid;
-            if let Ok(charge) = self.state.memory.try_charge(entry.owner_uid, cost, budget, 0) {
+            if let Ok(charge) = self
+                .state
+                .memory
+                .try_charge(entry.owner_uid, cost, budget, 0)
+            {
                 *slot = Some(Cached {
                     value: value.clone(),
                     key,

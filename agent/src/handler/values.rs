@@ -175,3 +175,83 @@ fn refusal_in(entries: &[Arc<EnvEntry>]) -> Result<(), Refusal> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::ValueKind;
+
+    fn entry(path: &str, vars: &[(&str, &str)]) -> Arc<EnvEntry> {
+        Arc::new(EnvEntry::plain_for_test(path, vars))
+    }
+
+    fn value(e: &EnvEntry, i: usize) -> String {
+        match &e.vars[i].kind {
+            ValueKind::Plain(v) => v.as_str().to_owned(),
+            _ => unreachable!("test entries are plain"),
+        }
+    }
+
+    fn view(entries: &[Arc<EnvEntry>]) -> Vec<(String, String)> {
+        Merged::new(entries.to_vec())
+            .unwrap()
+            .iter()
+            .map(|(name, e, i)| (name.to_owned(), value(e, i)))
+            .collect()
+    }
+
+    #[test]
+    fn first_appearance_orders_and_last_definition_wins_across_files() {
+        let entries = [
+            entry("/t/a", &[("B", "b1"), ("A", "a1"), ("B", "b2")]),
+            entry("/t/b", &[("C", "c1"), ("A", "a2")]),
+            entry("/t/c", &[("B", "b3"), ("D", "d1")]),
+        ];
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(n, x)| ((*n).into(), (*x).into())).collect()
+        };
+        assert_eq!(
+            view(&entries),
+            pairs(&[("B", "b3"), ("A", "a2"), ("C", "c1"), ("D", "d1")])
+        );
+        let merged = Merged::new(entries.to_vec()).unwrap();
+        assert_eq!(merged.names(), ["B", "A", "C", "D"]);
+        // `get` binds every name to the same definition as the view, and misses stay misses.
+        for (name, e, i) in merged.iter() {
+            let (got, at) = Merged::last_definition(&entries, name).unwrap().unwrap();
+            assert_eq!((got.path.as_path(), at), (e.path.as_path(), i), "{name}");
+        }
+        assert!(Merged::last_definition(&entries, "E").unwrap().is_none());
+    }
+
+    #[test]
+    fn many_repeats_of_few_names_merge_to_those_names() {
+        // The shape of the quadratic attack: each name once in the answer, last value kept.
+        let vars: Vec<(String, String)> = (0..20_000)
+            .map(|i| (format!("N{}", i % 7), i.to_string()))
+            .collect();
+        let borrowed: Vec<(&str, &str)> =
+            vars.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let merged = view(&[entry("/t/a", &borrowed), entry("/t/b", &[("N3", "last")])]);
+        assert_eq!(merged.len(), 7);
+        assert_eq!(merged[0], ("N0".into(), "19999".into()));
+        assert_eq!(merged[3], ("N3".into(), "last".into()));
+    }
+
+    #[test]
+    fn a_refused_file_refuses_the_whole_view_naming_its_cap() {
+        let mut refused = EnvEntry::plain_for_test("/t/b", &[]);
+        refused.refused = Some(crate::tasks::envfile::OverCap::Vars { max: 10 });
+        let entries = vec![entry("/t/a", &[("A", "1")]), Arc::new(refused)];
+        for err in [
+            Merged::new(entries.clone()).err().unwrap(),
+            Merged::last_definition(&entries, "A").err().unwrap(),
+        ] {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("/t/b") && msg.contains("limits.max_vars_per_file"),
+                "{msg}"
+            );
+        }
+    }
+}

@@ -197,24 +197,23 @@ async fn write_response(
         });
     }
     // Error lines are small and bounded; only an answer with values needs the budget.
-    let charge =
-        match state
-            .memory
-            .try_charge(peer.uid, out.len(), limits.memory_budget_per_uid, 0)
-        {
-            Ok(c) => Some(c),
-            Err(over) => {
-                let len = out.len();
-                drop(out);
-                out = instead(Refusal::MemoryBudgetFull {
-                    uid: peer.uid,
-                    used: over.used,
-                    len,
-                    max: limits.memory_budget_per_uid,
-                });
-                None
-            }
-        };
+    let charge = match state
+        .memory
+        .try_charge(peer.uid, out.len(), limits.memory_budget_per_uid, 0)
+    {
+        Ok(c) => Some(c),
+        Err(over) => {
+            let len = out.len();
+            drop(out);
+            out = instead(Refusal::MemoryBudgetFull {
+                uid: peer.uid,
+                used: over.used,
+                len,
+                max: limits.memory_budget_per_uid,
+            });
+            None
+        }
+    };
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
     let written = tokio::time::timeout(write_timeout, write_half.write_all(&out)).await;
     drop(out);

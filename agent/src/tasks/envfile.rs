@@ -62,7 +62,11 @@ pub(crate) enum OverCap {
     #[error("the env file has more than {max} variable lines (limits.max_vars_per_file)")]
     Vars { max: usize },
     #[error("the value of {name} is {len} bytes, over {max} (limits.max_value_bytes)")]
-    ValueBytes { name: String, len: usize, max: usize },
+    ValueBytes {
+        name: String,
+        len: usize,
+        max: usize,
+    },
     #[error("uid {uid}'s env files would add up to {total} bytes, over {max} (limits.max_env_bytes_per_uid); it is read again once that uid's other files shrink")]
     EnvBytesPerUid {
         uid: u32,

@@ -11,9 +11,9 @@ use super::envfile::{
     candidate_var_lines, read_env_file, Classifier, FileCaps, OverCap, PerUid, Unreadable,
     ValueKind,
 };
-use crate::budget::{Charge, Ledger};
 use super::layout::FoundFile;
 use super::settle;
+use crate::budget::{Charge, Ledger};
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::Thumbprint;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -122,6 +122,39 @@ fn var_cost(v: &Var) -> usize {
 }
 
 impl EnvEntry {
+    /// An entry of plain values, for tests of what is built on the index.
+    #[cfg(test)]
+    pub(crate) fn plain_for_test(path: &str, vars: &[(&str, &str)]) -> Self {
+        let ledger = Ledger::default();
+        Self {
+            path: path.into(),
+            task_dir: "/t".into(),
+            job_id: None,
+            task_id: None,
+            owner_uid: 1000,
+            task_owner: 1000,
+            vars: vars
+                .iter()
+                .map(|(name, value)| Var {
+                    name: (*name).to_owned(),
+                    kind: ValueKind::Plain(Zeroizing::new((*value).to_owned())),
+                    cache: Mutex::new(None),
+                })
+                .collect(),
+            refused: None,
+            stamp: FileStamp {
+                len: 0,
+                ino: 0,
+                uid: 1000,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+            caps: FileCaps::from_limits(&crate::config::Limits::default()),
+            bytes: ledger.free_charge(),
+            memory: ledger.free_charge(),
+        }
+    }
+
     /// Drop every cached value opened with `key`.
     pub(crate) fn evict_key(&self, key: &Thumbprint) -> usize {
         let mut n = 0;
@@ -393,24 +426,23 @@ impl Tasks {
             + path.as_os_str().len()
             + task.task_dir.as_os_str().len()
             + vars.iter().map(var_cost).sum::<usize>();
-        let memory_charge = match self.memory.try_charge(
-            uid,
-            cost,
-            caps.memory_budget_per_uid,
-            memory_credit,
-        ) {
-            Ok(c) => c,
-            Err(over) => {
-                drop(vars);
-                let why = OverCap::MemoryBudget {
-                    uid,
-                    wanted: over.wanted,
-                    total: over.used + over.wanted,
-                    max: caps.memory_budget_per_uid,
-                };
-                return self.refuse(path, task, &meta, caps, why);
-            }
-        };
+        let memory_charge =
+            match self
+                .memory
+                .try_charge(uid, cost, caps.memory_budget_per_uid, memory_credit)
+            {
+                Ok(c) => c,
+                Err(over) => {
+                    drop(vars);
+                    let why = OverCap::MemoryBudget {
+                        uid,
+                        wanted: over.wanted,
+                        total: over.used + over.wanted,
+                        max: caps.memory_budget_per_uid,
+                    };
+                    return self.refuse(path, task, &meta, caps, why);
+                }
+            };
         self.writers().remove(&path);
         let n = vars.len();
         let entry = Arc::new(EnvEntry {
@@ -522,6 +554,7 @@ mod tests {
     use super::*;
     use crate::tasks::layout::TaskIdentity;
     use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
+    use std::os::unix::fs::MetadataExt;
     use std::time::Duration;
 
     fn caps() -> FileCaps {
@@ -570,5 +603,160 @@ mod tests {
         let update2 = |d| tasks.update_file(found(), &classifier, &caps(), &at2(d));
         assert_eq!(update2(SETTLE), FileUpdate::Unsettled);
         assert_eq!(update2(UNTERMINATED_GRACE), FileUpdate::Loaded { vars: 2 });
+    }
+
+    /// A settled env file `content` in task `t` of a temp tree, and a way to present it to the
+    /// index as the layout walk would.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        tasks: Tasks,
+        memory: Arc<Ledger>,
+        root: PathBuf,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let memory = Arc::new(Ledger::default());
+            Self {
+                root: dir.path().to_owned(),
+                _dir: dir,
+                tasks: Tasks::new(memory.clone()),
+                memory,
+            }
+        }
+
+        fn write(&self, t: &str, content: &str) -> PathBuf {
+            let wd = self.root.join("job/job-1").join(t).join("wd");
+            std::fs::create_dir_all(&wd).unwrap();
+            let file = wd.join("nodeseal.env");
+            std::fs::write(&file, content).unwrap();
+            file
+        }
+
+        fn update(&self, file: &Path, caps: &FileCaps) -> FileUpdate {
+            let task_dir = file.parent().unwrap().parent().unwrap().to_owned();
+            let found = FoundFile {
+                path: file.to_owned(),
+                file: std::fs::File::open(file).unwrap(),
+                task: TaskIdentity {
+                    task_id: task_dir.file_name().unwrap().to_string_lossy().into(),
+                    task_dir,
+                    job_id: Some("job".into()),
+                    owner: 0,
+                },
+            };
+            let classifier = Classifier {
+                legacy_names: &[],
+                legacy_by_length: false,
+            };
+            let later = || SystemTime::now() + Duration::from_secs(60);
+            self.tasks.update_file(found, &classifier, caps, &later)
+        }
+    }
+
+    fn refused_naming(update: FileUpdate, cap: &str) -> OverCap {
+        match update {
+            FileUpdate::Refused(why) => {
+                assert!(why.to_string().contains(cap), "{why}");
+                why
+            }
+            other => panic!("expected a refusal naming {cap}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_per_file_cap_refuses_the_file_naming_it_once() {
+        let f = Fixture::new();
+        let many: String = (0..11).map(|i| format!("V{i}=x\n")).collect();
+        for (content, caps, cap) in [
+            (
+                "A=12345678\n".to_owned(),
+                FileCaps {
+                    max_file_bytes: 8,
+                    ..caps()
+                },
+                "limits.max_env_file_bytes",
+            ),
+            (
+                many,
+                FileCaps {
+                    max_vars: 10,
+                    ..caps()
+                },
+                "limits.max_vars_per_file",
+            ),
+            (
+                "A=1\nBIG=123456\n".to_owned(),
+                FileCaps {
+                    max_value_bytes: 5,
+                    ..caps()
+                },
+                "limits.max_value_bytes",
+            ),
+        ] {
+            let file = f.write("t", &content);
+            let why = refused_naming(f.update(&file, &caps), cap);
+            // Kept, so the task answers the reason; not read (nor logged) again unchanged.
+            let entries = f.tasks.entries_of(file.parent().unwrap().parent().unwrap());
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries[0].refused.as_ref(), Some(&why));
+            assert!(entries[0].vars.is_empty());
+            assert_eq!(f.update(&file, &caps), FileUpdate::Unchanged);
+            // Under the default caps (a reload raising them) it is read again and loads.
+            assert!(matches!(
+                f.update(&file, &self::caps()),
+                FileUpdate::Loaded { .. }
+            ));
+            assert!(f.tasks.remove(&file));
+        }
+        // Ten variables and comments under a cap of ten: comments and blanks do not count.
+        let file = f.write("t", &format!("# c\n\n{}", "A=1\n".repeat(10)));
+        let caps = FileCaps {
+            max_vars: 10,
+            ..caps()
+        };
+        assert_eq!(f.update(&file, &caps), FileUpdate::Loaded { vars: 10 });
+    }
+
+    #[test]
+    fn a_uid_over_its_env_bytes_is_refused_until_its_other_files_shrink() {
+        let f = Fixture::new();
+        let caps = FileCaps {
+            max_env_bytes_per_uid: 100,
+            ..caps()
+        };
+        let a = f.write("a", &format!("A={}\n", "x".repeat(60)));
+        let b = f.write("b", &format!("B={}\n", "y".repeat(60)));
+        assert_eq!(f.update(&a, &caps), FileUpdate::Loaded { vars: 1 });
+        refused_naming(f.update(&b, &caps), "limits.max_env_bytes_per_uid");
+        assert_eq!(f.update(&b, &caps), FileUpdate::Unchanged);
+        // The same file rewritten pays with what its old entry gives back.
+        std::fs::write(&a, format!("A={}\n", "z".repeat(90))).unwrap();
+        assert_eq!(f.update(&a, &caps), FileUpdate::Loaded { vars: 1 });
+        // Once the other file goes, the refused one fits and is read again, unchanged.
+        assert!(f.tasks.remove(&a));
+        assert_eq!(f.update(&b, &caps), FileUpdate::Loaded { vars: 1 });
+    }
+
+    #[test]
+    fn parsed_files_are_charged_to_the_memory_budget_and_given_back() {
+        let f = Fixture::new();
+        let content: String = (0..1000).map(|i| format!("N{i}=v\n")).collect();
+        let file = f.write("t", &content);
+        assert_eq!(f.update(&file, &caps()), FileUpdate::Loaded { vars: 1000 });
+        let uid = std::fs::metadata(&file).unwrap().uid();
+        let charged = f.memory.used(uid);
+        // Each tiny variable costs the agent far more than its 6 bytes in the file.
+        assert!(charged > 1000 * size_of::<Var>(), "{charged}");
+        assert!(f.tasks.remove(&file));
+        assert_eq!(f.memory.used(uid), 0);
+        let small = FileCaps {
+            memory_budget_per_uid: charged - 1,
+            ..caps()
+        };
+        refused_naming(f.update(&file, &small), "limits.memory_budget_per_uid");
+        assert_eq!(f.memory.used(uid), 0);
+        assert_eq!(f.update(&file, &small), FileUpdate::Unchanged);
     }
 }
