@@ -75,6 +75,14 @@ impl Ledger {
         self.lock().get(&uid).copied().unwrap_or(0)
     }
 
+    /// Bytes held per uid, for `status`.
+    pub(crate) fn snapshot(&self) -> std::collections::BTreeMap<u32, u64> {
+        self.lock()
+            .iter()
+            .map(|(&uid, &bytes)| (uid, bytes as u64))
+            .collect()
+    }
+
     fn release(&self, uid: u32, bytes: usize) {
         let mut used = self.lock();
         if let Some(held) = used.get_mut(&uid) {
@@ -98,6 +106,13 @@ impl Charge {
     /// How many bytes this charge holds.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// One charge holding both (of the same uid on the same ledger).
+    pub(crate) fn join(mut self, mut other: Charge) -> Charge {
+        debug_assert_eq!(self.uid, other.uid);
+        self.bytes += std::mem::take(&mut other.bytes);
+        self
     }
 }
 

@@ -23,7 +23,7 @@ impl Handler {
     ) -> Result<(Arc<Zeroizing<String>>, Option<Thumbprint>), Refusal> {
         let var = &entry.vars[index];
         match &var.kind {
-            ValueKind::Plain(v) => return Ok((Arc::new(v.clone()), None)),
+            ValueKind::Plain(v) => return Ok((v.clone(), None)),
             ValueKind::Invalid(reason) => {
                 return Err(Refusal::InvalidStoredToken {
                     reason: reason.clone(),

@@ -6,12 +6,14 @@
 use nodeseal_envelope::token::{self, Format};
 use nodeseal_envelope::Thumbprint;
 
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// How a variable's value is stored in its env file.
 pub(crate) enum ValueKind {
-    /// Served as it is.
-    Plain(Zeroizing<String>),
+    /// Served as it is; shared with the answers serving it, so a big value is not copied per
+    /// request.
+    Plain(Arc<Zeroizing<String>>),
     /// A v1 token and the key ids it names.
     V1 {
         /// The token text.
@@ -149,10 +151,10 @@ impl Classifier<'_> {
                         len,
                     }
                 } else {
-                    ValueKind::Plain(Zeroizing::new(value.to_owned()))
+                    ValueKind::Plain(Arc::new(Zeroizing::new(value.to_owned())))
                 }
             }
-            _ => ValueKind::Plain(Zeroizing::new(value.to_owned())),
+            _ => ValueKind::Plain(Arc::new(Zeroizing::new(value.to_owned()))),
         }
     }
 }

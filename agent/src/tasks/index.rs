@@ -111,7 +111,7 @@ impl FileStamp {
 /// recipients), and their allocations.
 fn var_cost(v: &Var) -> usize {
     let stored = match &v.kind {
-        ValueKind::Plain(p) => p.capacity(),
+        ValueKind::Plain(p) => p.capacity() + 2 * size_of::<usize>(),
         ValueKind::V1 { token, recipients } => {
             token.capacity() + size_of_val(recipients.as_slice()) + ALLOCATION_OVERHEAD
         }
@@ -137,7 +137,7 @@ impl EnvEntry {
                 .iter()
                 .map(|(name, value)| Var {
                     name: (*name).to_owned(),
-                    kind: ValueKind::Plain(Zeroizing::new((*value).to_owned())),
+                    kind: ValueKind::Plain(Arc::new(Zeroizing::new((*value).to_owned()))),
                     cache: Mutex::new(None),
                 })
                 .collect(),
