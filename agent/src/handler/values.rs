@@ -7,7 +7,7 @@ use super::audit::Audit;
 use super::{Answer, Context, Handler};
 use crate::authz;
 use crate::refusal::Refusal;
-use crate::tasks::EnvEntry;
+use crate::tasks::{EnvEntry, ValueKind};
 use nodeseal_client::protocol::NamedValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,7 +41,13 @@ impl Handler {
         // Open every value at once: decryptions spread over the decrypt pool's threads instead
         // of running one after another.
         let mut jobs = tokio::task::JoinSet::new();
+        let mut opened = Vec::with_capacity(merged.slots.len());
         for (position, (name, entry, index)) in merged.iter().enumerate() {
+            if let ValueKind::Plain(value) = &entry.vars[index].kind {
+                // Served as stored: nothing to wait for, so no task per value.
+                opened.push((position, name.to_owned(), value.clone()));
+                continue;
+            }
             let (name, entry) = (name.to_owned(), entry.clone());
             let handler = self.clone();
             let config = cx.config.clone();
@@ -50,7 +56,6 @@ impl Handler {
                 (position, name, result)
             });
         }
-        let mut opened = Vec::with_capacity(jobs.len());
         while let Some(done) = jobs.join_next().await {
             let (position, name, result) =
                 done.map_err(|_| Refusal::Internal("a decryption task failed".into()))?;
@@ -179,7 +184,6 @@ fn refusal_in(entries: &[Arc<EnvEntry>]) -> Result<(), Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::ValueKind;
 
     fn entry(path: &str, vars: &[(&str, &str)]) -> Arc<EnvEntry> {
         Arc::new(EnvEntry::plain_for_test(path, vars))
