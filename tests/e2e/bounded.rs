@@ -464,3 +464,65 @@ fn bounded_answers_never_read_are_cut_at_the_write_timeout_and_their_memory_retu
     assert_eq!(r["value"].as_str().map(str::len), Some(BIG_VALUE_BYTES));
     assert_victim_served(&node, &victim, "after the cut");
 }
+
+/// What uid `uid` holds on its memory budget now (host root's `status`).
+fn memory_of(node: &Node, uid: u32) -> u64 {
+    node.request(json!({"op": "status"}))["info"]["memory_by_uid"][uid.to_string()]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn decrypts(node: &Node) -> u64 {
+    node.request(json!({"op": "status"}))["info"]["counters"]["decrypts"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: owns an env file as another uid"]
+fn bounded_cached_cleartext_is_charged_to_the_files_owner_and_not_kept_over_budget() {
+    const VALUE_BYTES: usize = 60 * 1024;
+    for (budget, cached) in [(64u64 << 20, true), (128 << 10, false)] {
+        let (mut node, _) = node_with(json!({ "memory_budget_per_uid": budget }));
+        let cert = node.create_cert("pool");
+        node.drop_pfx(&cert);
+        let task = node.task("job", "sealed");
+        let value = "s".repeat(VALUE_BYTES);
+        let token = node.seal(&cert, Some("BIG"), &value, "v1");
+        let file = node.write_env(&task, &format!("BIG={token}\n"));
+        chown(file, Some(VICTIM), Some(VICTIM)).unwrap();
+        node.start();
+        let entry = memory_of(&node, VICTIM);
+        assert!(entry > token.len() as u64, "the entry holds {entry} bytes");
+        // Host root reads the victim's value: the cache it leaves is the file owner's.
+        let (d0, root0) = (decrypts(&node), memory_of(&node, 0));
+        for _ in 0..3 {
+            let r = node.get(&task, "BIG");
+            assert_eq!(
+                r["value"].as_str().map(str::len),
+                Some(VALUE_BYTES),
+                "{}",
+                code_of(&r)
+            );
+        }
+        let (opened, held) = (decrypts(&node) - d0, memory_of(&node, VICTIM));
+        eprintln!(
+            "budget {budget}: entry {entry} bytes, after 3 gets {held} bytes, {opened} decryptions"
+        );
+        assert!(
+            memory_of(&node, 0) <= root0,
+            "root was charged for the victim's cache"
+        );
+        if cached {
+            assert!(
+                held >= entry + VALUE_BYTES as u64,
+                "the cache is not charged: {held}"
+            );
+            assert_eq!(opened, 1, "a cached value was decrypted again");
+        } else {
+            // Over the owner's budget the value is served, just not kept.
+            assert_eq!(held, entry, "a value was kept over the budget");
+            assert_eq!(opened, 3, "{opened} decryptions for 3 uncached gets");
+        }
+    }
+}
