@@ -3,7 +3,8 @@
 //! a loop (request cost must be linear), files far over the caps (refused naming the cap, before
 //! they cost memory), many files under the caps that together pass the memory budget, and
 //! clients that ask for a big answer and never read it (cut at the write timeout, memory
-//! returned). Bounds here are generous; the figures belong to `bench/`.
+//! returned), and cleartext cached from a file (charged to the file's owner, not kept over its
+//! budget). Bounds here are generous; the figures belong to `bench/`.
 
 use nodeseal_testkit::{code_of, request_as, rss_kib, wait_until, Node};
 use serde_json::{json, Value};
