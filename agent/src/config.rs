@@ -311,6 +311,23 @@ pub struct Limits {
     /// Directories watched with inotify at most (layout levels and key sources); past it the
     /// agent warns once and relies on its periodic rescans.
     pub max_watched_dirs: usize,
+    /// Largest env file read, in bytes; a larger one is refused (and its task answers
+    /// `too_large` naming this cap).
+    pub max_env_file_bytes: u64,
+    /// Variables (and bare names) one env file may hold.
+    pub max_vars_per_file: usize,
+    /// Longest stored value (token or plain text) in an env file, in bytes.
+    pub max_value_bytes: usize,
+    /// Bytes of env files one uid's files may add up to, over every task.
+    pub max_env_bytes_per_uid: u64,
+    /// Memory one uid can make the agent hold: its parsed env files and the cleartext cached
+    /// from them (charged to the file's owner) and the responses being written to it (charged
+    /// to the caller).
+    pub memory_budget_per_uid: usize,
+    /// Largest response line; a larger answer is refused with `too_large`.
+    pub max_response_bytes: usize,
+    /// A response not taken by the client within this long is abandoned with its connection.
+    pub write_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -324,6 +341,13 @@ impl Default for Limits {
             burst_per_uid: 400,
             drain_timeout_secs: 5,
             max_watched_dirs: 16_384,
+            max_env_file_bytes: 16 << 20,
+            max_vars_per_file: 65_536,
+            max_value_bytes: 1 << 20,
+            max_env_bytes_per_uid: 32 << 20,
+            memory_budget_per_uid: 64 << 20,
+            max_response_bytes: 16 << 20,
+            write_timeout_secs: 10,
         }
     }
 }
@@ -513,6 +537,28 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        for (field, value, min) in [
+            ("limits.max_env_file_bytes", l.max_env_file_bytes, 1),
+            ("limits.max_vars_per_file", l.max_vars_per_file as u64, 1),
+            ("limits.max_value_bytes", l.max_value_bytes as u64, 1),
+            ("limits.max_env_bytes_per_uid", l.max_env_bytes_per_uid, 1),
+            // An error line must always fit in a response.
+            (
+                "limits.max_response_bytes",
+                l.max_response_bytes as u64,
+                4096,
+            ),
+            (
+                "limits.memory_budget_per_uid",
+                l.memory_budget_per_uid as u64,
+                65_536,
+            ),
+            ("limits.write_timeout_secs", l.write_timeout_secs, 1),
+        ] {
+            if value < min {
+                return Err(invalid(field, format!("must be at least {min}")));
+            }
+        }
         Ok(())
     }
 
@@ -567,6 +613,22 @@ mod tests {
             (r#"{"log_level": "loud"}"#, "log_level"),
             (r#"{"socket_path": "relative.sock"}"#, "socket_path"),
             (r#"{"limits": {"max_connections": 0}}"#, "max_connections"),
+            (
+                r#"{"limits": {"max_vars_per_file": 0}}"#,
+                "max_vars_per_file",
+            ),
+            (
+                r#"{"limits": {"write_timeout_secs": 0}}"#,
+                "write_timeout_secs",
+            ),
+            (
+                r#"{"limits": {"max_response_bytes": 100}}"#,
+                "max_response_bytes",
+            ),
+            (
+                r#"{"limits": {"memory_budget_per_uid": 1000}}"#,
+                "memory_budget_per_uid",
+            ),
             (r#"{"task_socket_name": "a/b"}"#, "task_socket_name"),
             (r#"{"legacy_key": "abc"}"#, "legacy_key"),
             (

@@ -15,6 +15,7 @@ pub fn apply() {
     }
     // Files and sockets the agent creates are private unless it widens them on purpose.
     umask(Mode::from_bits_truncate(0o077));
+    crate::sys::return_big_frees_to_kernel();
     match crate::sys::lock_memory() {
         Ok(()) => tracing::info!("memory locked (mlockall): keys and values will not be swapped"),
         Err(e) => tracing::warn!(

@@ -34,6 +34,7 @@
 
 pub mod admin;
 mod authz;
+mod budget;
 pub mod config;
 mod decrypt_pool;
 pub mod demo;

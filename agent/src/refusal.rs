@@ -88,6 +88,21 @@ pub(crate) enum Refusal {
     TooManyConnections,
     #[error("too many connections from this uid; retry shortly")]
     TooManyConnectionsForUid,
+    /// An env file of the task broke a cap: the task answers this, never a partial view.
+    #[error("env file {} is refused: {why}", path.display())]
+    EnvFileRefused {
+        path: PathBuf,
+        why: crate::tasks::envfile::OverCap,
+    },
+    #[error("the answer is {len} bytes, over {max} (limits.max_response_bytes); ask for fewer values, e.g. one get at a time")]
+    ResponseTooLarge { len: usize, max: usize },
+    #[error("uid {uid} already has {used} bytes of answers being written; this one ({len} bytes) would pass {max} (limits.memory_budget_per_uid); read the answers already asked for, then retry")]
+    MemoryBudgetFull {
+        uid: u32,
+        used: usize,
+        len: usize,
+        max: usize,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -157,8 +172,12 @@ impl Refusal {
             Self::ShuttingDown
             | Self::RateLimited
             | Self::TooManyConnections
-            | Self::TooManyConnectionsForUid => ErrorCode::Busy,
-            Self::RequestTooLong { .. } => ErrorCode::TooLarge,
+            | Self::TooManyConnectionsForUid
+            | Self::MemoryBudgetFull { .. } => ErrorCode::Busy,
+            // A cap the task's own data breaks: retrying changes nothing until the data does.
+            Self::RequestTooLong { .. }
+            | Self::EnvFileRefused { .. }
+            | Self::ResponseTooLarge { .. } => ErrorCode::TooLarge,
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -208,8 +227,34 @@ mod tests {
             bound.to_string().contains("audience job:nightly, uid:1000"),
             "{bound}"
         );
-        for r in [Refusal::RateLimited, Refusal::TooManyConnectionsForUid] {
+        for r in [
+            Refusal::RateLimited,
+            Refusal::TooManyConnectionsForUid,
+            Refusal::MemoryBudgetFull {
+                uid: 5,
+                used: 1,
+                len: 1,
+                max: 1,
+            },
+        ] {
             assert!(r.code().is_retryable(), "{r}");
+        }
+    }
+
+    #[test]
+    fn caps_a_task_breaks_are_too_large_not_retryable_and_named() {
+        let refused = Refusal::EnvFileRefused {
+            path: "/t/wd/nodeseal.env".into(),
+            why: crate::tasks::envfile::OverCap::Vars { max: 10 },
+        };
+        let response = Refusal::ResponseTooLarge { len: 20, max: 10 };
+        for (r, cap) in [
+            (refused, "limits.max_vars_per_file"),
+            (response, "limits.max_response_bytes"),
+        ] {
+            assert_eq!(r.code(), ErrorCode::TooLarge, "{r}");
+            assert!(!r.code().is_retryable(), "{r}");
+            assert!(r.to_string().contains(cap), "{r}");
         }
     }
 }

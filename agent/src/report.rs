@@ -128,6 +128,10 @@ pub struct StatusReport {
     pub env_roots: Vec<PathBuf>,
     /// Counters.
     pub counters: CounterReport,
+    /// Bytes each uid holds on its memory budget (`limits.memory_budget_per_uid`): its parsed
+    /// env files, cached values and answers being written. Uids holding nothing are left out.
+    #[serde(default)]
+    pub memory_by_uid: BTreeMap<u32, u64>,
 }
 
 /// `revoke` and `restore`: where the key stands afterwards.

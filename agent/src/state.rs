@@ -2,6 +2,7 @@
 //! its value cache) and the counters. Handlers read it; only the lifecycle task changes keys,
 //! tasks and the config.
 
+use crate::budget::Ledger;
 use crate::config::Config;
 use crate::keys::KeyStore;
 use crate::report::CounterReport;
@@ -69,6 +70,9 @@ pub(crate) struct State {
     pub(crate) keys: KeyStore,
     /// Task env files and their cached values.
     pub(crate) tasks: Tasks,
+    /// Per-uid memory: env file entries and cached values (charged by `tasks`) and responses
+    /// being written (charged by the connection writing them).
+    pub(crate) memory: Arc<Ledger>,
     /// Counters.
     pub(crate) counters: Counters,
     /// When the agent started, for `uptime_secs`.
@@ -78,10 +82,12 @@ pub(crate) struct State {
 impl State {
     /// A fresh state with `config` and no keys or tasks yet.
     pub(crate) fn new(config: Config) -> Self {
+        let memory = Arc::new(Ledger::default());
         Self {
             config: RwLock::new(Arc::new(config)),
             keys: KeyStore::new(),
-            tasks: Tasks::new(),
+            tasks: Tasks::new(memory.clone()),
+            memory,
             counters: Counters::default(),
             started: Instant::now(),
         }

@@ -6,7 +6,8 @@
 //! - taking ownership of the descriptor `openat2`/`openat` return (nix hands back a raw number),
 //!   in [`open_beneath`], the one way the agent opens anything inside a task tree;
 //! - who is calling, from the kernel ([`peer_pidfd`], [`peer_groups`], [`pidfd_pid_namespace`],
-//!   [`pidfd_is_alive`]): getsockopt options and pidfd calls nix 0.29 does not wrap.
+//!   [`pidfd_is_alive`]): getsockopt options and pidfd calls nix 0.29 does not wrap;
+//! - `mallopt(M_MMAP_THRESHOLD)` in [`return_big_frees_to_kernel`].
 //!
 //! Everything else goes through safe wrappers (tokio, nix).
 #![allow(unsafe_code)]
@@ -39,6 +40,20 @@ pub(crate) fn lock_memory() -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Keep glibc's mmap threshold fixed at its initial 128 KiB, so every big buffer (an env file
+/// being read, an answer being written) is its own mapping, given back to the kernel when freed.
+/// glibc otherwise raises the threshold after the first big free and serves later big buffers
+/// from heap arenas that keep the memory; under mlockall it would stay resident and locked, and
+/// a per-uid memory budget would bound what the agent uses but not what it keeps.
+pub(crate) fn return_big_frees_to_kernel() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; it takes two integers and touches no
+    // memory of ours. It is called once at start, before the runtime's threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

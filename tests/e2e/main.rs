@@ -6,6 +6,7 @@
 
 mod abuse;
 mod agent;
+mod bounded;
 mod client;
 mod faults;
 mod hostile_keys;

@@ -62,6 +62,7 @@ impl Handler {
             tasks,
             env_roots: cx.config.env_roots.clone(),
             counters: state.counters.report(),
+            memory_by_uid: state.memory.snapshot(),
         }
     }
 

@@ -23,7 +23,7 @@ impl Handler {
     ) -> Result<(Arc<Zeroizing<String>>, Option<Thumbprint>), Refusal> {
         let var = &entry.vars[index];
         match &var.kind {
-            ValueKind::Plain(v) => return Ok((Arc::new(v.clone()), None)),
+            ValueKind::Plain(v) => return Ok((v.clone(), None)),
             ValueKind::Invalid(reason) => {
                 return Err(Refusal::InvalidStoredToken {
                     reason: reason.clone(),
@@ -51,11 +51,24 @@ impl Handler {
         let value = Arc::new(value);
         let ttl = Duration::from_secs(config.cache_ttl_secs);
         if !ttl.is_zero() {
-            *var.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
-                value: value.clone(),
-                key,
-                expires: Instant::now() + ttl,
-            });
+            let mut slot = var.cache.lock().unwrap_or_else(|e| e.into_inner());
+            // The value it replaces gives its memory back first. Charged to the file's owner,
+            // who decides what the file holds; over budget, it is served but not kept.
+            *slot = None;
+            let cost = Cached::cost(value.len());
+            let budget = config.limits.memory_budget_per_uid;
+            if let Ok(charge) = self
+                .state
+                .memory
+                .try_charge(entry.owner_uid, cost, budget, 0)
+            {
+                *slot = Some(Cached {
+                    value: value.clone(),
+                    key,
+                    expires: Instant::now() + ttl,
+                    _memory: charge,
+                });
+            }
         }
         Ok((value, Some(key)))
     }

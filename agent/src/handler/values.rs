@@ -1,13 +1,15 @@
 //! `get`, `env` and `list`: values of the task the caller may read, from the env files the
 //! task index knows. The last definition of a name across a task's files wins, as with repeated
-//! `--env-file`.
+//! `--env-file`; the first appearance gives the order. [`Merged`] is that view, built in one
+//! pass, so a request costs what the task's own files hold and no more.
 
 use super::audit::Audit;
 use super::{Answer, Context, Handler};
 use crate::authz;
 use crate::refusal::Refusal;
-use crate::tasks::EnvEntry;
+use crate::tasks::{EnvEntry, ValueKind};
 use nodeseal_client::protocol::NamedValue;
+use std::collections::HashMap;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
@@ -21,7 +23,7 @@ impl Handler {
     ) -> Result<Answer, Refusal> {
         audit.secret_name = Some(name.clone());
         let entries = self.readable_entries(cx, task, audit)?;
-        let Some((entry, index)) = find_var(&entries, &name) else {
+        let Some((entry, index)) = Merged::last_definition(&entries, &name)? else {
             return Err(Refusal::NoSuchVariable { name });
         };
         let (value, key) = self.resolve(&cx.config, &entry, index).await?;
@@ -35,15 +37,18 @@ impl Handler {
         task: Option<&str>,
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
-        let entries = self.readable_entries(cx, task, audit)?;
-        let order = names_in_order(&entries);
+        let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
         // Open every value at once: decryptions spread over the decrypt pool's threads instead
         // of running one after another.
         let mut jobs = tokio::task::JoinSet::new();
-        for (position, name) in order.into_iter().enumerate() {
-            let Some((entry, index)) = find_var(&entries, &name) else {
+        let mut opened = Vec::with_capacity(merged.slots.len());
+        for (position, (name, entry, index)) in merged.iter().enumerate() {
+            if let ValueKind::Plain(value) = &entry.vars[index].kind {
+                // Served as stored: nothing to wait for, so no task per value.
+                opened.push((position, name.to_owned(), value.clone()));
                 continue;
-            };
+            }
+            let (name, entry) = (name.to_owned(), entry.clone());
             let handler = self.clone();
             let config = cx.config.clone();
             jobs.spawn(async move {
@@ -51,7 +56,6 @@ impl Handler {
                 (position, name, result)
             });
         }
-        let mut opened = Vec::with_capacity(jobs.len());
         while let Some(done) = jobs.join_next().await {
             let (position, name, result) =
                 done.map_err(|_| Refusal::Internal("a decryption task failed".into()))?;
@@ -82,8 +86,8 @@ impl Handler {
         task: Option<&str>,
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
-        let entries = self.readable_entries(cx, task, audit)?;
-        Ok(Answer::Names(names_in_order(&entries)))
+        let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
+        Ok(Answer::Names(merged.names()))
     }
 
     /// The env files of the task the caller names (or owns) that the caller may read.
@@ -108,26 +112,150 @@ impl Handler {
     }
 }
 
-/// Every name once, in order of first appearance across the files.
-fn names_in_order(entries: &[Arc<EnvEntry>]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for e in entries {
-        for v in &e.vars {
-            if !names.contains(&v.name) {
-                names.push(v.name.clone());
-            }
-        }
-    }
-    names
+/// A task's variables as its caller sees them: every name once, in order of first appearance
+/// across the files (in path order), each bound to its last definition.
+pub(super) struct Merged {
+    entries: Vec<Arc<EnvEntry>>,
+    /// `(entry, variable)` of each name's winning definition, in first-appearance order.
+    slots: Vec<(usize, usize)>,
 }
 
-/// The last definition of `name` across the task's files.
-fn find_var(entries: &[Arc<EnvEntry>], name: &str) -> Option<(Arc<EnvEntry>, usize)> {
-    let mut found = None;
-    for e in entries {
-        if let Some(i) = e.vars.iter().rposition(|v| v.name == name) {
-            found = Some((e.clone(), i));
+impl Merged {
+    /// The view of `entries`, in one pass over their variables; a refused file refuses it all.
+    pub(super) fn new(entries: Vec<Arc<EnvEntry>>) -> Result<Self, Refusal> {
+        refusal_in(&entries)?;
+        let total = entries.iter().map(|e| e.vars.len()).sum();
+        let mut position: HashMap<&str, usize> = HashMap::with_capacity(total);
+        let mut slots: Vec<(usize, usize)> = Vec::with_capacity(total);
+        for (e, entry) in entries.iter().enumerate() {
+            for (v, var) in entry.vars.iter().enumerate() {
+                match position.get(var.name.as_str()) {
+                    Some(&at) => slots[at] = (e, v),
+                    None => {
+                        position.insert(&var.name, slots.len());
+                        slots.push((e, v));
+                    }
+                }
+            }
+        }
+        drop(position);
+        Ok(Self { entries, slots })
+    }
+
+    /// `(name, entry, variable index)` in first-appearance order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Arc<EnvEntry>, usize)> {
+        self.slots.iter().map(|&(e, v)| {
+            let entry = &self.entries[e];
+            (entry.vars[v].name.as_str(), entry, v)
+        })
+    }
+
+    /// Every name once, in first-appearance order.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.iter().map(|(name, _, _)| name.to_owned()).collect()
+    }
+
+    /// The definition of `name` the view binds it to, without building the view: the last
+    /// file defining it, its last line there.
+    pub(super) fn last_definition(
+        entries: &[Arc<EnvEntry>],
+        name: &str,
+    ) -> Result<Option<(Arc<EnvEntry>, usize)>, Refusal> {
+        refusal_in(entries)?;
+        Ok(entries.iter().rev().find_map(|e| {
+            let i = e.vars.iter().rposition(|v| v.name == name)?;
+            Some((e.clone(), i))
+        }))
+    }
+}
+
+/// A task with a refused file answers its reason, never a partial view: the refused file may be
+/// the one that defines or overrides a name.
+fn refusal_in(entries: &[Arc<EnvEntry>]) -> Result<(), Refusal> {
+    match entries.iter().find_map(|e| Some((e, e.refused.as_ref()?))) {
+        Some((e, why)) => Err(Refusal::EnvFileRefused {
+            path: e.path.clone(),
+            why: why.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, vars: &[(&str, &str)]) -> Arc<EnvEntry> {
+        Arc::new(EnvEntry::plain_for_test(path, vars))
+    }
+
+    fn value(e: &EnvEntry, i: usize) -> String {
+        match &e.vars[i].kind {
+            ValueKind::Plain(v) => v.as_str().to_owned(),
+            _ => unreachable!("test entries are plain"),
         }
     }
-    found
+
+    fn view(entries: &[Arc<EnvEntry>]) -> Vec<(String, String)> {
+        Merged::new(entries.to_vec())
+            .unwrap()
+            .iter()
+            .map(|(name, e, i)| (name.to_owned(), value(e, i)))
+            .collect()
+    }
+
+    #[test]
+    fn first_appearance_orders_and_last_definition_wins_across_files() {
+        let entries = [
+            entry("/t/a", &[("B", "b1"), ("A", "a1"), ("B", "b2")]),
+            entry("/t/b", &[("C", "c1"), ("A", "a2")]),
+            entry("/t/c", &[("B", "b3"), ("D", "d1")]),
+        ];
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(n, x)| ((*n).into(), (*x).into())).collect()
+        };
+        assert_eq!(
+            view(&entries),
+            pairs(&[("B", "b3"), ("A", "a2"), ("C", "c1"), ("D", "d1")])
+        );
+        let merged = Merged::new(entries.to_vec()).unwrap();
+        assert_eq!(merged.names(), ["B", "A", "C", "D"]);
+        // `get` binds every name to the same definition as the view, and misses stay misses.
+        for (name, e, i) in merged.iter() {
+            let (got, at) = Merged::last_definition(&entries, name).unwrap().unwrap();
+            assert_eq!((got.path.as_path(), at), (e.path.as_path(), i), "{name}");
+        }
+        assert!(Merged::last_definition(&entries, "E").unwrap().is_none());
+    }
+
+    #[test]
+    fn many_repeats_of_few_names_merge_to_those_names() {
+        // The shape of the quadratic attack: each name once in the answer, last value kept.
+        let vars: Vec<(String, String)> = (0..20_000)
+            .map(|i| (format!("N{}", i % 7), i.to_string()))
+            .collect();
+        let borrowed: Vec<(&str, &str)> =
+            vars.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let merged = view(&[entry("/t/a", &borrowed), entry("/t/b", &[("N3", "last")])]);
+        assert_eq!(merged.len(), 7);
+        assert_eq!(merged[0], ("N0".into(), "19999".into()));
+        assert_eq!(merged[3], ("N3".into(), "last".into()));
+    }
+
+    #[test]
+    fn a_refused_file_refuses_the_whole_view_naming_its_cap() {
+        let mut refused = EnvEntry::plain_for_test("/t/b", &[]);
+        refused.refused = Some(crate::tasks::envfile::OverCap::Vars { max: 10 });
+        let entries = vec![entry("/t/a", &[("A", "1")]), Arc::new(refused)];
+        for err in [
+            Merged::new(entries.clone()).err().unwrap(),
+            Merged::last_definition(&entries, "A").err().unwrap(),
+        ] {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("/t/b") && msg.contains("limits.max_vars_per_file"),
+                "{msg}"
+            );
+        }
+    }
 }

@@ -1,8 +1,11 @@
 //! One connection: who is calling (from the kernel, once, at accept), then newline-delimited
-//! requests under size, idle and rate limits, each answered by the handler.
+//! requests under size, idle and rate limits, each answered by the handler, and each answer
+//! written under the response cap, the caller's memory budget and the write timeout: a client
+//! that asks and never reads holds at most one answer, on its own budget, for a bounded time.
 
 use super::ServeContext;
 use crate::authz::Scope;
+use crate::config::Limits;
 use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
@@ -91,7 +94,8 @@ async fn cut_off(ctx: &ServeContext, peer: &Peer, write_half: &mut OwnedWriteHal
         reason = why.to_string().as_str(),
         "limit broken; disconnecting"
     );
-    let _ = write_half.write_all(&why.to_line()).await;
+    let write_timeout = Duration::from_secs(ctx.handler.state().config().limits.write_timeout_secs);
+    let _ = tokio::time::timeout(write_timeout, write_half.write_all(&why.to_line())).await;
 }
 
 /// Serve one admitted connection until it ends, breaks a limit, or the agent stops.
@@ -141,19 +145,161 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
                 Refusal::Malformed(e.to_string()).to_response()
             }
         };
-        if write_response(&mut write_half, response).await.is_err() {
+        if write_response(ctx, &peer, &mut write_half, response, &limits)
+            .await
+            .is_err()
+        {
             return;
         }
     }
 }
 
+/// The line for `response`; the serialized line may hold a secret and is wiped once dropped.
+fn serialize(response: &Response) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(serde_json::to_vec(response).unwrap_or_default());
+    out.push(b'\n');
+    out
+}
+
+/// What `response` will take serialized, at least (escapes only add): known before the work.
+fn least_len(response: &Response) -> usize {
+    let values = response.values.as_deref().unwrap_or_default();
+    let names = response.names.as_deref().unwrap_or_default();
+    64 + response.value.as_ref().map_or(0, |v| v.len())
+        + values
+            .iter()
+            .map(|v| v.name.len() + v.value.len() + 24)
+            .sum::<usize>()
+        + names.iter().map(|n| n.len() + 3).sum::<usize>()
+}
+
+/// Answers at least this large are serialized off the async workers, so one caller's big answers
+/// never hold up everyone else's small ones.
+const OFFLOAD_BYTES: usize = 64 * 1024;
+
+/// At most this many big answers are serialized at once (one per core): each holds its values
+/// twice meanwhile, and more at once would only share the same cores.
+fn serializers() -> &'static tokio::sync::Semaphore {
+    static SERIALIZERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SERIALIZERS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
+/// Drop `what`, off the async workers when `big`: wiping megabytes of cleartext is work in
+/// proportion to the answer, like serializing it.
+fn discard<T: Send + 'static>(what: T, big: bool) {
+    if big {
+        tokio::task::spawn_blocking(move || drop(what));
+    } else {
+        drop(what);
+    }
+}
+
+/// Write one answer. It is charged to the caller's memory budget from before it is serialized
+/// until it is written; over the budget (with the answers the caller already has in flight) or
+/// over `max_response_bytes`, the caller gets the error instead. Not taken within the write
+/// timeout, the answer is abandoned with the connection (an error: the caller hangs up).
 async fn write_response(
+    ctx: &ServeContext,
+    peer: &Peer,
     write_half: &mut OwnedWriteHalf,
     response: Response,
+    limits: &Limits,
 ) -> std::io::Result<()> {
-    // The serialized line may hold a secret: wipe it once written.
-    let mut out = Zeroizing::new(serde_json::to_vec(&response).unwrap_or_default());
-    out.push(b'\n');
-    drop(response);
-    write_half.write_all(&out).await
+    let state = ctx.handler.state();
+    let id = response.id.clone();
+    let instead = |why: Refusal| {
+        state.counters.limited.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            outcome = %why.code(),
+            reason = why.to_string().as_str(),
+            "answer withheld at a limit"
+        );
+        let mut r = why.to_response();
+        r.id = id.clone();
+        serialize(&r)
+    };
+    let max = limits.max_response_bytes;
+    let budget = limits.memory_budget_per_uid;
+    let least = least_len(&response);
+    let mut charge = None;
+    let big = least >= OFFLOAD_BYTES;
+    let out = if least > max {
+        discard(response, big);
+        instead(Refusal::ResponseTooLarge { len: least, max })
+    } else {
+        match state.memory.try_charge(peer.uid, least, budget, 0) {
+            Err(over) => {
+                discard(response, big);
+                instead(Refusal::MemoryBudgetFull {
+                    uid: peer.uid,
+                    used: over.used,
+                    len: least,
+                    max: budget,
+                })
+            }
+            Ok(c) => {
+                charge = Some(c);
+                let out = if !big {
+                    serialize(&response)
+                } else {
+                    let _permit = serializers().acquire().await;
+                    tokio::task::spawn_blocking(move || serialize(&response))
+                        .await
+                        .unwrap_or_default()
+                };
+                if out.len() > max {
+                    let len = out.len();
+                    discard(out, true);
+                    charge = None;
+                    instead(Refusal::ResponseTooLarge { len, max })
+                } else if out.len() > least {
+                    // Escapes made it larger than foreseen: the rest must fit too.
+                    match state
+                        .memory
+                        .try_charge(peer.uid, out.len() - least, budget, 0)
+                    {
+                        Ok(extra) => {
+                            charge = charge.map(|c| c.join(extra));
+                            out
+                        }
+                        Err(over) => {
+                            let len = out.len();
+                            discard(out, true);
+                            charge = None;
+                            instead(Refusal::MemoryBudgetFull {
+                                uid: peer.uid,
+                                used: over.used,
+                                len,
+                                max: budget,
+                            })
+                        }
+                    }
+                } else {
+                    out
+                }
+            }
+        }
+    };
+    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
+    let written = tokio::time::timeout(write_timeout, write_half.write_all(&out)).await;
+    let big = out.len() >= OFFLOAD_BYTES;
+    discard((out, charge), big);
+    match written {
+        Ok(result) => result,
+        Err(_) => {
+            state.counters.limited.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                peer_uid = peer.uid,
+                peer_pid = peer.pid,
+                secs = limits.write_timeout_secs,
+                "answer not read within the write timeout (limits.write_timeout_secs); disconnecting"
+            );
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
 }

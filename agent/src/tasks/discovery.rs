@@ -2,7 +2,7 @@
 //! the watcher named, each file found read into the index and every file the index knew below
 //! that directory but the walk did not find forgotten.
 
-use super::envfile::Classifier;
+use super::envfile::{Classifier, FileCaps};
 use super::index::{Clock, FileUpdate, Tasks};
 use super::layout::Walker;
 use crate::config::Config;
@@ -58,6 +58,7 @@ pub(crate) fn rescan(
         legacy_names: &config.legacy_names,
         legacy_by_length: config.legacy_by_length,
     };
+    let caps = FileCaps::from_limits(&config.limits);
     let mut seen = HashSet::new();
     match walker.walk(root, target) {
         Ok(walk) => {
@@ -71,7 +72,7 @@ pub(crate) fn rescan(
             for found in walk.files {
                 let path = found.path.clone();
                 refusals.logged.remove(&path);
-                match tasks.update_file(found, &classifier, clock) {
+                match tasks.update_file(found, &classifier, &caps, clock) {
                     FileUpdate::Loaded { vars } => {
                         tracing::info!(path = %path.display(), vars, "env file loaded")
                     }
@@ -84,6 +85,9 @@ pub(crate) fn rescan(
                     }
                     FileUpdate::Invalid(reason) => {
                         tracing::warn!(path = %path.display(), %reason, "env file skipped")
+                    }
+                    FileUpdate::Refused(reason) => {
+                        tracing::warn!(path = %path.display(), reason = %reason, "env file refused: over a limit; its task answers with the reason")
                     }
                     FileUpdate::Unchanged => {}
                 }

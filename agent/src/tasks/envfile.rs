@@ -1,16 +1,19 @@
 //! One env file as the agent reads it: opened without following a link at its last component,
-//! its task and job derived from where it sits, and each value classified as a v1 token, a
-//! legacy Shipyard ciphertext or a plain value.
+//! its task and job derived from where it sits, each value classified as a v1 token, a legacy
+//! Shipyard ciphertext or a plain value, and the caps ([`FileCaps`]) it is read under, with the
+//! reason ([`OverCap`]) a file that breaks one is refused for.
 
 use nodeseal_envelope::token::{self, Format};
 use nodeseal_envelope::Thumbprint;
 
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// How a variable's value is stored in its env file.
 pub(crate) enum ValueKind {
-    /// Served as it is.
-    Plain(Zeroizing<String>),
+    /// Served as it is; shared with the answers serving it, so a big value is not copied per
+    /// request.
+    Plain(Arc<Zeroizing<String>>),
     /// A v1 token and the key ids it names.
     V1 {
         /// The token text.
@@ -29,8 +32,90 @@ pub(crate) enum ValueKind {
     Invalid(String),
 }
 
-/// Env files larger than this are refused: a task must not make the agent read gigabytes.
-const MAX_ENV_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// The `limits` an env file is read under. Kept with each entry, so a reload that changes
+/// them re-reads the files they were applied to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileCaps {
+    pub(crate) max_file_bytes: u64,
+    pub(crate) max_vars: usize,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) max_env_bytes_per_uid: u64,
+    pub(crate) memory_budget_per_uid: usize,
+}
+
+impl FileCaps {
+    pub(crate) fn from_limits(l: &crate::config::Limits) -> Self {
+        Self {
+            max_file_bytes: l.max_env_file_bytes,
+            max_vars: l.max_vars_per_file,
+            max_value_bytes: l.max_value_bytes,
+            max_env_bytes_per_uid: l.max_env_bytes_per_uid,
+            memory_budget_per_uid: l.memory_budget_per_uid,
+        }
+    }
+}
+
+/// Why an env file was refused: the cap it broke, named as the config spells it, so both the
+/// log line and every caller asking for the task's values can tell the operator what to raise.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum OverCap {
+    #[error("the env file holds more than {max} bytes (limits.max_env_file_bytes)")]
+    FileBytes { max: u64 },
+    #[error("the env file has more than {max} variable lines (limits.max_vars_per_file)")]
+    Vars { max: usize },
+    #[error("the value of {name} is {len} bytes, over {max} (limits.max_value_bytes)")]
+    ValueBytes {
+        name: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("uid {uid}'s env files would add up to {total} bytes, over {max} (limits.max_env_bytes_per_uid); it is read again once that uid's other files shrink")]
+    EnvBytesPerUid {
+        uid: u32,
+        wanted: u64,
+        total: u64,
+        max: u64,
+    },
+    #[error("uid {uid}'s env files and cached values would hold {total} bytes of agent memory, over {max} (limits.memory_budget_per_uid); it is read again once that uid's other files shrink")]
+    MemoryBudget {
+        uid: u32,
+        wanted: usize,
+        total: usize,
+        max: usize,
+    },
+}
+
+impl OverCap {
+    /// For a refusal by a per-uid total: the ledger it was charged on, and what this file needs
+    /// there. Such a file may fit later without changing, when the uid's other files shrink.
+    pub(crate) fn per_uid_need(&self) -> Option<(PerUid, usize)> {
+        match self {
+            Self::EnvBytesPerUid { wanted, .. } => Some((PerUid::EnvBytes, *wanted as usize)),
+            Self::MemoryBudget { wanted, .. } => Some((PerUid::Memory, *wanted)),
+            _ => None,
+        }
+    }
+}
+
+/// Which per-uid account a refusal was about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PerUid {
+    EnvBytes,
+    Memory,
+}
+
+/// Lines that may hold a variable: not blank, not a `#` comment. An upper bound on what the
+/// parser makes of the file, counted before parsing so that a file of millions of tiny
+/// variables is refused before it costs a line's allocation each.
+pub(crate) fn candidate_var_lines(bytes: &[u8]) -> usize {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| {
+            let start = line.iter().position(|b| !b.is_ascii_whitespace());
+            start.is_some_and(|i| line[i] != b'#')
+        })
+        .count()
+}
 
 /// The rules that classify values, taken from the config.
 pub(crate) struct Classifier<'a> {
@@ -66,29 +151,89 @@ impl Classifier<'_> {
                         len,
                     }
                 } else {
-                    ValueKind::Plain(Zeroizing::new(value.to_owned()))
+                    ValueKind::Plain(Arc::new(Zeroizing::new(value.to_owned())))
                 }
             }
-            _ => ValueKind::Plain(Zeroizing::new(value.to_owned())),
+            _ => ValueKind::Plain(Arc::new(Zeroizing::new(value.to_owned()))),
         }
     }
 }
 
+/// Why an env file could not be read.
+pub(crate) enum Unreadable {
+    Over(OverCap),
+    Io(std::io::Error),
+}
+
 /// Read an env file the layout walk opened (never by path: the walk decided which inode),
-/// refusing what is larger than an env file can be.
+/// refusing one over `max` bytes.
 pub(crate) fn read_env_file(
     file: &mut std::fs::File,
     meta: &std::fs::Metadata,
-) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    max: u64,
+) -> Result<Zeroizing<Vec<u8>>, Unreadable> {
     use std::io::Read;
-    if meta.len() > MAX_ENV_FILE_BYTES {
-        return Err(std::io::Error::other("larger than an env file can be"));
+    let over = || Unreadable::Over(OverCap::FileBytes { max });
+    if meta.len() > max {
+        return Err(over());
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
     // `take`: a file growing while read still stops at the limit.
-    file.take(MAX_ENV_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_ENV_FILE_BYTES {
-        return Err(std::io::Error::other("larger than an env file can be"));
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Unreadable::Io)?;
+    if bytes.len() as u64 > max {
+        return Err(over());
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_lines_bound_the_variables_and_skip_blanks_and_comments() {
+        let text = b"A=1\n\n  \n# c\n   # c\nB=2\r\nBARE\n\tC=\nD=x";
+        assert_eq!(candidate_var_lines(text), 5);
+        let parsed = nodeseal_envelope::envfile::EnvFile::parse_bytes(text).unwrap();
+        assert!(parsed.vars().count() <= candidate_var_lines(text));
+        assert_eq!(candidate_var_lines(b""), 0);
+    }
+
+    #[test]
+    fn every_refusal_names_its_cap() {
+        for (r, cap) in [
+            (OverCap::FileBytes { max: 1 }, "limits.max_env_file_bytes"),
+            (OverCap::Vars { max: 1 }, "limits.max_vars_per_file"),
+            (
+                OverCap::ValueBytes {
+                    name: "A".into(),
+                    len: 2,
+                    max: 1,
+                },
+                "limits.max_value_bytes",
+            ),
+            (
+                OverCap::EnvBytesPerUid {
+                    uid: 5,
+                    wanted: 2,
+                    total: 2,
+                    max: 1,
+                },
+                "limits.max_env_bytes_per_uid",
+            ),
+            (
+                OverCap::MemoryBudget {
+                    uid: 5,
+                    wanted: 2,
+                    total: 2,
+                    max: 1,
+                },
+                "limits.memory_budget_per_uid",
+            ),
+        ] {
+            assert!(r.to_string().contains(cap), "{r}");
+        }
+    }
 }

@@ -1,10 +1,19 @@
 //! The task index: which env files exist, who owns them, which task they belong to, and what each
 //! variable holds (a v1 token, a legacy Shipyard ciphertext, or a plain value). Decrypted values
 //! are cached per variable and dropped (zeroized) with their file entry.
+//!
+//! Each file is read under [`FileCaps`] and charged to its owner's accounts (`crate::budget`):
+//! its bytes, and the memory its entry holds. A file over a cap is kept as a *refused* entry
+//! with the reason, so its task answers with that reason instead of a partial view, and the
+//! reason is logged once, not on every rescan.
 
-use super::envfile::{read_env_file, Classifier, ValueKind};
+use super::envfile::{
+    candidate_var_lines, read_env_file, Classifier, FileCaps, OverCap, PerUid, Unreadable,
+    ValueKind,
+};
 use super::layout::FoundFile;
 use super::settle;
+use crate::budget::{Charge, Ledger};
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::Thumbprint;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,7 +31,20 @@ pub(crate) struct Cached {
     pub key: Thumbprint,
     /// When it stops being served from cache.
     pub expires: Instant,
+    /// Its memory on the file owner's budget, given back when the value is dropped.
+    pub _memory: Charge,
 }
+
+impl Cached {
+    /// What a cached cleartext of `len` bytes costs: the text, its `Arc` and the bookkeeping.
+    pub(crate) fn cost(len: usize) -> usize {
+        len + size_of::<Self>() + 2 * ALLOCATION_OVERHEAD + 16
+    }
+}
+
+/// What the allocator spends per allocation beyond the bytes asked for (header and rounding),
+/// counted so that a file of many tiny variables is charged what it really costs.
+const ALLOCATION_OVERHEAD: usize = 16;
 
 /// One variable of an env file.
 pub(crate) struct Var {
@@ -49,10 +71,18 @@ pub(crate) struct EnvEntry {
     /// The task's owner (its directory's, or its file's when root owns the directory): a
     /// per-task socket belongs to it and serves only its files.
     pub task_owner: u32,
-    /// Variables in file order.
+    /// Variables in file order (none when refused).
     pub vars: Vec<Var>,
+    /// Set when the file broke a cap: the task answers this instead of any of its values.
+    pub refused: Option<OverCap>,
     /// What the file looked like when read, so an unchanged file keeps its cached values.
     stamp: FileStamp,
+    /// The caps it was read under: a reload that changes them reads it again.
+    caps: FileCaps,
+    /// Its bytes on the owner's env-bytes account.
+    bytes: Charge,
+    /// Its entry's memory on the owner's memory budget.
+    memory: Charge,
 }
 
 /// Identity and version of a file as `stat` sees it; ctime covers chown and chmod too.
@@ -77,7 +107,54 @@ impl FileStamp {
     }
 }
 
+/// What a parsed variable costs the agent: the `Var`, its name and stored value (with
+/// recipients), and their allocations.
+fn var_cost(v: &Var) -> usize {
+    let stored = match &v.kind {
+        ValueKind::Plain(p) => p.capacity() + 2 * size_of::<usize>(),
+        ValueKind::V1 { token, recipients } => {
+            token.capacity() + size_of_val(recipients.as_slice()) + ALLOCATION_OVERHEAD
+        }
+        ValueKind::Shipyard { token, .. } => token.capacity(),
+        ValueKind::Invalid(reason) => reason.capacity(),
+    };
+    size_of::<Var>() + v.name.capacity() + stored + 2 * ALLOCATION_OVERHEAD
+}
+
 impl EnvEntry {
+    /// An entry of plain values, for tests of what is built on the index.
+    #[cfg(test)]
+    pub(crate) fn plain_for_test(path: &str, vars: &[(&str, &str)]) -> Self {
+        let ledger = Ledger::default();
+        Self {
+            path: path.into(),
+            task_dir: "/t".into(),
+            job_id: None,
+            task_id: None,
+            owner_uid: 1000,
+            task_owner: 1000,
+            vars: vars
+                .iter()
+                .map(|(name, value)| Var {
+                    name: (*name).to_owned(),
+                    kind: ValueKind::Plain(Arc::new(Zeroizing::new((*value).to_owned()))),
+                    cache: Mutex::new(None),
+                })
+                .collect(),
+            refused: None,
+            stamp: FileStamp {
+                len: 0,
+                ino: 0,
+                uid: 1000,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+            caps: FileCaps::from_limits(&crate::config::Limits::default()),
+            bytes: ledger.free_charge(),
+            memory: ledger.free_charge(),
+        }
+    }
+
     /// Drop every cached value opened with `key`.
     pub(crate) fn evict_key(&self, key: &Thumbprint) -> usize {
         let mut n = 0;
@@ -96,19 +173,26 @@ impl EnvEntry {
 pub(crate) type Clock<'a> = &'a dyn Fn() -> SystemTime;
 
 /// Everything the agent knows about tasks, by env-file path and by task directory.
-#[derive(Default)]
 pub(crate) struct Tasks {
     inner: RwLock<Index>,
     /// Env files whose writer closed them (or renamed them into place) since they last changed.
     writers_done: Mutex<HashSet<PathBuf>>,
+    /// Per-uid memory: entries and cached values are charged here (shared with the server,
+    /// which charges responses being written).
+    memory: Arc<Ledger>,
+    /// Per-uid bytes of env files read.
+    env_bytes: Arc<Ledger>,
 }
 
 /// Both views under one lock so they never disagree; the per-task view makes a request's
 /// lookup independent of how many tasks the node runs.
+/// `by_owner` counts, per uid, its files in each task directory, so finding a caller's tasks
+/// costs what that caller has, not what the node holds.
 #[derive(Default)]
 struct Index {
     files: BTreeMap<PathBuf, Arc<EnvEntry>>,
     by_task: HashMap<PathBuf, BTreeMap<PathBuf, Arc<EnvEntry>>>,
+    by_owner: HashMap<u32, BTreeMap<PathBuf, usize>>,
 }
 
 impl Index {
@@ -118,6 +202,12 @@ impl Index {
             .entry(entry.task_dir.clone())
             .or_default()
             .insert(entry.path.clone(), entry.clone());
+        *self
+            .by_owner
+            .entry(entry.owner_uid)
+            .or_default()
+            .entry(entry.task_dir.clone())
+            .or_default() += 1;
         self.files.insert(entry.path.clone(), entry);
     }
 
@@ -129,6 +219,17 @@ impl Index {
             task.remove(path);
             if task.is_empty() {
                 self.by_task.remove(&old.task_dir);
+            }
+        }
+        if let Some(dirs) = self.by_owner.get_mut(&old.owner_uid) {
+            if let Some(n) = dirs.get_mut(&old.task_dir) {
+                *n -= 1;
+                if *n == 0 {
+                    dirs.remove(&old.task_dir);
+                }
+            }
+            if dirs.is_empty() {
+                self.by_owner.remove(&old.owner_uid);
             }
         }
         true
@@ -151,12 +252,68 @@ pub(crate) enum FileUpdate {
     Unsettled,
     /// Unparseable: forgotten until it changes.
     Invalid(String),
+    /// Over a cap: kept as refused (its task answers the reason) until it changes or fits.
+    Refused(OverCap),
 }
 
 impl Tasks {
-    /// An empty registry.
-    pub(crate) fn new() -> Self {
-        Self::default()
+    /// An empty registry charging entries and cached values to `memory`.
+    pub(crate) fn new(memory: Arc<Ledger>) -> Self {
+        Self {
+            inner: RwLock::default(),
+            writers_done: Mutex::default(),
+            memory,
+            env_bytes: Arc::default(),
+        }
+    }
+
+    /// Whether `known`, read from a file that has not changed since, can stay as it is: loaded
+    /// under the same caps, or refused for a reason that still holds.
+    fn still_current(&self, known: &EnvEntry, caps: &FileCaps) -> bool {
+        if known.caps != *caps {
+            return false;
+        }
+        let Some((account, need)) = known.refused.as_ref().and_then(OverCap::per_uid_need) else {
+            return true;
+        };
+        let uid = known.owner_uid;
+        let fits = match account {
+            PerUid::EnvBytes => {
+                self.env_bytes.used(uid).saturating_add(need) as u64 <= caps.max_env_bytes_per_uid
+            }
+            PerUid::Memory => {
+                self.memory.used(uid).saturating_add(need) <= caps.memory_budget_per_uid
+            }
+        };
+        !fits
+    }
+
+    /// Keep `path` as refused for `why`, replacing what was known of it.
+    fn refuse(
+        &self,
+        path: PathBuf,
+        task: super::layout::TaskIdentity,
+        meta: &std::fs::Metadata,
+        caps: &FileCaps,
+        why: OverCap,
+    ) -> FileUpdate {
+        self.writers().remove(&path);
+        let entry = Arc::new(EnvEntry {
+            path,
+            task_dir: task.task_dir,
+            job_id: task.job_id,
+            task_id: Some(task.task_id),
+            owner_uid: meta.uid(),
+            task_owner: task.owner,
+            vars: Vec::new(),
+            refused: Some(why.clone()),
+            stamp: FileStamp::of(meta),
+            caps: *caps,
+            bytes: self.env_bytes.free_charge(),
+            memory: self.memory.free_charge(),
+        });
+        self.write().insert(entry);
+        FileUpdate::Refused(why)
     }
 
     /// (Re)read an env file the layout walk found and opened. `clock` tells the time once the
@@ -166,6 +323,7 @@ impl Tasks {
         &self,
         found: FoundFile,
         classifier: &Classifier<'_>,
+        caps: &FileCaps,
         clock: Clock<'_>,
     ) -> FileUpdate {
         let FoundFile {
@@ -181,16 +339,49 @@ impl Tasks {
             };
         };
         let known = self.read().files.get(&path).cloned();
-        if known.is_some_and(|e| e.stamp == FileStamp::of(&meta) && e.task_owner == task.owner) {
+        if known.as_ref().is_some_and(|e| {
+            e.stamp == FileStamp::of(&meta)
+                && e.task_owner == task.owner
+                && self.still_current(e, caps)
+        }) {
             return FileUpdate::Unchanged;
         }
-        let bytes = match read_env_file(&mut file, &meta) {
+        let uid = meta.uid();
+        // What the entry being replaced gives back once it goes: its successor may use it.
+        let (bytes_credit, memory_credit) = known
+            .as_ref()
+            .filter(|e| e.owner_uid == uid)
+            .map_or((0, 0), |e| (e.bytes.bytes(), e.memory.bytes()));
+        drop(known);
+        let bytes = match read_env_file(&mut file, &meta, caps.max_file_bytes) {
             Ok(b) => b,
-            Err(e) => {
+            Err(Unreadable::Over(why)) => return self.refuse(path, task, &meta, caps, why),
+            Err(Unreadable::Io(e)) => {
                 self.remove(&path);
                 return FileUpdate::Invalid(e.to_string());
             }
         };
+        let bytes_charge = match self.env_bytes.try_charge(
+            uid,
+            bytes.len(),
+            caps.max_env_bytes_per_uid as usize,
+            bytes_credit,
+        ) {
+            Ok(c) => c,
+            Err(over) => {
+                let why = OverCap::EnvBytesPerUid {
+                    uid,
+                    wanted: over.wanted as u64,
+                    total: (over.used + over.wanted) as u64,
+                    max: caps.max_env_bytes_per_uid,
+                };
+                return self.refuse(path, task, &meta, caps, why);
+            }
+        };
+        if candidate_var_lines(&bytes) > caps.max_vars {
+            let why = OverCap::Vars { max: caps.max_vars };
+            return self.refuse(path, task, &meta, caps, why);
+        }
         let parsed = match EnvFile::parse_bytes(&bytes) {
             Ok(p) => p,
             Err(e) => {
@@ -206,25 +397,67 @@ impl Tasks {
             // A writer may still be appending to the last line: never serve half a value.
             return FileUpdate::Unsettled;
         }
-        self.writers().remove(&path);
-        let vars: Vec<Var> = parsed
+        if let Some((name, value)) = parsed
             .vars()
-            .map(|(name, value)| Var {
+            .find(|(_, value)| value.len() > caps.max_value_bytes)
+        {
+            let why = OverCap::ValueBytes {
                 name: name.to_owned(),
-                kind: classifier.classify(name, value),
-                cache: Mutex::new(None),
-            })
-            .collect();
+                len: value.len(),
+                max: caps.max_value_bytes,
+            };
+            return self.refuse(path, task, &meta, caps, why);
+        }
+        let mut vars = Vec::with_capacity(parsed.vars().count());
+        vars.extend(parsed.vars().map(|(name, value)| Var {
+            name: name.to_owned(),
+            kind: classifier.classify(name, value),
+            cache: Mutex::new(None),
+        }));
+        drop(parsed);
+        drop(bytes);
+        // The candidate count bounds this for the grammar as it is; checked again on what the
+        // parser really made, so a grammar change cannot lift the cap.
+        if vars.len() > caps.max_vars {
+            let why = OverCap::Vars { max: caps.max_vars };
+            return self.refuse(path, task, &meta, caps, why);
+        }
+        let cost = size_of::<EnvEntry>()
+            + path.as_os_str().len()
+            + task.task_dir.as_os_str().len()
+            + vars.iter().map(var_cost).sum::<usize>();
+        let memory_charge =
+            match self
+                .memory
+                .try_charge(uid, cost, caps.memory_budget_per_uid, memory_credit)
+            {
+                Ok(c) => c,
+                Err(over) => {
+                    drop(vars);
+                    let why = OverCap::MemoryBudget {
+                        uid,
+                        wanted: over.wanted,
+                        total: over.used + over.wanted,
+                        max: caps.memory_budget_per_uid,
+                    };
+                    return self.refuse(path, task, &meta, caps, why);
+                }
+            };
+        self.writers().remove(&path);
         let n = vars.len();
         let entry = Arc::new(EnvEntry {
             path,
             task_dir: task.task_dir,
             job_id: task.job_id,
             task_id: Some(task.task_id),
-            owner_uid: meta.uid(),
+            owner_uid: uid,
             task_owner: task.owner,
             vars,
+            refused: None,
             stamp: FileStamp::of(&meta),
+            caps: *caps,
+            bytes: bytes_charge,
+            memory: memory_charge,
         });
         self.write().insert(entry);
         FileUpdate::Loaded { vars: n }
@@ -292,17 +525,13 @@ impl Tasks {
         self.read().by_task.len()
     }
 
-    /// Distinct task directories whose files `uid` owns.
+    /// Distinct task directories whose files `uid` owns, in path order.
     pub(crate) fn task_dirs_owned_by(&self, uid: u32) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = self
-            .read()
-            .by_task
-            .iter()
-            .filter(|(_, files)| files.values().any(|e| e.owner_uid == uid))
-            .map(|(dir, _)| dir.clone())
-            .collect();
-        dirs.sort();
-        dirs
+        self.read()
+            .by_owner
+            .get(&uid)
+            .map(|dirs| dirs.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Drop cached values opened with `key`; returns how many.
@@ -325,7 +554,12 @@ mod tests {
     use super::*;
     use crate::tasks::layout::TaskIdentity;
     use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
+    use std::os::unix::fs::MetadataExt;
     use std::time::Duration;
+
+    fn caps() -> FileCaps {
+        FileCaps::from_limits(&crate::config::Limits::default())
+    }
 
     #[test]
     fn an_unterminated_file_is_served_only_once_it_settles_by_the_clock() {
@@ -335,7 +569,7 @@ mod tests {
         let file = task.join("nodeseal.env");
         std::fs::write(&file, "A=1\nB=half-writ").unwrap();
         let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-        let tasks = Tasks::new();
+        let tasks = Tasks::new(Arc::default());
         let classifier = Classifier {
             legacy_names: &[],
             legacy_by_length: false,
@@ -351,7 +585,7 @@ mod tests {
             },
         };
         let at = |d: Duration| move || mtime + d;
-        let update = |d| tasks.update_file(found(), &classifier, &at(d));
+        let update = |d| tasks.update_file(found(), &classifier, &caps(), &at(d));
         assert_eq!(update(Duration::ZERO), FileUpdate::Unsettled);
         // Closed by its writer: served once quiet for SETTLE.
         tasks.note_writer_done(&file);
@@ -366,8 +600,163 @@ mod tests {
         let mtime2 = std::fs::metadata(&file).unwrap().modified().unwrap();
         tasks.note_writer_active(&file);
         let at2 = |d: Duration| move || mtime2 + d;
-        let update2 = |d| tasks.update_file(found(), &classifier, &at2(d));
+        let update2 = |d| tasks.update_file(found(), &classifier, &caps(), &at2(d));
         assert_eq!(update2(SETTLE), FileUpdate::Unsettled);
         assert_eq!(update2(UNTERMINATED_GRACE), FileUpdate::Loaded { vars: 2 });
+    }
+
+    /// A settled env file `content` in task `t` of a temp tree, and a way to present it to the
+    /// index as the layout walk would.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        tasks: Tasks,
+        memory: Arc<Ledger>,
+        root: PathBuf,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let memory = Arc::new(Ledger::default());
+            Self {
+                root: dir.path().to_owned(),
+                _dir: dir,
+                tasks: Tasks::new(memory.clone()),
+                memory,
+            }
+        }
+
+        fn write(&self, t: &str, content: &str) -> PathBuf {
+            let wd = self.root.join("job/job-1").join(t).join("wd");
+            std::fs::create_dir_all(&wd).unwrap();
+            let file = wd.join("nodeseal.env");
+            std::fs::write(&file, content).unwrap();
+            file
+        }
+
+        fn update(&self, file: &Path, caps: &FileCaps) -> FileUpdate {
+            let task_dir = file.parent().unwrap().parent().unwrap().to_owned();
+            let found = FoundFile {
+                path: file.to_owned(),
+                file: std::fs::File::open(file).unwrap(),
+                task: TaskIdentity {
+                    task_id: task_dir.file_name().unwrap().to_string_lossy().into(),
+                    task_dir,
+                    job_id: Some("job".into()),
+                    owner: 0,
+                },
+            };
+            let classifier = Classifier {
+                legacy_names: &[],
+                legacy_by_length: false,
+            };
+            let later = || SystemTime::now() + Duration::from_secs(60);
+            self.tasks.update_file(found, &classifier, caps, &later)
+        }
+    }
+
+    fn refused_naming(update: FileUpdate, cap: &str) -> OverCap {
+        match update {
+            FileUpdate::Refused(why) => {
+                assert!(why.to_string().contains(cap), "{why}");
+                why
+            }
+            other => panic!("expected a refusal naming {cap}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_per_file_cap_refuses_the_file_naming_it_once() {
+        let f = Fixture::new();
+        let many: String = (0..11).map(|i| format!("V{i}=x\n")).collect();
+        for (content, caps, cap) in [
+            (
+                "A=12345678\n".to_owned(),
+                FileCaps {
+                    max_file_bytes: 8,
+                    ..caps()
+                },
+                "limits.max_env_file_bytes",
+            ),
+            (
+                many,
+                FileCaps {
+                    max_vars: 10,
+                    ..caps()
+                },
+                "limits.max_vars_per_file",
+            ),
+            (
+                "A=1\nBIG=123456\n".to_owned(),
+                FileCaps {
+                    max_value_bytes: 5,
+                    ..caps()
+                },
+                "limits.max_value_bytes",
+            ),
+        ] {
+            let file = f.write("t", &content);
+            let why = refused_naming(f.update(&file, &caps), cap);
+            // Kept, so the task answers the reason; not read (nor logged) again unchanged.
+            let entries = f.tasks.entries_of(file.parent().unwrap().parent().unwrap());
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries[0].refused.as_ref(), Some(&why));
+            assert!(entries[0].vars.is_empty());
+            assert_eq!(f.update(&file, &caps), FileUpdate::Unchanged);
+            // Under the default caps (a reload raising them) it is read again and loads.
+            assert!(matches!(
+                f.update(&file, &self::caps()),
+                FileUpdate::Loaded { .. }
+            ));
+            assert!(f.tasks.remove(&file));
+        }
+        // Ten variables and comments under a cap of ten: comments and blanks do not count.
+        let file = f.write("t", &format!("# c\n\n{}", "A=1\n".repeat(10)));
+        let caps = FileCaps {
+            max_vars: 10,
+            ..caps()
+        };
+        assert_eq!(f.update(&file, &caps), FileUpdate::Loaded { vars: 10 });
+    }
+
+    #[test]
+    fn a_uid_over_its_env_bytes_is_refused_until_its_other_files_shrink() {
+        let f = Fixture::new();
+        let caps = FileCaps {
+            max_env_bytes_per_uid: 100,
+            ..caps()
+        };
+        let a = f.write("a", &format!("A={}\n", "x".repeat(60)));
+        let b = f.write("b", &format!("B={}\n", "y".repeat(60)));
+        assert_eq!(f.update(&a, &caps), FileUpdate::Loaded { vars: 1 });
+        refused_naming(f.update(&b, &caps), "limits.max_env_bytes_per_uid");
+        assert_eq!(f.update(&b, &caps), FileUpdate::Unchanged);
+        // The same file rewritten pays with what its old entry gives back.
+        std::fs::write(&a, format!("A={}\n", "z".repeat(90))).unwrap();
+        assert_eq!(f.update(&a, &caps), FileUpdate::Loaded { vars: 1 });
+        // Once the other file goes, the refused one fits and is read again, unchanged.
+        assert!(f.tasks.remove(&a));
+        assert_eq!(f.update(&b, &caps), FileUpdate::Loaded { vars: 1 });
+    }
+
+    #[test]
+    fn parsed_files_are_charged_to_the_memory_budget_and_given_back() {
+        let f = Fixture::new();
+        let content: String = (0..1000).map(|i| format!("N{i}=v\n")).collect();
+        let file = f.write("t", &content);
+        assert_eq!(f.update(&file, &caps()), FileUpdate::Loaded { vars: 1000 });
+        let uid = std::fs::metadata(&file).unwrap().uid();
+        let charged = f.memory.used(uid);
+        // Each tiny variable costs the agent far more than its 6 bytes in the file.
+        assert!(charged > 1000 * size_of::<Var>(), "{charged}");
+        assert!(f.tasks.remove(&file));
+        assert_eq!(f.memory.used(uid), 0);
+        let small = FileCaps {
+            memory_budget_per_uid: charged - 1,
+            ..caps()
+        };
+        refused_naming(f.update(&file, &small), "limits.memory_budget_per_uid");
+        assert_eq!(f.memory.used(uid), 0);
+        assert_eq!(f.update(&file, &small), FileUpdate::Unchanged);
     }
 }
