@@ -32,6 +32,7 @@
 //! and [`run`] here: the seam `main` and the demo use to start and stop the agent.
 #![deny(unsafe_code)]
 
+mod accounts;
 pub mod admin;
 mod authz;
 pub mod config;

@@ -41,6 +41,9 @@ impl Peer {
         Caller {
             uid: self.uid,
             gid: self.gid,
+            // Supplementary groups come with the pidfd work (SO_PEERGROUPS); until then gid and
+            // group selectors see the primary gid only.
+            groups: Vec::new(),
             host_root: self.host_root,
         }
     }

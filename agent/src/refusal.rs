@@ -32,11 +32,19 @@ pub(crate) enum Refusal {
     UnknownTask { task_dir: PathBuf },
     #[error("uid 0 outside the host's pid namespace is not host root; use the task's own socket")]
     ContainerRoot,
-    #[error("uid {uid} does not own the env files of task {}", task_dir.display())]
-    NotOwner { uid: u32, task_dir: PathBuf },
+    /// For a caller other than host root: one answer whether the task does not exist or is
+    /// another's, so callers cannot probe which tasks exist.
+    #[error("no env file of task {} that uid {uid} may read is known", task_dir.display())]
+    NoReadableTask { uid: u32, task_dir: PathBuf },
+    #[error("this value's env file is not the caller's to read")]
+    NoReadableValue,
+    #[error("this token is sealed for {audience}, which does not include the caller ({caller}); seal it for this caller's uid, user, group, job or task (nodeseal seal --audience)")]
+    NotInAudience { audience: String, caller: String },
+    #[error("this agent requires an audience (require_audience) and this value is sealed without one; seal it again with --audience")]
+    AudienceRequired,
     #[error("no variable {name} in this task's env files")]
     NoSuchVariable { name: String },
-    #[error("uid {uid} may not open tokens of key {key} (see open_allowed_uids and open_allowed_by_key in the agent config)")]
+    #[error("uid {uid} may not open unbound tokens of key {key}: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids, or a rule in open_allowed_by_key) in the agent config")]
     OpenNotAllowed { uid: u32, key: Thumbprint },
     #[error("the stored token is invalid: {reason}")]
     InvalidStoredToken { reason: String },
@@ -105,11 +113,14 @@ impl Refusal {
             Self::HostRootOnly { .. }
             | Self::ForeignTask
             | Self::ContainerRoot
-            | Self::NotOwner { .. }
+            | Self::NoReadableValue
+            | Self::NotInAudience { .. }
+            | Self::AudienceRequired
             | Self::OpenNotAllowed { .. } => ErrorCode::Forbidden,
-            Self::NoTaskOwned { .. } | Self::UnknownTask { .. } | Self::NoSuchVariable { .. } => {
-                ErrorCode::NotFound
-            }
+            Self::NoTaskOwned { .. }
+            | Self::UnknownTask { .. }
+            | Self::NoReadableTask { .. }
+            | Self::NoSuchVariable { .. } => ErrorCode::NotFound,
             Self::InvalidStoredToken { .. }
             | Self::NotAToken
             | Self::LegacyKeySizeMismatch { .. }

@@ -2,10 +2,12 @@
 //! legacy Shipyard ciphertexts and the choice of the one key that may open them, all RSA work on
 //! the decrypt pool.
 
-use super::Handler;
+use super::{Context, Handler};
+use crate::authz::{self, Audience, Opening, Origin, TaskIds};
 use crate::config::Config;
 use crate::refusal::Refusal;
 use crate::tasks::{Cached, EnvEntry, ValueKind};
+use nodeseal_envelope::audience::Selector;
 use nodeseal_envelope::token;
 use nodeseal_envelope::{legacy, KeyPair, Thumbprint};
 use std::sync::atomic::Ordering;
@@ -13,7 +15,52 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use zeroize::Zeroizing;
 
+/// The audience a v1 token names, read from its header without any RSA work.
+pub(super) fn v1_audience(token_text: &str) -> Result<Option<Vec<Selector>>, Refusal> {
+    token::inspect(token_text)?;
+    Ok(None)
+}
+
 impl Handler {
+    /// Whether the caller may have variable `index` of `entry` (a file of a task it may read):
+    /// the policy's decision for sealed values, before the cache is looked at and before any RSA
+    /// work. Plain values are not sealed and need no decision; invalid ones fail when resolved.
+    pub(super) fn authorize(
+        &self,
+        cx: &Context<'_>,
+        entry: &EnvEntry,
+        index: usize,
+    ) -> Result<(), Refusal> {
+        let audience;
+        let (audience, keys): (Audience<'_>, &[Thumbprint]) = match &entry.vars[index].kind {
+            ValueKind::Plain(_) | ValueKind::Invalid(_) => return Ok(()),
+            ValueKind::V1 { token, recipients } => {
+                audience = v1_audience(token)?;
+                let audience = match &audience {
+                    Some(selectors) => Audience::Bound(selectors),
+                    None => Audience::Unbound,
+                };
+                (audience, recipients)
+            }
+            // Which key opens it is decided when it is opened; an env-file value needs none here.
+            ValueKind::Shipyard { .. } => (Audience::Unbound, &[]),
+        };
+        let opening = Opening {
+            caller: &cx.caller,
+            scope: cx.scope,
+            origin: Origin::EnvFile {
+                owner: entry.owner_uid,
+                task: TaskIds {
+                    job: entry.job_id.as_deref(),
+                    task: entry.task_id.as_deref(),
+                },
+            },
+            audience,
+            keys,
+        };
+        authz::decide(&opening, &authz::Policy::of(&cx.config), &self.accounts).map(drop)
+    }
+
     /// The cleartext of variable `index` of `entry`, from cache or by decrypting.
     pub(super) async fn resolve(
         &self,

@@ -24,6 +24,7 @@ impl Handler {
         let Some((entry, index)) = find_var(&entries, &name) else {
             return Err(Refusal::NoSuchVariable { name });
         };
+        self.authorize(cx, &entry, index)?;
         let (value, key) = self.resolve(&cx.config, &entry, index).await?;
         audit.key_id = key;
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
@@ -37,13 +38,26 @@ impl Handler {
     ) -> Result<Answer, Refusal> {
         let entries = self.readable_entries(cx, task, audit)?;
         let order = names_in_order(&entries);
-        // Open every value at once: decryptions spread over the decrypt pool's threads instead
-        // of running one after another.
-        let mut jobs = tokio::task::JoinSet::new();
-        for (position, name) in order.into_iter().enumerate() {
+        // Every value is authorized before any is opened: a value not for this caller fails the
+        // whole answer (a job never starts with a secret silently missing) and costs no RSA.
+        let mut chosen = Vec::with_capacity(order.len());
+        for name in order {
             let Some((entry, index)) = find_var(&entries, &name) else {
                 continue;
             };
+            if let Err(inner) = self.authorize(cx, &entry, index) {
+                audit.secret_name = Some(name.clone());
+                return Err(Refusal::InValue {
+                    name,
+                    inner: Box::new(inner),
+                });
+            }
+            chosen.push((name, entry, index));
+        }
+        // Open every value at once: decryptions spread over the decrypt pool's threads instead
+        // of running one after another.
+        let mut jobs = tokio::task::JoinSet::new();
+        for (position, (name, entry, index)) in chosen.into_iter().enumerate() {
             let handler = self.clone();
             let config = cx.config.clone();
             jobs.spawn(async move {
@@ -76,6 +90,9 @@ impl Handler {
         ))
     }
 
+    /// `list` shows every name of the env files the caller may read (names, never values),
+    /// including those of values sealed for someone else: `get` and `env` then refuse such a
+    /// value by name, so a list is exactly what `env` tries to serve.
     pub(super) fn list(
         &self,
         cx: &Context<'_>,
