@@ -291,12 +291,8 @@ pub(crate) fn decide(
             {
                 Ok(o.keys.to_vec())
             } else {
-                Err(Refusal::NotInAudience {
-                    audience: selectors
-                        .iter()
-                        .map(Selector::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                Err(Refusal::NotForCaller {
+                    audience: selectors.to_vec(),
                     caller: describe(o.caller, task),
                 })
             }

@@ -593,7 +593,6 @@ mod tests {
             (r#"{"legacy_key": "abc"}"#, "legacy_key"),
             (r#"{"pool_id": "a/b"}"#, "pool_id"),
             (r#"{"pool_id": ""}"#, "pool_id"),
-            (r#"{"require_audience": "yes"}"#, "require_audience"),
             (
                 r#"{"open_allowed_by_key": {"xyz": {"uids": [1]}}}"#,
                 "open_allowed_by_key",

@@ -72,6 +72,7 @@ pub async fn run(keep: bool) -> Result<()> {
                 &SealOptions {
                     name: Some((*name).to_owned()),
                     not_after: None,
+                    ..Default::default()
                 },
             )?,
             "shipyard" => legacy::seal(value.as_bytes(), &recipient.public_key)?,

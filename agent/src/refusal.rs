@@ -2,7 +2,7 @@
 //! messages never hold a secret; they say what went wrong and what to do.
 
 use nodeseal_client::protocol::{ErrorCode, Response, PROTOCOL_VERSION};
-use nodeseal_envelope::{Thumbprint, TokenError};
+use nodeseal_envelope::{Selector, Thumbprint, TokenError};
 use std::path::PathBuf;
 
 /// Why a request or a connection was refused.
@@ -38,14 +38,28 @@ pub(crate) enum Refusal {
     NoReadableTask { uid: u32, task_dir: PathBuf },
     #[error("this value's env file is not the caller's to read")]
     NoReadableValue,
-    #[error("this token is sealed for {audience}, which does not include the caller ({caller}); seal it for this caller's uid, user, group, job or task (nodeseal seal --audience)")]
-    NotInAudience { audience: String, caller: String },
+    /// The policy's refusal of a bound token: which selectors, matched against what.
+    #[error(
+        "the token is bound to the audience {} and this caller ({caller}) is not in it; seal the \
+         value with an --audience that names the caller",
+        selectors(audience)
+    )]
+    NotForCaller {
+        audience: Vec<Selector>,
+        caller: String,
+    },
     #[error("this agent requires an audience (require_audience) and this value is sealed without one; seal it again with --audience")]
     AudienceRequired,
     #[error("no variable {name} in this task's env files")]
     NoSuchVariable { name: String },
     #[error("uid {uid} may not open unbound tokens of key {key}: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids, or a rule in open_allowed_by_key) in the agent config")]
     OpenNotAllowed { uid: u32, key: Thumbprint },
+    #[error(
+        "the token is bound to the audience {} and this caller is not in it; seal the value \
+         with an --audience that names the caller",
+        selectors(audience)
+    )]
+    NotInAudience { audience: Vec<Selector> },
     #[error("the stored token is invalid: {reason}")]
     InvalidStoredToken { reason: String },
     #[error("not a nodeseal v1 token nor a Batch Shipyard ciphertext")]
@@ -99,7 +113,24 @@ fn list(tps: &[Thumbprint]) -> String {
         .join(", ")
 }
 
+/// Selectors are validated when parsed (letters, digits and `_.-/:` only), so they need no
+/// escaping here.
+fn selectors(list: &[Selector]) -> String {
+    list.iter()
+        .map(Selector::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Refusal {
+    /// A failed `token::open_v1`: an audience refusal is the caller's identity, not the token.
+    pub(crate) fn from_open_error(e: TokenError) -> Self {
+        match e {
+            TokenError::NotInAudience { audience } => Self::NotInAudience { audience },
+            e => Self::Token(e),
+        }
+    }
+
     /// The wire's error code: the one place that decides it.
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
@@ -115,6 +146,7 @@ impl Refusal {
             | Self::ContainerRoot
             | Self::NoReadableValue
             | Self::NotInAudience { .. }
+            | Self::NotForCaller { .. }
             | Self::AudienceRequired
             | Self::OpenNotAllowed { .. } => ErrorCode::Forbidden,
             Self::NoTaskOwned { .. }
@@ -131,6 +163,7 @@ impl Refusal {
             | Self::AmbiguousLegacyKey { .. } => ErrorCode::KeyUnavailable,
             Self::Token(e) => match e {
                 TokenError::Expired { .. } => ErrorCode::Expired,
+                TokenError::NotInAudience { .. } => ErrorCode::Forbidden,
                 TokenError::NoMatchingKey { .. } => ErrorCode::KeyUnavailable,
                 TokenError::TooLarge { .. } => ErrorCode::TooLarge,
                 TokenError::Crypto { .. } => ErrorCode::Internal,
@@ -182,6 +215,14 @@ mod tests {
         ] {
             assert_eq!(r.code(), ErrorCode::Forbidden, "{r}");
         }
+        let bound = Refusal::from_open_error(TokenError::NotInAudience {
+            audience: vec!["job:nightly".parse().unwrap(), "uid:1000".parse().unwrap()],
+        });
+        assert_eq!(bound.code(), ErrorCode::Forbidden);
+        assert!(
+            bound.to_string().contains("audience job:nightly, uid:1000"),
+            "{bound}"
+        );
         for r in [Refusal::RateLimited, Refusal::TooManyConnectionsForUid] {
             assert!(r.code().is_retryable(), "{r}");
         }

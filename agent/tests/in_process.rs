@@ -33,6 +33,7 @@ async fn serves_a_sealed_value_picks_up_a_new_task_and_stops_cleanly() {
         let opts = SealOptions {
             name: Some(name.to_owned()),
             not_after: None,
+            ..Default::default()
         };
         token::seal(SECRET.as_bytes(), &[pair.recipient()], &opts).unwrap()
     };

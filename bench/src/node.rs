@@ -40,6 +40,7 @@ impl BenchKey {
         let opts = SealOptions {
             name: Some(name.to_owned()),
             not_after: None,
+            ..Default::default()
         };
         token::seal(value.as_bytes(), &[self.pair.recipient()], &opts)
             .with_context(|| format!("cannot seal {name}"))

@@ -37,7 +37,14 @@ fn main() {
         let t = Instant::now();
         for _ in 0..runs {
             let lookup = |_: &_| Some(&key);
-            token::open_v1(&token, &lookup, None, SystemTime::now()).unwrap();
+            token::open_v1(
+                &token,
+                &lookup,
+                None,
+                &token::unbound_only,
+                SystemTime::now(),
+            )
+            .unwrap();
         }
         let open = t.elapsed().as_secs_f64() * 1e6 / runs as f64;
         println!("round {round}: RSA-{bits} raw private op {raw:.1} µs, open_v1 {open:.1} µs, ratio {:.2}", open / raw);
@@ -50,7 +57,14 @@ fn main() {
             s.spawn(|| {
                 for _ in 0..runs {
                     let lookup = |_: &_| Some(&key);
-                    token::open_v1(&token, &lookup, None, SystemTime::now()).unwrap();
+                    token::open_v1(
+                        &token,
+                        &lookup,
+                        None,
+                        &token::unbound_only,
+                        SystemTime::now(),
+                    )
+                    .unwrap();
                 }
             });
         }

@@ -97,11 +97,27 @@ impl Selector {
         }
     }
 
+    /// The selector's kind as written before the ':' (`uid`, `task`, ...).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Uid(_) => "uid",
+            Self::User(_) => "user",
+            Self::Gid(_) => "gid",
+            Self::Group(_) => "group",
+            Self::Job(_) => "job",
+            Self::Task { .. } => "task",
+            Self::Pool(_) => "pool",
+        }
+    }
+
     /// Check the identifiers a selector built in code holds (parsing checks them already).
     pub fn validate(&self) -> Result<(), TokenError> {
+        // Only the escaped (`{:?}`) identifier goes into the message: an invalid one may come
+        // from a hostile token and hold control characters meant for a terminal or a log.
+        let kind = self.kind_name();
         let bad = |what: &str, s: &str| {
             Err(TokenError::Invalid(format!(
-                "audience selector {self}: {s:?} is not a valid {what}"
+                "{kind} audience selector: {s:?} is not a valid {what}"
             )))
         };
         match self {

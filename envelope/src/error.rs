@@ -127,6 +127,12 @@ pub enum TokenError {
         /// Unix seconds.
         not_after: u64,
     },
+    /// Bound to an audience the caller is not in (decided before any key was used).
+    #[error("token is bound to the audience {}; the caller is not in it", fmt_selectors(.audience))]
+    NotInAudience {
+        /// The token's selectors, canonical order.
+        audience: Vec<crate::audience::Selector>,
+    },
     /// None of the recipients' keys is available.
     #[error("no available key for this token; it was sealed for {}", fmt_list(.recipients))]
     NoMatchingKey {
@@ -160,6 +166,14 @@ pub enum TokenError {
 fn fmt_list(tps: &[Thumbprint]) -> String {
     tps.iter()
         .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fmt_selectors(selectors: &[crate::audience::Selector]) -> String {
+    selectors
+        .iter()
+        .map(|s| s.to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -1,5 +1,6 @@
 //! Token format v1 (see `docs/format.md`), plus format detection and inspection for both formats.
 
+use crate::audience::{self, Selector};
 use crate::error::TokenError;
 use crate::keys::{KeyPair, Recipient, Thumbprint};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -36,6 +37,9 @@ pub struct SealOptions {
     pub name: Option<String>,
     /// Unix seconds after which the token must not be opened.
     pub not_after: Option<u64>,
+    /// Who on the node may open it (see [`crate::audience`]); empty = anyone the agent's other
+    /// rules allow. Put in canonical order (and deduplicated) when sealing.
+    pub audience: Vec<Selector>,
 }
 
 /// What can be learnt from a token without a key.
@@ -49,6 +53,8 @@ pub struct TokenInfo {
     pub name: Option<String>,
     /// Unix seconds (v1 only).
     pub not_after: Option<u64>,
+    /// Audience in canonical order (v1 only; empty = unbound).
+    pub audience: Vec<Selector>,
     /// Length of the token string.
     pub token_len: usize,
     /// Length of the encrypted value in bytes (v1: AES-GCM ciphertext without tag = value length;
@@ -66,6 +72,8 @@ pub struct Opened {
     pub name: Option<String>,
     /// Expiry, if any.
     pub not_after: Option<u64>,
+    /// Audience in canonical order (empty = unbound); the caller's `audience_ok` accepted it.
+    pub audience: Vec<Selector>,
 }
 
 /// Length of the AES-256-GCM content key.
@@ -75,8 +83,9 @@ pub const NONCE_BYTES: usize = 12;
 /// Length of the AES-GCM tag.
 pub const TAG_BYTES: usize = 16;
 const VERSION: u8 = 1;
-const FLAG_NAME: u8 = 0b01;
-const FLAG_NOT_AFTER: u8 = 0b10;
+const FLAG_NAME: u8 = 0b001;
+const FLAG_NOT_AFTER: u8 = 0b010;
+const FLAG_AUDIENCE: u8 = 0b100;
 
 /// Whether `name` is a valid variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 255 bytes.
 pub fn is_valid_name(name: &str) -> bool {
@@ -130,6 +139,9 @@ fn validate(value: &[u8], recipients: usize, opts: &SealOptions) -> Result<(), T
                  with a digit, at most 255 bytes"
             )));
         }
+    }
+    if !opts.audience.is_empty() {
+        audience::canonicalize(&opts.audience)?;
     }
     if value.len() > MAX_VALUE_BYTES {
         return Err(TokenError::TooLarge {
@@ -191,6 +203,16 @@ pub fn seal_with(
     opts: &SealOptions,
 ) -> Result<String, TokenError> {
     validate(value, wrapped.len(), opts)?;
+    if let Some((i, (id, _))) = wrapped
+        .iter()
+        .enumerate()
+        .find(|(i, (id, _))| wrapped[..*i].iter().any(|(o, _)| o == id))
+    {
+        return Err(TokenError::Invalid(format!(
+            "recipient {} repeats key id {id}",
+            i + 1
+        )));
+    }
     let mut body = Vec::with_capacity(64 + value.len() + wrapped.len() * 536);
     body.push(VERSION);
     let mut flags = 0;
@@ -200,6 +222,9 @@ pub fn seal_with(
     if opts.not_after.is_some() {
         flags |= FLAG_NOT_AFTER;
     }
+    if !opts.audience.is_empty() {
+        flags |= FLAG_AUDIENCE;
+    }
     body.push(flags);
     if let Some(name) = &opts.name {
         body.push(name.len() as u8);
@@ -207,6 +232,9 @@ pub fn seal_with(
     }
     if let Some(t) = opts.not_after {
         body.extend_from_slice(&t.to_be_bytes());
+    }
+    if !opts.audience.is_empty() {
+        body.extend_from_slice(&audience::encode(&audience::canonicalize(&opts.audience)?)?);
     }
     body.extend_from_slice(nonce);
     body.push(wrapped.len() as u8);
@@ -272,6 +300,7 @@ struct Parsed {
     body: Vec<u8>,
     name: Option<String>,
     not_after: Option<u64>,
+    audience: Vec<Selector>,
     nonce: [u8; NONCE_BYTES],
     /// Key id and the range of its wrapped key in `body`.
     recipients: Vec<(Thumbprint, std::ops::Range<usize>)>,
@@ -323,7 +352,7 @@ fn parse(token: &str) -> Result<Parsed, TokenError> {
         return Err(TokenError::UnsupportedVersion(version));
     }
     let flags = r.u8("flags")?;
-    if flags & !(FLAG_NAME | FLAG_NOT_AFTER) != 0 {
+    if flags & !(FLAG_NAME | FLAG_NOT_AFTER | FLAG_AUDIENCE) != 0 {
         return Err(TokenError::Malformed(format!(
             "unknown flag bits {flags:#04x}"
         )));
@@ -351,6 +380,13 @@ fn parse(token: &str) -> Result<Parsed, TokenError> {
     } else {
         None
     };
+    let audience = if flags & FLAG_AUDIENCE != 0 {
+        let (list, used) = audience::decode(&body[r.pos..])?;
+        r.pos += used;
+        list
+    } else {
+        Vec::new()
+    };
     let mut nonce = [0u8; NONCE_BYTES];
     nonce.copy_from_slice(r.take(NONCE_BYTES, "nonce")?);
     let count = r.u8("recipient count")? as usize;
@@ -367,6 +403,15 @@ fn parse(token: &str) -> Result<Parsed, TokenError> {
         let len = u16::from_be_bytes([lb[0], lb[1]]) as usize;
         let start = r.pos;
         r.take(len, &format!("wrapped key of recipient {}", i + 1))?;
+        // One entry per key: otherwise a token could make the agent spend one RSA operation per
+        // repetition of a key it holds.
+        if recipients.iter().any(|(t, _): &(Thumbprint, _)| t.0 == id) {
+            return Err(TokenError::Malformed(format!(
+                "recipient {} repeats key id {}",
+                i + 1,
+                Thumbprint(id)
+            )));
+        }
         recipients.push((Thumbprint(id), start..start + len));
     }
     let lb = r.take(4, "ciphertext length")?;
@@ -391,6 +436,7 @@ fn parse(token: &str) -> Result<Parsed, TokenError> {
         body,
         name,
         not_after,
+        audience,
         nonce,
         recipients,
         aad_len,
@@ -408,6 +454,7 @@ pub fn inspect(token: &str) -> Result<TokenInfo, TokenError> {
             recipients: p.recipients.iter().map(|(t, _)| *t).collect(),
             name: p.name,
             not_after: p.not_after,
+            audience: p.audience,
             token_len: token.len(),
             ciphertext_len: p.ciphertext.len(),
         });
@@ -418,6 +465,7 @@ pub fn inspect(token: &str) -> Result<TokenInfo, TokenError> {
             recipients: Vec::new(),
             name: None,
             not_after: None,
+            audience: Vec::new(),
             token_len: token.len(),
             ciphertext_len: crate::legacy::decode(token).map_or(0, |d| d.len()),
         }),
@@ -456,22 +504,47 @@ fn check_claims(
     Ok(())
 }
 
+/// An `audience_ok` for [`open_v1`] that admits only unbound tokens: for callers that cannot
+/// tell who the value is for (fail closed).
+pub fn unbound_only(audience: &[Selector]) -> bool {
+    audience.is_empty()
+}
+
+/// An `audience_ok` for [`open_v1`] that admits every audience: only for a holder of the private
+/// key opening for itself (the admin CLI), never for a caller acting for someone else.
+pub fn any_audience(_: &[Selector]) -> bool {
+    true
+}
+
 /// Open a v1 token with whichever recipient key `lookup` returns first (in token order).
 /// `expected_name`: if the token is bound to a name, it must equal this (`None` = caller does
 /// not care, e.g. the admin CLI without `--name`). Expiry is checked against `now`.
+///
+/// `audience_ok` decides whether the caller is in the token's audience: it is called exactly
+/// once, before any RSA work, with the token's audience in canonical order (an empty slice for
+/// an unbound token, so a caller that cannot match audiences passes [`unbound_only`]). If it
+/// returns false the answer is `NotInAudience` and no key is touched.
+///
 /// Errors: `NoMatchingKey` if no recipient key is available, `Tampered` on authentication
-/// failure, `NameMismatch`, `Expired`, `Malformed`/`Truncated`/`UnsupportedVersion`.
+/// failure, `NameMismatch`, `Expired`, `NotInAudience`, `Malformed`/`Truncated`/
+/// `UnsupportedVersion`.
 pub fn open_v1<K: std::ops::Deref<Target = KeyPair>>(
     token: &str,
     lookup: &dyn Fn(&Thumbprint) -> Option<K>,
     expected_name: Option<&str>,
+    audience_ok: &dyn Fn(&[Selector]) -> bool,
     now: SystemTime,
 ) -> Result<Opened, TokenError> {
     let p = parse(token)?;
-    // Checked before any RSA work so expired or misbound tokens cost nothing. The header is not
-    // yet authenticated here, but a forged header can only produce an error: success below
-    // requires GCM to authenticate these same bytes.
+    // Checked before any RSA work so expired, misbound or foreign tokens cost nothing. The
+    // header is not yet authenticated here, but a forged header can only produce an error:
+    // success below requires GCM to authenticate these same bytes (audience included).
     check_claims(p.name.as_deref(), p.not_after, expected_name, now)?;
+    if !audience_ok(&p.audience) {
+        return Err(TokenError::NotInAudience {
+            audience: p.audience,
+        });
+    }
     let mut any_key = false;
     for (id, range) in &p.recipients {
         let Some(key) = lookup(id) else { continue };
@@ -486,6 +559,7 @@ pub fn open_v1<K: std::ops::Deref<Target = KeyPair>>(
             key: *id,
             name: p.name,
             not_after: p.not_after,
+            audience: p.audience,
         });
     }
     if any_key {
@@ -563,7 +637,7 @@ mod tests {
     }
 
     fn open_a(token: &str, name: Option<&str>) -> Result<Opened, TokenError> {
-        open_v1(token, &lookup_a, name, SystemTime::now())
+        open_v1(token, &lookup_a, name, &unbound_only, SystemTime::now())
     }
 
     fn body_of(token: &str) -> Vec<u8> {
@@ -583,6 +657,7 @@ mod tests {
             TokenError::NameMismatch { .. } => "NameMismatch",
             TokenError::Expired { .. } => "Expired",
             TokenError::NoMatchingKey { .. } => "NoMatchingKey",
+            TokenError::NotInAudience { .. } => "NotInAudience",
             TokenError::TooLarge { .. } => "TooLarge",
             TokenError::Invalid(_) => "Invalid",
             TokenError::Crypto { .. } => "Crypto",
@@ -601,6 +676,7 @@ mod tests {
         let opts = SealOptions {
             name: Some("DB_PASSWORD".into()),
             not_after: Some(unix_seconds(SystemTime::now()) + 3600),
+            ..Default::default()
         };
         let t = seal(b"hunter2", &[key_a().recipient()], &opts).unwrap();
         assert!(t.starts_with(V1_PREFIX));
@@ -627,6 +703,7 @@ mod tests {
             &SealOptions {
                 name: Some("A".into()),
                 not_after: None,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -643,13 +720,14 @@ mod tests {
             &SealOptions {
                 name: None,
                 not_after: Some(1_000_000),
+                ..Default::default()
             },
         )
         .unwrap();
         let at = |s| UNIX_EPOCH + Duration::from_secs(s);
-        assert!(open_v1(&t, &lookup_a, None, at(1_000_000)).is_ok());
+        assert!(open_v1(&t, &lookup_a, None, &unbound_only, at(1_000_000)).is_ok());
         assert!(matches!(
-            open_v1(&t, &lookup_a, None, at(1_000_001)),
+            open_v1(&t, &lookup_a, None, &unbound_only, at(1_000_001)),
             Err(TokenError::Expired {
                 not_after: 1_000_000
             })
@@ -667,6 +745,7 @@ mod tests {
             let o = SealOptions {
                 name: Some(bad.to_string()),
                 not_after: None,
+                ..Default::default()
             };
             assert_eq!(
                 kind(&seal(b"v", std::slice::from_ref(&r), &o).unwrap_err()),
@@ -708,14 +787,14 @@ mod tests {
             vec![key_a().thumbprint(), key_b().thumbprint()]
         );
         let lookup_b = |id: &Thumbprint| (*id == key_b().thumbprint()).then(key_b);
-        let o = open_v1(&t, &lookup_b, None, SystemTime::now()).unwrap();
+        let o = open_v1(&t, &lookup_b, None, &unbound_only, SystemTime::now()).unwrap();
         assert_eq!(
             (&o.value[..], o.key),
             (&b"shared"[..], key_b().thumbprint())
         );
         // A lookup that returns the wrong key for the first id: the second recipient still works.
         let confused = |_: &Thumbprint| Some(key_b());
-        let o = open_v1(&t, &confused, None, SystemTime::now()).unwrap();
+        let o = open_v1(&t, &confused, None, &unbound_only, SystemTime::now()).unwrap();
         assert_eq!(o.key, key_b().thumbprint());
     }
 
@@ -723,7 +802,7 @@ mod tests {
     fn wrong_key() {
         let t = seal(b"v", &[key_a().recipient()], &SealOptions::default()).unwrap();
         let none = |_: &Thumbprint| None::<&KeyPair>;
-        match open_v1(&t, &none, None, SystemTime::now()) {
+        match open_v1(&t, &none, None, &unbound_only, SystemTime::now()) {
             Err(TokenError::NoMatchingKey { recipients }) => {
                 assert_eq!(recipients, vec![key_a().thumbprint()])
             }
@@ -733,7 +812,7 @@ mod tests {
         // tampering.
         let wrong = |_: &Thumbprint| Some(key_b());
         assert_eq!(
-            err_kind(open_v1(&t, &wrong, None, SystemTime::now())),
+            err_kind(open_v1(&t, &wrong, None, &unbound_only, SystemTime::now())),
             "Tampered"
         );
     }
@@ -746,6 +825,7 @@ mod tests {
             &SealOptions {
                 name: Some("N".into()),
                 not_after: Some(u64::MAX),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -788,6 +868,7 @@ mod tests {
         let opts = SealOptions {
             name: Some("FLIP".into()),
             not_after: Some(u64::MAX - 1),
+            ..Default::default()
         };
         let t = seal(b"value to protect", &[key_a().recipient()], &opts).unwrap();
         let body = body_of(&t);
@@ -844,6 +925,170 @@ mod tests {
         );
     }
 
+    fn sel(s: &str) -> Selector {
+        s.parse().unwrap()
+    }
+
+    fn never_lookup(_: &Thumbprint) -> Option<&'static KeyPair> {
+        panic!("a key was looked up for a token that must be refused before any RSA work")
+    }
+
+    #[test]
+    fn audience_is_canonical_authenticated_and_decided_before_rsa() {
+        let opts = SealOptions {
+            name: Some("DB".into()),
+            not_after: Some(u64::MAX),
+            audience: vec![sel("job:b"), sel("uid:5"), sel("job:b"), sel("task:j/t")],
+        };
+        let t = seal(b"for job b", &[key_a().recipient()], &opts).unwrap();
+        let canonical = vec![sel("uid:5"), sel("job:b"), sel("task:j/t")];
+        assert_eq!(inspect(&t).unwrap().audience, canonical);
+        assert_eq!(body_of(&t)[1], FLAG_NAME | FLAG_NOT_AFTER | FLAG_AUDIENCE);
+
+        // Refused by the caller's decision without touching a key.
+        match open_v1(
+            &t,
+            &never_lookup,
+            Some("DB"),
+            &unbound_only,
+            SystemTime::now(),
+        ) {
+            Err(TokenError::NotInAudience { audience }) => assert_eq!(audience, canonical),
+            other => panic!("{}", err_kind(other)),
+        }
+        // The decision sees the canonical list, exactly once.
+        let calls = std::cell::Cell::new(0);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let decide = |a: &[Selector]| {
+            calls.set(calls.get() + 1);
+            *seen.borrow_mut() = a.to_vec();
+            a.contains(&sel("job:b"))
+        };
+        let o = open_v1(&t, &lookup_a, Some("DB"), &decide, SystemTime::now()).unwrap();
+        assert_eq!((&o.value[..], &o.audience), (&b"for job b"[..], &canonical));
+        assert_eq!((calls.get(), &*seen.borrow()), (1, &canonical));
+
+        // An unbound token shows the decision an empty audience.
+        let unbound = seal(b"v", &[key_a().recipient()], &SealOptions::default()).unwrap();
+        assert!(inspect(&unbound).unwrap().audience.is_empty());
+        assert_eq!(err_kind(open_a(&unbound, None)), "Ok");
+
+        // Authenticated: removing the audience (bit 2 and its bytes) or changing it fails GCM.
+        let body = body_of(&t);
+        let aud_start = 2 + 1 + 2 + 8;
+        let aud_len = audience::encode(&canonical).unwrap().len();
+        let mut stripped = vec![body[0], body[1] & !FLAG_AUDIENCE];
+        stripped.extend_from_slice(&body[2..aud_start]);
+        stripped.extend_from_slice(&body[aud_start + aud_len..]);
+        assert_eq!(
+            err_kind(open_a(&token_of(&stripped), Some("DB"))),
+            "Tampered"
+        );
+        let mut other_uid = body.clone();
+        other_uid[aud_start + 1 + 4] ^= 0x01; // uid:5 -> uid:4, still canonical
+        let other = token_of(&other_uid);
+        assert_eq!(inspect(&other).unwrap().audience[0], sel("uid:4"));
+        assert_eq!(
+            err_kind(open_v1(
+                &other,
+                &lookup_a,
+                None,
+                &any_audience,
+                SystemTime::now()
+            )),
+            "Tampered"
+        );
+    }
+
+    #[test]
+    fn broken_audiences_and_unknown_flags_are_malformed() {
+        let opts = SealOptions {
+            audience: vec![sel("uid:1")],
+            ..Default::default()
+        };
+        let t = seal(b"v", &[key_a().recipient()], &opts).unwrap();
+        let body = body_of(&t);
+        let with_audience = |aud: &[u8]| {
+            let mut b = body[..2].to_vec();
+            b.extend_from_slice(aud);
+            b.extend_from_slice(&body[2 + 6..]);
+            token_of(&b)
+        };
+        let open_any = |t: &str| {
+            err_kind(open_v1(
+                t,
+                &lookup_a,
+                None,
+                &any_audience,
+                SystemTime::now(),
+            ))
+        };
+        assert_eq!(open_any(&with_audience(&[1, 1, 0, 0, 0, 1])), "Ok");
+        for (aud, what) in [
+            (&[][..], "bit set, no audience bytes"),
+            (&[0][..], "count 0"),
+            (&[17][..], "count 17"),
+            (&[1, 8, 0, 0, 0, 1][..], "unknown kind 8"),
+            (&[2, 1, 0, 0, 0, 2, 1, 0, 0, 0, 1][..], "out of order"),
+            (&[2, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1][..], "duplicate"),
+            (&[1, 5, 1, b' '][..], "invalid job id"),
+        ] {
+            let k = err_kind(open_v1(
+                &with_audience(aud),
+                &never_lookup,
+                None,
+                &any_audience,
+                SystemTime::now(),
+            ));
+            assert_eq!(k, "Malformed", "{what}");
+        }
+        for bit in 3..8 {
+            let mut b = body.clone();
+            b[1] |= 1 << bit;
+            assert_eq!(
+                err_kind(open_a(&token_of(&b), None)),
+                "Malformed",
+                "bit {bit}"
+            );
+        }
+        let empty = SealOptions {
+            audience: vec![Selector::Job("a b".into())],
+            ..Default::default()
+        };
+        assert_eq!(
+            kind(&seal(b"v", &[key_a().recipient()], &empty).unwrap_err()),
+            "Invalid"
+        );
+    }
+
+    #[test]
+    fn duplicate_recipients_are_malformed_before_rsa() {
+        let t = seal(b"v", &[key_a().recipient()], &SealOptions::default()).unwrap();
+        let body = body_of(&t);
+        // Layout: version flags nonce(12) count(1) entry(20 + 2 + 256) ...
+        let entry = 15..15 + 20 + 2 + 256;
+        let mut twice = body[..entry.start].to_vec();
+        twice[14] = 2;
+        twice.extend_from_slice(&body[entry.clone()]);
+        twice.extend_from_slice(&body[entry.start..]);
+        let twice = token_of(&twice);
+        match open_v1(
+            &twice,
+            &never_lookup,
+            None,
+            &any_audience,
+            SystemTime::now(),
+        ) {
+            Err(TokenError::Malformed(m)) => assert!(m.contains("repeats key id"), "{m}"),
+            other => panic!("{}", err_kind(other)),
+        }
+        assert_eq!(kind(&inspect(&twice).unwrap_err()), "Malformed");
+        let w = wrap_key(&[0; 32], &key_a().recipient()).unwrap();
+        let dup = [(key_a().thumbprint(), w.clone()), (key_a().thumbprint(), w)];
+        let e = seal_with(b"v", &[0; 32], &[0; 12], &dup, &SealOptions::default());
+        assert_eq!(kind(&e.unwrap_err()), "Invalid");
+    }
+
     #[test]
     fn detect_and_inspect() {
         let t = seal(
@@ -852,6 +1097,7 @@ mod tests {
             &SealOptions {
                 name: Some("X".into()),
                 not_after: Some(42),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -913,7 +1159,8 @@ mod tests {
                 value.as_bytes(),
                 "{desc}"
             );
-            let o = open_v1(token, &lookup, name, now).unwrap_or_else(|e| panic!("{desc}: {e}"));
+            let o = open_v1(token, &lookup, name, &unbound_only, now)
+                .unwrap_or_else(|e| panic!("{desc}: {e}"));
             assert_eq!(&o.value[..], value.as_bytes(), "{desc}");
             assert_eq!(
                 (o.name.as_deref(), o.not_after),
@@ -940,6 +1187,7 @@ mod tests {
             let opts = SealOptions {
                 name: name.map(str::to_owned),
                 not_after,
+                ..Default::default()
             };
             let again = seal_with(
                 value.as_bytes(),
@@ -960,6 +1208,7 @@ mod tests {
                 v["token"].as_str().unwrap(),
                 &lookup,
                 v["expected_name"].as_str(),
+                &unbound_only,
                 now,
             ));
             assert_eq!(got, v["error"].as_str().unwrap(), "{desc}");
@@ -1020,6 +1269,7 @@ mod tests {
             let opts = SealOptions {
                 name: name.map(str::to_owned),
                 not_after,
+                ..Default::default()
             };
             let token = seal_with(value.as_bytes(), &ck, &nonce, &wrapped, &opts).unwrap();
             tokens.push((token.clone(), name, not_after));

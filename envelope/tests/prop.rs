@@ -24,6 +24,7 @@ fn sealed() -> &'static (String, &'static str) {
         let opts = SealOptions {
             name: Some("DB_PASSWORD".into()),
             not_after: Some(4_102_444_800),
+            ..Default::default()
         };
         (
             token::seal(value.as_bytes(), &[key().recipient()], &opts).unwrap(),
@@ -38,7 +39,7 @@ fn now() -> SystemTime {
 
 fn open(t: &str, name: Option<&str>) -> Result<token::Opened, TokenError> {
     let lookup = |tp: &Thumbprint| (*tp == key().thumbprint()).then_some(key());
-    token::open_v1(t, &lookup, name, now())
+    token::open_v1(t, &lookup, name, &token::unbound_only, now())
 }
 
 /// Strings that reach deep into the v1 parser: the prefix plus canonical base64url of bytes that

@@ -27,10 +27,11 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => assert_ne!(detected, Some(Format::Shipyard)),
     }
     let lookup = |tp: &Thumbprint| (*tp == key().thumbprint()).then_some(key());
-    // 2024-01-01: before the vectors' expiry, so expiry does not hide deeper paths.
+    // 2024-01-01: before the vectors' expiry, so expiry does not hide deeper paths; the first
+    // open admits any audience so bound tokens reach the decrypt path too.
     let now = UNIX_EPOCH + Duration::from_secs(1_704_067_200);
-    let _ = token::open_v1(s, &lookup, Some("DB_PASSWORD"), now);
-    let _ = token::open_v1(s, &lookup, None, SystemTime::now());
+    let _ = token::open_v1(s, &lookup, Some("DB_PASSWORD"), &token::any_audience, now);
+    let _ = token::open_v1(s, &lookup, None, &token::unbound_only, SystemTime::now());
     if let Some(ct) = legacy::decode(s) {
         let opened = legacy::open(s, key());
         if ct.len() == key().modulus_len() {

@@ -222,6 +222,7 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
             let opts = SealOptions {
                 name: a.name.clone(),
                 not_after,
+                ..Default::default()
             };
             token::seal(&value, &recipients, &opts)?
         }
@@ -277,6 +278,7 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         let opts = SealOptions {
             name: Some(name.clone()),
             not_after,
+            ..Default::default()
         };
         let t = token::seal(value.as_bytes(), &recipients, &opts)
             .with_context(|| format!("sealing {name}"))?;
@@ -324,8 +326,13 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<()> {
     print_line(&serde_json::to_string_pretty(&json).context("encoding JSON")?)
 }
 
-/// Value, bound name and expiry of an opened token.
-type OpenedValue = (Zeroizing<Vec<u8>>, Option<String>, Option<u64>);
+/// Value, bound name, expiry and audience of an opened token.
+type OpenedValue = (
+    Zeroizing<Vec<u8>>,
+    Option<String>,
+    Option<u64>,
+    Vec<nodeseal_envelope::Selector>,
+);
 
 /// Open either format with one key. `name` is checked for v1 tokens.
 fn open_token(
@@ -346,10 +353,10 @@ fn open_token(
     };
     if fmt == Format::V1 {
         let lookup = |id: &Thumbprint| (*id == key.thumbprint()).then_some(key);
-        let o = token::open_v1(text, &lookup, name, SystemTime::now())?;
-        Ok((o.value, o.name, o.not_after))
+        let o = token::open_v1(text, &lookup, name, &token::any_audience, SystemTime::now())?;
+        Ok((o.value, o.name, o.not_after, o.audience))
     } else {
-        Ok((legacy::open(text, key)?, None, None))
+        Ok((legacy::open(text, key)?, None, None, Vec::new()))
     }
 }
 
@@ -362,7 +369,7 @@ pub(crate) fn open(a: OpenArgs) -> Result<()> {
         .ok_or_else(|| usage("give --pfx or --key"))?;
     let text = token_text(&read_stdin()?)?;
     let key = load_key(path, &pass)?;
-    let (value, _, _) = open_token(&text, &key, a.name.as_deref(), a.format)
+    let (value, ..) = open_token(&text, &key, a.name.as_deref(), a.format)
         .with_context(|| format!("opening the token with key {}", key.thumbprint()))?;
     eprintln!("nodeseal: warning: printing a secret to stdout");
     let mut out = std::io::stdout().lock();
@@ -387,7 +394,7 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         recipients.push(old.recipient());
     }
     let reseal = |tok: &str, var: Option<&str>| -> Result<String> {
-        let (value, bound, not_after) = open_token(tok, &old, var, OpenFormat::Auto)?;
+        let (value, bound, not_after, audience) = open_token(tok, &old, var, OpenFormat::Auto)?;
         // A Shipyard value in an env file gains the binding to its variable it never had.
         let name = match (token::detect(tok), bound) {
             (Some(Format::Shipyard), _) => var.map(str::to_owned),
@@ -396,7 +403,11 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         Ok(token::seal(
             &value,
             &recipients,
-            &SealOptions { name, not_after },
+            &SealOptions {
+                name,
+                not_after,
+                audience,
+            },
         )?)
     };
     if let Some(tok) = single_token(text) {

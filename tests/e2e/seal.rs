@@ -376,6 +376,7 @@ fn seal_open_inspect_and_errors() {
         &SealOptions {
             name: None,
             not_after: Some(1_000_000_000),
+            ..Default::default()
         },
     )
     .unwrap();

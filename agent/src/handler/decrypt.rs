@@ -15,11 +15,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use zeroize::Zeroizing;
 
-/// The audience a v1 token names, read from its header without any RSA work.
-pub(super) fn v1_audience(token_text: &str) -> Result<Option<Vec<Selector>>, Refusal> {
-    token::inspect(token_text)?;
-    Ok(None)
+/// The audience a v1 token names (empty: unbound), read from its header without any RSA work.
+pub(super) fn v1_audience(token_text: &str) -> Result<Vec<Selector>, Refusal> {
+    Ok(token::inspect(token_text)?.audience)
 }
+
+/// The policy's view of an audience list.
+pub(super) fn audience_of(selectors: &[Selector]) -> Audience<'_> {
+    if selectors.is_empty() {
+        Audience::Unbound
+    } else {
+        Audience::Bound(selectors)
+    }
+}
+
+/// The policy let this caller have this value: the audience it approved (empty for unbound
+/// and unsealed values). Only [`Handler::authorize`] makes one, and [`Handler::resolve`] needs
+/// one, so no stored value is opened (or served from cache) without a decision.
+pub(super) struct Approved(Vec<Selector>);
 
 impl Handler {
     /// Whether the caller may have variable `index` of `entry` (a file of a task it may read):
@@ -30,17 +43,14 @@ impl Handler {
         cx: &Context<'_>,
         entry: &EnvEntry,
         index: usize,
-    ) -> Result<(), Refusal> {
-        let audience;
-        let (audience, keys): (Audience<'_>, &[Thumbprint]) = match &entry.vars[index].kind {
-            ValueKind::Plain(_) | ValueKind::Invalid(_) => return Ok(()),
+    ) -> Result<Approved, Refusal> {
+        let mut audience = Vec::new();
+        let (policy_audience, keys): (Audience<'_>, &[Thumbprint]) = match &entry.vars[index].kind
+        {
+            ValueKind::Plain(_) | ValueKind::Invalid(_) => return Ok(Approved(audience)),
             ValueKind::V1 { token, recipients } => {
                 audience = v1_audience(token)?;
-                let audience = match &audience {
-                    Some(selectors) => Audience::Bound(selectors),
-                    None => Audience::Unbound,
-                };
-                (audience, recipients)
+                (audience_of(&audience), recipients)
             }
             // Which key opens it is decided when it is opened; an env-file value needs none here.
             ValueKind::Shipyard { .. } => (Audience::Unbound, &[]),
@@ -55,10 +65,11 @@ impl Handler {
                     task: entry.task_id.as_deref(),
                 },
             },
-            audience,
+            audience: policy_audience,
             keys,
         };
-        authz::decide(&opening, &authz::Policy::of(&cx.config), &self.accounts).map(drop)
+        authz::decide(&opening, &authz::Policy::of(&cx.config), &self.accounts)?;
+        Ok(Approved(audience))
     }
 
     /// The cleartext of variable `index` of `entry`, from cache or by decrypting.
@@ -67,6 +78,7 @@ impl Handler {
         config: &Config,
         entry: &Arc<EnvEntry>,
         index: usize,
+        approved: Approved,
     ) -> Result<(Arc<Zeroizing<String>>, Option<Thumbprint>), Refusal> {
         let var = &entry.vars[index];
         match &var.kind {
@@ -88,7 +100,8 @@ impl Handler {
         }
         let (value, key) = match &var.kind {
             ValueKind::V1 { token, recipients } => {
-                self.open_v1(token, recipients, Some(&var.name)).await?
+                self.open_v1(token, recipients, Some(&var.name), approved.0)
+                    .await?
             }
             ValueKind::Shipyard { token, len } => self.open_shipyard(config, token, *len).await?,
             ValueKind::Plain(_) | ValueKind::Invalid(_) => {
@@ -112,6 +125,7 @@ impl Handler {
         token_text: &str,
         recipients: &[Thumbprint],
         name: Option<&str>,
+        approved: Vec<Selector>,
     ) -> Result<(Zeroizing<String>, Thumbprint), Refusal> {
         let keys: Vec<Arc<KeyPair>> = recipients
             .iter()
@@ -127,9 +141,19 @@ impl Handler {
         let opened = self
             .blocking(move || {
                 let lookup = |tp: &Thumbprint| keys.iter().find(|k| k.thumbprint() == *tp).cloned();
-                token::open_v1(&token_text, &lookup, name.as_deref(), SystemTime::now())
+                // The policy decided on the audience the header named (authz::decide); the
+                // token opens only if that is the audience it authenticates.
+                let decided = |audience: &[Selector]| audience == approved.as_slice();
+                token::open_v1(
+                    &token_text,
+                    &lookup,
+                    name.as_deref(),
+                    &decided,
+                    SystemTime::now(),
+                )
             })
-            .await??;
+            .await?
+            .map_err(Refusal::from_open_error)?;
         self.state.keys.count_open(&opened.key);
         Ok((utf8(opened.value)?, opened.key))
     }

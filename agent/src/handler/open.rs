@@ -2,7 +2,7 @@
 //! this caller, in its task if it has one, open it (`authz::decide`).
 
 use super::audit::Audit;
-use super::decrypt::v1_audience;
+use super::decrypt::audience_of;
 use super::{Answer, Context, Handler};
 use crate::authz::{self, Audience, Opening, Origin, Policy, TaskIds};
 use crate::refusal::Refusal;
@@ -40,14 +40,14 @@ impl Handler {
         let (value, key) = match token::detect(token_text) {
             Some(Format::V1) => {
                 let info = token::inspect(token_text)?;
-                let audience = v1_audience(token_text)?;
-                let audience = match &audience {
-                    Some(selectors) => Audience::Bound(selectors),
-                    None => Audience::Unbound,
-                };
-                let allowed = decide(audience, &info.recipients)?;
-                self.open_v1(token_text, &allowed, Some(name.as_deref().unwrap_or("")))
-                    .await?
+                let allowed = decide(audience_of(&info.audience), &info.recipients)?;
+                self.open_v1(
+                    token_text,
+                    &allowed,
+                    Some(name.as_deref().unwrap_or("")),
+                    info.audience,
+                )
+                .await?
             }
             Some(Format::Shipyard) => {
                 let len = legacy::decode(token_text).map_or(0, |d| d.len());

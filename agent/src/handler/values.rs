@@ -24,8 +24,8 @@ impl Handler {
         let Some((entry, index)) = find_var(&entries, &name) else {
             return Err(Refusal::NoSuchVariable { name });
         };
-        self.authorize(cx, &entry, index)?;
-        let (value, key) = self.resolve(&cx.config, &entry, index).await?;
+        let approved = self.authorize(cx, &entry, index)?;
+        let (value, key) = self.resolve(&cx.config, &entry, index, approved).await?;
         audit.key_id = key;
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
     }
@@ -45,23 +45,25 @@ impl Handler {
             let Some((entry, index)) = find_var(&entries, &name) else {
                 continue;
             };
-            if let Err(inner) = self.authorize(cx, &entry, index) {
-                audit.secret_name = Some(name.clone());
-                return Err(Refusal::InValue {
-                    name,
-                    inner: Box::new(inner),
-                });
+            match self.authorize(cx, &entry, index) {
+                Ok(approved) => chosen.push((name, entry, index, approved)),
+                Err(inner) => {
+                    audit.secret_name = Some(name.clone());
+                    return Err(Refusal::InValue {
+                        name,
+                        inner: Box::new(inner),
+                    });
+                }
             }
-            chosen.push((name, entry, index));
         }
         // Open every value at once: decryptions spread over the decrypt pool's threads instead
         // of running one after another.
         let mut jobs = tokio::task::JoinSet::new();
-        for (position, (name, entry, index)) in chosen.into_iter().enumerate() {
+        for (position, (name, entry, index, approved)) in chosen.into_iter().enumerate() {
             let handler = self.clone();
             let config = cx.config.clone();
             jobs.spawn(async move {
-                let result = handler.resolve(&config, &entry, index).await;
+                let result = handler.resolve(&config, &entry, index, approved).await;
                 (position, name, result)
             });
         }
