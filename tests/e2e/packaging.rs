@@ -575,7 +575,11 @@ fn installer_takes_the_pool_id_from_batch_and_refuses_a_malformed_one() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
-    assert!(text(&bad.stderr).contains("AZ_BATCH_POOL_ID"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("AZ_BATCH_POOL_ID"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
 
 #[test]

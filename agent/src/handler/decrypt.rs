@@ -45,8 +45,7 @@ impl Handler {
         index: usize,
     ) -> Result<Approved, Refusal> {
         let mut audience = Vec::new();
-        let (policy_audience, keys): (Audience<'_>, &[Thumbprint]) = match &entry.vars[index].kind
-        {
+        let (policy_audience, keys): (Audience<'_>, &[Thumbprint]) = match &entry.vars[index].kind {
             ValueKind::Plain(_) | ValueKind::Invalid(_) => return Ok(Approved(audience)),
             ValueKind::V1 { token, recipients } => {
                 audience = v1_audience(token)?;
