@@ -22,7 +22,6 @@ struct Fixture {
     plain_task: PathBuf,
     /// A task whose values cannot all be opened (unknown key, expired): `env` on it fails whole.
     broken_task: PathBuf,
-    foreign_token: String,
     /// Sealed for this fixture's task (`task:job-c/task-c`) with the pool key, name `BOUND`.
     bound_token: String,
     /// Like `foreign_token`, but sealed for this fixture's task: the policy lets the task open
@@ -100,7 +99,6 @@ fn fixture() -> Fixture {
         task,
         plain_task,
         broken_task,
-        foreign_token: foreign,
         bound_token: bound,
         foreign_bound_token: foreign_bound,
     }

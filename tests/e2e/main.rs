@@ -14,4 +14,5 @@ mod hostile_trees;
 mod hygiene;
 mod keys;
 mod packaging;
+mod policy;
 mod seal;
