@@ -1135,23 +1135,35 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn committed_vectors() {
+    fn audience_vectors_path() -> std::path::PathBuf {
+        vector_key_path().with_file_name("v1-audience.json")
+    }
+
+    fn selectors_of(v: &serde_json::Value) -> Vec<Selector> {
+        v.as_array().map_or_else(Vec::new, |a| {
+            a.iter().map(|s| sel(s.as_str().unwrap())).collect()
+        })
+    }
+
+    /// Opens every positive vector of `path` (and re-encodes it byte for byte from its listed
+    /// inputs), and checks every negative one fails with its listed error.
+    fn check_vector_file(path: &std::path::Path, min_positive: usize, min_negative: usize) {
         let key = vector_key();
         let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(vectors_path()).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(
             doc["thumbprint"].as_str().unwrap(),
             key.thumbprint().to_hex()
         );
         let lookup = |id: &Thumbprint| (*id == key.thumbprint()).then_some(&key);
         let vectors = doc["vectors"].as_array().unwrap();
-        assert!(vectors.len() >= 5);
+        assert!(vectors.len() >= min_positive);
         for v in vectors {
             let desc = v["description"].as_str().unwrap();
             let token = v["token"].as_str().unwrap();
             let name = v["name"].as_str();
             let not_after = v["not_after"].as_u64();
+            let audience = selectors_of(&v["audience"]);
             let now = UNIX_EPOCH + Duration::from_secs(v["now"].as_u64().unwrap());
             let value = v["value"].as_str().unwrap();
             assert_eq!(
@@ -1159,14 +1171,35 @@ mod tests {
                 value.as_bytes(),
                 "{desc}"
             );
-            let o = open_v1(token, &lookup, name, &unbound_only, now)
+            if audience.is_empty() {
+                assert!(v["audience_hex"].is_null(), "{desc}");
+            } else {
+                // Listed in canonical order, with the encoding an independent encoder must get.
+                assert_eq!(
+                    audience::canonicalize(&audience).unwrap(),
+                    audience,
+                    "{desc}"
+                );
+                assert_eq!(
+                    audience::encode(&audience).unwrap(),
+                    hex(v["audience_hex"].as_str().unwrap()),
+                    "{desc}"
+                );
+                assert_eq!(
+                    err_kind(open_v1(token, &never_lookup, name, &unbound_only, now)),
+                    "NotInAudience",
+                    "{desc}"
+                );
+            }
+            let o = open_v1(token, &lookup, name, &any_audience, now)
                 .unwrap_or_else(|e| panic!("{desc}: {e}"));
             assert_eq!(&o.value[..], value.as_bytes(), "{desc}");
             assert_eq!(
-                (o.name.as_deref(), o.not_after),
-                (name, not_after),
+                (o.name.as_deref(), o.not_after, &o.audience),
+                (name, not_after, &audience),
                 "{desc}"
             );
+            assert_eq!(inspect(token).unwrap().audience, audience, "{desc}");
             let ck = hex(v["content_key"].as_str().unwrap());
             assert_eq!(
                 &unwrap_content_key(token, &key).unwrap()[..],
@@ -1187,7 +1220,7 @@ mod tests {
             let opts = SealOptions {
                 name: name.map(str::to_owned),
                 not_after,
-                ..Default::default()
+                audience,
             };
             let again = seal_with(
                 value.as_bytes(),
@@ -1200,19 +1233,32 @@ mod tests {
             assert_eq!(again, token, "{desc}");
         }
         let negative = doc["negative"].as_array().unwrap();
-        assert!(negative.len() >= 4);
+        assert!(negative.len() >= min_negative);
         for v in negative {
             let desc = v["description"].as_str().unwrap();
             let now = UNIX_EPOCH + Duration::from_secs(v["now"].as_u64().unwrap());
+            // Absent means the opener admits any audience (a decoder without a policy).
+            let accept = v["accept_audience"].as_bool().unwrap_or(true);
+            let decide = |_: &[Selector]| accept;
             let got = err_kind(open_v1(
                 v["token"].as_str().unwrap(),
                 &lookup,
                 v["expected_name"].as_str(),
-                &unbound_only,
+                &decide,
                 now,
             ));
             assert_eq!(got, v["error"].as_str().unwrap(), "{desc}");
         }
+    }
+
+    #[test]
+    fn committed_vectors() {
+        check_vector_file(&vectors_path(), 5, 4);
+    }
+
+    #[test]
+    fn committed_audience_vectors() {
+        check_vector_file(&audience_vectors_path(), 10, 14);
     }
 
     /// Regenerates tests/vectors/v1.json. Run by hand only:
@@ -1373,6 +1419,344 @@ mod tests {
         });
         std::fs::write(
             vectors_path(),
+            serde_json::to_string_pretty(&doc).unwrap() + "\n",
+        )
+        .unwrap();
+    }
+
+    /// Writes tests/vectors/v1-audience.json (tokens with audiences, and broken ones). Run by
+    /// hand only, like `write_vectors`; leaves v1.json alone:
+    /// `NODESEAL_WRITE_VECTORS=1 cargo test -p nodeseal-envelope -- --ignored write_audience_vectors`
+    #[test]
+    #[ignore = "regenerates tests/vectors/v1-audience.json: by hand, with NODESEAL_WRITE_VECTORS=1"]
+    fn write_audience_vectors() {
+        if std::env::var_os("NODESEAL_WRITE_VECTORS").is_none() {
+            return;
+        }
+        let key = vector_key();
+        let r = key.recipient();
+        let now: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+        let long_job = "J".repeat(audience::MAX_ID_LEN);
+        let sixteen: Vec<String> = (0..16).map(|i| format!("uid:{}", 1000 + i)).collect();
+        type Case = (
+            String,
+            &'static str,
+            Option<&'static str>,
+            Option<u64>,
+            Vec<String>,
+        );
+        let one = |desc: &str, s: &str| -> Case {
+            (
+                desc.to_owned(),
+                "for one selector",
+                None,
+                None,
+                vec![s.to_owned()],
+            )
+        };
+        let cases: Vec<Case> = vec![
+            one("uid selector (largest uid)", "uid:4294967295"),
+            one("user selector", "user:_azbatch"),
+            one("gid selector (gid 0)", "gid:0"),
+            one("group selector", "group:batch-users"),
+            one("job selector (64-byte job id)", &format!("job:{long_job}")),
+            one("task selector", "task:nightly_etl/task-7"),
+            one("pool selector", "pool:gpu-pool"),
+            (
+                "one selector of every kind, in canonical order".to_owned(),
+                "for many",
+                None,
+                None,
+                [
+                    "uid:1000",
+                    "user:alice",
+                    "gid:2000",
+                    "group:devs",
+                    "job:nightly",
+                    "task:nightly/t1",
+                    "pool:p1",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            ),
+            (
+                "name and expiry and two job selectors (shorter id sorts first)".to_owned(),
+                "s3cr3t",
+                Some("DB_PASSWORD"),
+                Some(4_102_444_800),
+                ["job:zz", "job:aaa"].map(str::to_owned).to_vec(),
+            ),
+            (
+                "16 selectors (the most a token holds)".to_owned(),
+                "for sixteen uids",
+                Some("API_KEY"),
+                None,
+                sixteen,
+            ),
+        ];
+        let mut vectors = Vec::new();
+        let mut tokens = Vec::new();
+        for (i, (desc, value, name, not_after, selectors)) in cases.into_iter().enumerate() {
+            let ck: [u8; 32] = std::array::from_fn(|j| (0x80 + i * 32 + j) as u8);
+            let nonce: [u8; 12] = std::array::from_fn(|j| (0x10 + i * 12 + j) as u8);
+            let wrapped = vec![(r.thumbprint, wrap_key(&ck, &r).unwrap())];
+            let list: Vec<Selector> = selectors.iter().map(|s| sel(s)).collect();
+            let list = audience::canonicalize(&list).unwrap();
+            let opts = SealOptions {
+                name: name.map(str::to_owned),
+                not_after,
+                audience: list.clone(),
+            };
+            let token = seal_with(value.as_bytes(), &ck, &nonce, &wrapped, &opts).unwrap();
+            tokens.push(token.clone());
+            vectors.push(serde_json::json!({
+                "description": desc,
+                "token": token,
+                "content_key": crate::keys::to_hex(&ck),
+                "nonce": crate::keys::to_hex(&nonce),
+                "recipients": [r.thumbprint.to_hex()],
+                "value": value,
+                "value_hex": crate::keys::to_hex(value.as_bytes()),
+                "name": name,
+                "not_after": not_after,
+                "audience": list.iter().map(Selector::to_string).collect::<Vec<_>>(),
+                "audience_hex": crate::keys::to_hex(&audience::encode(&list).unwrap()),
+                "now": now,
+            }));
+        }
+        // An unbound token to break: version, flags, nonce, ... (no name, no expiry).
+        let plain_ck = [0x55u8; 32];
+        let plain_nonce: [u8; 12] = std::array::from_fn(|j| (0xe0 + j) as u8);
+        let plain_wrapped = vec![(r.thumbprint, wrap_key(&plain_ck, &r).unwrap())];
+        let plain = seal_with(
+            b"unbound",
+            &plain_ck,
+            &plain_nonce,
+            &plain_wrapped,
+            &SealOptions::default(),
+        )
+        .unwrap();
+        let pb = body_of(&plain);
+        // The same token with `aud` spliced in as its audience and flag bit 2 set. The AAD no
+        // longer matches, but every such token must be refused before that matters.
+        let with_audience = |aud: &[u8]| {
+            let mut b = vec![pb[0], pb[1] | FLAG_AUDIENCE];
+            b.extend_from_slice(aud);
+            b.extend_from_slice(&pb[2..]);
+            token_of(&b)
+        };
+        let id = |kind: u8, s: &[u8]| {
+            let mut v = vec![kind, s.len() as u8];
+            v.extend_from_slice(s);
+            v
+        };
+        let list = |items: &[Vec<u8>]| {
+            let mut v = vec![items.len() as u8];
+            items.iter().for_each(|i| v.extend_from_slice(i));
+            v
+        };
+        let uid = |n: u32| {
+            let mut v = vec![1u8];
+            v.extend_from_slice(&n.to_be_bytes());
+            v
+        };
+        let neg =
+            |desc: &str, token: String, expected_name: Option<&str>, accept: bool, error: &str| {
+                serde_json::json!({
+                    "description": desc,
+                    "token": token,
+                    "expected_name": expected_name,
+                    "accept_audience": accept,
+                    "now": now,
+                    "error": error,
+                })
+            };
+        // The "name and expiry" vector: flags 07, name, not_after, audience, nonce...
+        let named = body_of(&tokens[8]);
+        let aud_at = 2 + 1 + "DB_PASSWORD".len() + 8;
+        let aud_len = hex(vectors[8]["audience_hex"].as_str().unwrap()).len();
+        let mut stripped = vec![named[0], named[1] & !FLAG_AUDIENCE];
+        stripped.extend_from_slice(&named[2..aud_at]);
+        stripped.extend_from_slice(&named[aud_at + aud_len..]);
+        let mut renamed = named.clone();
+        renamed[aud_at + aud_len - 1] = b'b'; // job:aaa -> job:aab, still canonical
+        let first = body_of(&tokens[0]); // uid:4294967295
+        let mut changed_uid = first.clone();
+        changed_uid[2 + 1 + 4] = 0xfe; // uid:4294967294
+                                       // Duplicate recipient: the vector key listed twice.
+        let entry_at = 2 + 12 + 1;
+        let entry = entry_at..entry_at + 20 + 2 + 256;
+        let mut twice = pb[..entry.start].to_vec();
+        twice[entry_at - 1] = 2;
+        twice.extend_from_slice(&pb[entry.clone()]);
+        twice.extend_from_slice(&pb[entry.start..]);
+        let mut bit3 = pb.clone();
+        bit3[1] |= 0b1000;
+        let negative = vec![
+            neg(
+                "flag bit 2 set, no audience bytes (the nonce is read as the audience)",
+                with_audience(&[]),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "audience count 0",
+                with_audience(&[0]),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "audience count 17",
+                with_audience(&list(&(0..17).map(uid).collect::<Vec<_>>())),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "unknown selector kind 0",
+                with_audience(&[1, 0, 0, 0, 0, 1]),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "unknown selector kind 8",
+                with_audience(&list(&[id(8, b"x")])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "selectors out of canonical order (job before uid)",
+                with_audience(&list(&[id(5, b"nightly"), uid(1000)])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "longer job id before shorter (order is by encoding, length byte first)",
+                with_audience(&list(&[id(5, b"aaa"), id(5, b"zz")])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "duplicate selector",
+                with_audience(&list(&[uid(1000), uid(1000)])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "invalid identifier: '/' in a job id",
+                with_audience(&list(&[id(5, b"a/b")])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "invalid identifier: empty user name",
+                with_audience(&list(&[id(2, b"")])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "invalid identifier: user name starting with '-'",
+                with_audience(&list(&[id(2, b"-x")])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "invalid identifier: non-ASCII group name",
+                with_audience(&list(&[id(4, "gr\u{fc}n".as_bytes())])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "invalid identifier: 65-byte pool id",
+                with_audience(&list(&[id(7, &[b'p'; 65])])),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "task selector with only a job id (the nonce after it is read as the task id)",
+                with_audience(&[1, 6, 1, b'j']),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "truncated inside the audience",
+                token_of(&named[..aud_at + 3]),
+                None,
+                true,
+                "Truncated",
+            ),
+            neg(
+                "audience stripped: bit 2 cleared and its bytes removed",
+                token_of(&stripped),
+                Some("DB_PASSWORD"),
+                true,
+                "Tampered",
+            ),
+            neg(
+                "audience changed (job:aaa to job:aab, still canonical)",
+                token_of(&renamed),
+                Some("DB_PASSWORD"),
+                true,
+                "Tampered",
+            ),
+            neg(
+                "audience changed (uid 4294967295 to 4294967294)",
+                token_of(&changed_uid),
+                None,
+                true,
+                "Tampered",
+            ),
+            neg(
+                "bound token, the opener does not admit its audience",
+                tokens[1].clone(),
+                None,
+                false,
+                "NotInAudience",
+            ),
+            neg(
+                "bound token, wrong name: the name check comes first",
+                tokens[8].clone(),
+                Some("OTHER"),
+                false,
+                "NameMismatch",
+            ),
+            neg(
+                "duplicate recipient: the same key id twice",
+                token_of(&twice),
+                None,
+                true,
+                "Malformed",
+            ),
+            neg(
+                "unknown flag bit 3",
+                token_of(&bit3),
+                None,
+                true,
+                "Malformed",
+            ),
+        ];
+        let doc = serde_json::json!({
+            "comment": "nodeseal token format v1 test vectors for audiences (flags bit 2) and duplicate recipients; see docs/format.md. The key in v1-testkey.pem is TEST ONLY. accept_audience: what the opener's audience decision answers.",
+            "key": "v1-testkey.pem",
+            "thumbprint": key.thumbprint().to_hex(),
+            "vectors": vectors,
+            "negative": negative,
+        });
+        std::fs::write(
+            audience_vectors_path(),
             serde_json::to_string_pretty(&doc).unwrap() + "\n",
         )
         .unwrap();

@@ -5,7 +5,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::token::{self, SealOptions, V1_PREFIX};
-use nodeseal_envelope::{legacy, KeyPair, Thumbprint, TokenError};
+use nodeseal_envelope::{audience, legacy, KeyPair, Selector, Thumbprint, TokenError};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -130,6 +130,53 @@ proptest! {
         }
     }
 
+    /// The audience encoding is canonical both ways: whatever the decoder accepts re-encodes to
+    /// exactly the bytes it consumed, and every list round-trips through its canonical form.
+    #[test]
+    fn audience_decoding_accepts_only_canonical_encodings(
+        count in prop_oneof![4 => 1u8..5, 1 => any::<u8>()],
+        pieces in prop::collection::vec(
+            prop_oneof![
+                // A valid selector's encoding (its list of one, minus the count byte)...
+                4 => selector().prop_map(|s| audience::encode(&[s]).unwrap()[1..].to_vec()),
+                // ...or junk.
+                1 => prop::collection::vec(any::<u8>(), 0..6),
+            ],
+            0..6,
+        ),
+    ) {
+        let mut bytes = vec![count];
+        pieces.iter().for_each(|p| bytes.extend_from_slice(p));
+        if let Ok((list, used)) = audience::decode(&bytes) {
+            prop_assert_eq!(audience::encode(&list).unwrap(), bytes[..used].to_vec());
+        }
+    }
+
+    #[test]
+    fn audience_lists_round_trip_and_bind_the_token(list in prop::collection::vec(selector(), 1..20)) {
+        match audience::canonicalize(&list) {
+            Ok(canonical) => {
+                let bytes = audience::encode(&canonical).unwrap();
+                prop_assert_eq!(audience::decode(&bytes).unwrap(), (canonical.clone(), bytes.len()));
+                for s in &list {
+                    prop_assert_eq!(&s.to_string().parse::<Selector>().unwrap(), s);
+                    prop_assert!(canonical.contains(s));
+                }
+                let opts = SealOptions { audience: list.clone(), ..Default::default() };
+                let t = token::seal(b"v", &[key().recipient()], &opts).unwrap();
+                prop_assert_eq!(token::inspect(&t).unwrap().audience, canonical);
+                let refused = matches!(open(&t, None), Err(TokenError::NotInAudience { .. }));
+                prop_assert!(refused, "a bound token opened for an unbound-only opener");
+            }
+            Err(_) => {
+                let mut distinct = list.clone();
+                distinct.sort();
+                distinct.dedup();
+                prop_assert!(distinct.len() > audience::MAX_SELECTORS);
+            }
+        }
+    }
+
     #[test]
     fn envfile_parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
         if let Ok(f) = EnvFile::parse_bytes(&bytes) {
@@ -145,6 +192,20 @@ proptest! {
         prop_assert!(f.terminated);
         prop_assert_eq!(&f.render()[..], &text[..]);
     }
+}
+
+/// A valid selector of any kind, small alphabets so that repeats and order ties are common.
+fn selector() -> impl Strategy<Value = Selector> {
+    let id = "[a-c][a-c0-9_-]{0,3}";
+    prop_oneof![
+        (0u32..4).prop_map(Selector::Uid),
+        any::<u32>().prop_map(Selector::Gid),
+        "[a-c_][a-c.-]{0,3}".prop_map(Selector::User),
+        "[a-c_][a-c.-]{0,3}".prop_map(Selector::Group),
+        id.prop_map(Selector::Job),
+        (id, id).prop_map(|(job, task)| Selector::Task { job, task }),
+        id.prop_map(Selector::Pool),
+    ]
 }
 
 /// One valid env-file line with no leading whitespace before a name (the only thing render

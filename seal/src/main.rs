@@ -43,13 +43,14 @@ enum Command {
     /// Seal the values of an env file (Docker --env-file format), each bound to its name.
     #[command(name = "seal-env", after_help = EXIT_CODES)]
     SealEnv(ops::SealEnvArgs),
-    /// Show what a token says about itself (format, key ids, name, expiry); needs no key.
+    /// Show what a token says about itself (format, key ids, name, expiry, audience), keyless.
     #[command(after_help = EXIT_CODES)]
     Inspect(ops::InspectArgs),
     /// Decrypt a token read from stdin and print the value (admin/debug use).
     #[command(after_help = EXIT_CODES)]
     Open(ops::OpenArgs),
-    /// Re-seal a token or every token of an env file (stdin) for new certificates.
+    /// Re-seal a token or every token of an env file (stdin) for new certificates, keeping each
+    /// token's name, expiry and audience.
     #[command(after_help = EXIT_CODES)]
     Rewrap(ops::RewrapArgs),
     /// Write man pages and shell completions under DIR (for packaging).

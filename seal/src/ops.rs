@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use nodeseal_envelope::envfile::{EnvFile, Line};
 use nodeseal_envelope::keys::load_public_key;
 use nodeseal_envelope::token::{self, Format, SealOptions};
-use nodeseal_envelope::{legacy, KeyPair, Recipient, Thumbprint, TokenError};
+use nodeseal_envelope::{audience, legacy, KeyPair, Recipient, Selector, Thumbprint, TokenError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,7 +18,7 @@ const MAX_RFC3339: u64 = 253_402_300_799;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum SealFormat {
-    /// nodeseal token v1 (AES-256-GCM + RSA-OAEP, key ids, name binding, expiry).
+    /// nodeseal token v1 (AES-256-GCM + RSA-OAEP, key ids, name binding, expiry, audience).
     V1,
     /// Batch Shipyard's legacy format (RSA PKCS#1 v1.5, base64): for Shipyard compatibility only.
     Shipyard,
@@ -77,6 +77,31 @@ impl ExpiryArgs {
     }
 }
 
+/// Audience options shared by `seal` and `seal-env`.
+#[derive(Args)]
+pub(crate) struct AudienceArgs {
+    /// Open only for callers this selector matches (the agent checks it): uid:N, user:NAME,
+    /// gid:N, group:NAME, job:ID, task:JOB/TASK or pool:ID. Repeat for several (any one
+    /// matching is enough; at most 16). Without it the agent's other rules alone decide.
+    #[arg(long = "audience", value_name = "SEL")]
+    audience: Vec<Selector>,
+}
+
+impl AudienceArgs {
+    /// The audience in canonical order (empty when none was given).
+    fn resolve(&self) -> Result<Vec<Selector>> {
+        if self.audience.is_empty() {
+            return Ok(Vec::new());
+        }
+        audience::canonicalize(&self.audience).map_err(|e| usage(format!("--audience: {e}")))
+    }
+}
+
+/// The audience as `inspect` shows it: selector strings in canonical order.
+fn audience_json(list: &[Selector]) -> serde_json::Value {
+    list.iter().map(Selector::to_string).collect()
+}
+
 #[derive(Args)]
 pub(crate) struct SealArgs {
     /// Certificate to seal for (PEM/DER .crt/.cer, or a PFX). Repeat for several keys (v1).
@@ -88,6 +113,8 @@ pub(crate) struct SealArgs {
     name: Option<String>,
     #[command(flatten)]
     expiry: ExpiryArgs,
+    #[command(flatten)]
+    audience: AudienceArgs,
     /// Token format.
     #[arg(long, value_enum, default_value = "v1")]
     format: SealFormat,
@@ -108,6 +135,8 @@ pub(crate) struct SealEnvArgs {
     only: Vec<String>,
     #[command(flatten)]
     expiry: ExpiryArgs,
+    #[command(flatten)]
+    audience: AudienceArgs,
     /// Write here (atomically, mode 0600) instead of stdout.
     #[arg(short = 'o', long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -204,6 +233,15 @@ fn print_line(s: &str) -> Result<()> {
 pub(crate) fn seal(a: SealArgs) -> Result<()> {
     let pass = Passphrase::new(&a.pass);
     let not_after = a.expiry.resolve()?;
+    let audience = a.audience.resolve()?;
+    if matches!(a.format, SealFormat::Shipyard) && !audience.is_empty() {
+        // Not a warning as for --name: dropping a restriction would seal a value more widely
+        // than asked.
+        return Err(usage(
+            "--format shipyard cannot carry an audience; use the v1 format (the default) or \
+             drop --audience",
+        ));
+    }
     if let Some(n) = &a.name {
         if !token::is_valid_name(n) {
             return Err(usage(format!(
@@ -222,7 +260,7 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
             let opts = SealOptions {
                 name: a.name.clone(),
                 not_after,
-                ..Default::default()
+                audience,
             };
             token::seal(&value, &recipients, &opts)?
         }
@@ -250,6 +288,7 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
 pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
     let pass = Passphrase::new(&a.pass);
     let not_after = a.expiry.resolve()?;
+    let audience = a.audience.resolve()?;
     let (text, label) = if a.input.as_os_str() == "-" {
         (read_stdin()?, "stdin".to_owned())
     } else {
@@ -278,7 +317,7 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         let opts = SealOptions {
             name: Some(name.clone()),
             not_after,
-            ..Default::default()
+            audience: audience.clone(),
         };
         let t = token::seal(value.as_bytes(), &recipients, &opts)
             .with_context(|| format!("sealing {name}"))?;
@@ -320,6 +359,7 @@ pub(crate) fn inspect(a: InspectArgs) -> Result<()> {
         "name": info.name,
         "not_after": info.not_after.map_or(serde_json::Value::Null, rfc3339),
         "not_after_unix": info.not_after,
+        "audience": audience_json(&info.audience),
         "token_len": info.token_len,
         "ciphertext_len": info.ciphertext_len,
     });
@@ -331,7 +371,7 @@ type OpenedValue = (
     Zeroizing<Vec<u8>>,
     Option<String>,
     Option<u64>,
-    Vec<nodeseal_envelope::Selector>,
+    Vec<Selector>,
 );
 
 /// Open either format with one key. `name` is checked for v1 tokens.
@@ -369,8 +409,16 @@ pub(crate) fn open(a: OpenArgs) -> Result<()> {
         .ok_or_else(|| usage("give --pfx or --key"))?;
     let text = token_text(&read_stdin()?)?;
     let key = load_key(path, &pass)?;
-    let (value, ..) = open_token(&text, &key, a.name.as_deref(), a.format)
+    let (value, _, _, audience) = open_token(&text, &key, a.name.as_deref(), a.format)
         .with_context(|| format!("opening the token with key {}", key.thumbprint()))?;
+    if !audience.is_empty() {
+        let list: Vec<String> = audience.iter().map(Selector::to_string).collect();
+        eprintln!(
+            "nodeseal: note: the token is bound to the audience {}; the agent enforces it, \
+             this command (which holds the private key) does not",
+            list.join(", ")
+        );
+    }
     eprintln!("nodeseal: warning: printing a secret to stdout");
     let mut out = std::io::stdout().lock();
     out.write_all(&value).context("writing stdout")?;

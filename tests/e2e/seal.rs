@@ -932,3 +932,215 @@ fn passphrase_is_never_in_argv_and_never_prompted_without_tty() {
         stderr(&out)
     );
 }
+
+fn inspect_json(token: &str) -> serde_json::Value {
+    serde_json::from_slice(&ok(ns(&["inspect", token], b"")).stdout).unwrap()
+}
+
+#[test]
+fn audience_round_trips_through_seal_inspect_open_and_rewrap() {
+    let pool = Pool::new();
+    let new = Pool::new();
+    let crt = pool.crt();
+    // Given out of order and with a repeat: stored canonical (by encoding: kind, then operand).
+    let tok = stdout(&ok(ns(
+        &[
+            "seal",
+            "--cert",
+            s(&crt),
+            "--name",
+            "DB_PASSWORD",
+            "--ttl",
+            "1d",
+            "--audience",
+            "job:nightly",
+            "--audience",
+            "uid:1000",
+            "--audience",
+            "task:nightly/task-7",
+            "--audience",
+            "job:nightly",
+        ],
+        b"bound value\n",
+    )))
+    .trim()
+    .to_owned();
+    let canonical = serde_json::json!(["uid:1000", "job:nightly", "task:nightly/task-7"]);
+    let info = inspect_json(&tok);
+    assert_eq!(info["audience"], canonical);
+    assert_eq!(info["name"], "DB_PASSWORD");
+    let lib = token::inspect(&tok).unwrap();
+    assert_eq!(lib.audience.len(), 3);
+    // An unbound token shows an empty audience.
+    let plain = stdout(&ok(ns(&["seal", "--cert", s(&crt)], b"v")));
+    assert_eq!(
+        inspect_json(plain.trim())["audience"],
+        serde_json::json!([])
+    );
+
+    // The key holder's `open` prints the value and says who enforces the audience.
+    let opened = ok(pool.open(&tok, &["--name", "DB_PASSWORD"]));
+    assert_eq!(opened.stdout, b"bound value");
+    let note = stderr(&opened);
+    assert!(
+        note.contains("audience uid:1000, job:nightly, task:nightly/task-7")
+            && note.contains("the agent enforces it"),
+        "{note}"
+    );
+
+    // rewrap keeps audience, name and expiry, for the single token and inside an env file.
+    let (old_pfx, new_crt) = (pool.pfx(), new.crt());
+    let rw = |input: &str| {
+        ok(ns(
+            &[
+                "rewrap",
+                "--pfx",
+                s(&old_pfx),
+                "--passphrase-file",
+                s(&pool.pw),
+                "--cert",
+                s(&new_crt),
+            ],
+            input.as_bytes(),
+        ))
+    };
+    let single = stdout(&rw(&format!("{tok}\n"))).trim().to_owned();
+    let after = inspect_json(&single);
+    assert_eq!(after["audience"], canonical);
+    assert_eq!(after["name"], "DB_PASSWORD");
+    assert_eq!(after["not_after_unix"], info["not_after_unix"]);
+    assert_eq!(after["recipients"], serde_json::json!([new.thumbprint]));
+    assert_eq!(
+        ok(new.open(&single, &["--name", "DB_PASSWORD"])).stdout,
+        b"bound value"
+    );
+
+    // seal-env binds every value it seals to the audience; rewrap of the file keeps it.
+    let input = pool.dir.join("task.env");
+    fs::write(&input, "A=one\nB=two\n").unwrap();
+    let sealed = stdout(&ok(ns(
+        &[
+            "seal-env",
+            "--cert",
+            s(&crt),
+            "--audience",
+            "pool:gpu-pool",
+            "--audience",
+            "group:batch-users",
+            s(&input),
+        ],
+        b"",
+    )));
+    let env_audience = serde_json::json!(["group:batch-users", "pool:gpu-pool"]);
+    let rewrapped = stdout(&rw(&sealed));
+    for text in [&sealed, &rewrapped] {
+        let tokens: Vec<&str> = text.lines().map(|l| &l[2..]).collect();
+        assert_eq!(tokens.len(), 2, "{text}");
+        for t in tokens {
+            assert_eq!(inspect_json(t)["audience"], env_audience, "{text}");
+        }
+    }
+
+    // Bad selectors, too many, and the legacy format (which cannot carry one) are usage errors.
+    let seal_with = |extra: &[&str]| {
+        let mut args = vec!["seal", "--cert", s(&crt)];
+        args.extend_from_slice(extra);
+        ns(&args, b"v")
+    };
+    for bad in ["uid:-1", "host:x", "job:a/b", "user:", "task:j"] {
+        let out = seal_with(&["--audience", bad]);
+        assert_eq!(code(&out), 64, "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("audience"), "{bad}: {}", stderr(&out));
+    }
+    let many: Vec<String> = (0..17).map(|i| format!("uid:{i}")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for m in &many {
+        args.extend(["--audience", m.as_str()]);
+    }
+    let out = seal_with(&args);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(stderr(&out).contains("at most 16"), "{}", stderr(&out));
+    let out = ns(
+        &[
+            "seal",
+            "--format",
+            "shipyard",
+            "--cert",
+            s(&pool.file(".pem")),
+            "--audience",
+            "uid:1",
+        ],
+        b"v",
+    );
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+}
+
+/// The Python reference decoder of docs/format.md, as written there, opens every committed
+/// vector and refuses every negative one with the listed error: the spec is precise enough for
+/// an independent decoder (and the doc's decoder does not rot).
+#[test]
+fn reference_decoder_agrees_with_the_vectors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = fs::read_to_string(root.join("docs/format.md")).unwrap();
+    let section = &doc[doc.find("### Reference decoder (Python)").unwrap()..];
+    let code_start = section.find("```python\n").unwrap() + "```python\n".len();
+    let code = &section[code_start..];
+    let code = &code[..code.find("\n```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("nodeseal_ref.py"), code).unwrap();
+    let driver = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from nodeseal_ref import open_v1
+pem = open(sys.argv[2], "rb").read()
+positive = negative = 0
+for path in sys.argv[3:]:
+    doc = json.load(open(path))
+    for v in doc["vectors"]:
+        d = v["description"]
+        got = open_v1(v["token"], pem, pem, v["name"], v["now"], lambda a: True)
+        want = (v["name"], v["not_after"], v.get("audience") or [], bytes.fromhex(v["value_hex"]))
+        assert got == want, f"{path}: {d}: {got!r} != {want!r}"
+        if want[2]:
+            try:
+                open_v1(v["token"], pem, pem, v["name"], v["now"])
+                raise AssertionError(f"{d}: bound token opened by an unbound-only opener")
+            except ValueError as e:
+                assert str(e) == "NotInAudience", f"{d}: {e}"
+        positive += 1
+    for v in doc["negative"]:
+        d, accept = v["description"], v.get("accept_audience", True)
+        try:
+            open_v1(v["token"], pem, pem, v["expected_name"], v["now"], lambda a: accept)
+            raise AssertionError(f"{path}: {d}: opened")
+        except ValueError as e:
+            kind = str(e).split(":")[0].split(" ")[0]
+            assert kind == v["error"], f"{path}: {d}: {e} (want {v['error']})"
+        negative += 1
+print(positive, negative)
+"#;
+    let vectors = root.join("tests/vectors");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(driver)
+        .arg(dir.path())
+        .arg(vectors.join("v1-testkey.pem"))
+        .arg(vectors.join("v1.json"))
+        .arg(vectors.join("v1-audience.json"))
+        .output()
+        .expect("python3 runs (the reference decoder needs python3 and python3-cryptography)");
+    assert!(
+        out.status.success(),
+        "reference decoder (needs python3-cryptography): {}",
+        stderr(&out)
+    );
+    let counts: Vec<usize> = stdout(&out)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        counts[0] >= 15 && counts[1] >= 30,
+        "checked only {counts:?} vectors"
+    );
+}
