@@ -385,3 +385,22 @@ fn require_audience_refuses_unbound_tokens_planted_in_the_attackers_own_env_file
         }
     }
 }
+
+#[test]
+fn the_demo_shows_a_job_bound_token_served_to_its_task_and_refused_elsewhere() {
+    let out = Command::new(nodeseal_testkit::bin("nodeseal-agent"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("from task-1 of demo-job -> served"), "{stdout}");
+    assert!(
+        stdout.contains("the token is bound to the audience job:demo-job and this caller"),
+        "{stdout}"
+    );
+}
