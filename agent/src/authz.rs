@@ -1132,13 +1132,14 @@ mod tests {
         let two = |_| vec![task_dir(), PathBuf::from("/x/t2")];
         let none = |_| Vec::new();
         type Owned = fn(u32) -> Vec<PathBuf>;
-        let rows: Vec<(
+        type Row<'a> = (
             Caller,
             Scope,
-            Option<&str>,
+            Option<&'a str>,
             Owned,
             Result<Option<PathBuf>, ErrorCode>,
-        )> = vec![
+        );
+        let rows: Vec<Row<'_>> = vec![
             (victim(), Scope::Host, None, one, Ok(Some(task_dir()))),
             (victim(), Scope::Host, None, two, Ok(None)),
             (victim(), Scope::Host, None, none, Ok(None)),

@@ -398,7 +398,10 @@ fn the_demo_shows_a_job_bound_token_served_to_its_task_and_refused_elsewhere() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("from task-1 of demo-job -> served"), "{stdout}");
+    assert!(
+        stdout.contains("from task-1 of demo-job -> served"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("the token is bound to the audience job:demo-job and this caller"),
         "{stdout}"

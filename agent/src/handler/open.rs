@@ -22,7 +22,7 @@ impl Handler {
         let ids = self.task_of_opener(cx, task)?;
         audit.job_id.clone_from(&ids.0);
         audit.task_id.clone_from(&ids.1);
-        let task_ids = (ids.0.is_some() || ids.1.is_some()).then(|| TaskIds {
+        let task_ids = (ids.0.is_some() || ids.1.is_some()).then_some(TaskIds {
             job: ids.0.as_deref(),
             task: ids.1.as_deref(),
         });
