@@ -57,6 +57,7 @@ fn fixture() -> Fixture {
     let foreign = node.seal(&other, Some("FOREIGN"), "never", "v1");
     let foreign_bound = seal_bound(&other, "FOREIGN", "never", &["task:job-c/task-c"]);
     let bound = seal_bound(&cert, "BOUND", BOUND_VALUE, &["task:job-c/task-c"]);
+    let bound_in_file = seal_bound(&cert, "BOUND_IN_FILE", BOUND_VALUE, &["job:job-c"]);
     let expired = {
         let out = run_with_stdin(
             Command::new(bin("nodeseal"))
@@ -81,7 +82,7 @@ fn fixture() -> Fixture {
     node.write_env(
         &task,
         &format!(
-            "DB_PASSWORD={db}\nDOCKER_LOGIN_SERVER=myregistry.azurecr.io\nDOCKER_LOGIN_USERNAME=puller\nDOCKER_LOGIN_PASSWORD={reg}\nPLAIN=it's \"quoted\" $HOME\n"
+            "DB_PASSWORD={db}\nDOCKER_LOGIN_SERVER=myregistry.azurecr.io\nDOCKER_LOGIN_USERNAME=puller\nDOCKER_LOGIN_PASSWORD={reg}\nPLAIN=it's \"quoted\" $HOME\nBOUND_IN_FILE={bound_in_file}\n"
         ),
     );
     let broken_task = node.task("job-c", "task-broken");
@@ -131,6 +132,12 @@ fn get_env_list_and_exit_codes() {
     assert_eq!(
         text(&f.run(&["get", "DOCKER_LOGIN_PASSWORD"]).stdout).trim(),
         REG_PW
+    );
+
+    // A job-bound token in the task's env file is served to the task like any other value.
+    assert_eq!(
+        text(&f.run(&["get", "BOUND_IN_FILE"]).stdout).trim(),
+        BOUND_VALUE
     );
 
     let list = text(&f.run(&["list"]).stdout);
