@@ -3,7 +3,7 @@
 
 use nodeseal_envelope::token::{self, SealOptions};
 use nodeseal_envelope::{KeyPair, Recipient};
-use nodeseal_testkit::{bin, code, run_with_stdin, stderr, stdout};
+use nodeseal_testkit::{bin, code, code_of, run_with_stdin, stderr, stdout, Node};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -1143,4 +1143,45 @@ print(positive, negative)
         counts[0] >= 15 && counts[1] >= 30,
         "checked only {counts:?} vectors"
     );
+}
+
+/// A value sealed with `--audience` for callers other than this one reaches the agent bound: the
+/// agent refuses it as `forbidden`, naming the selectors, and keeps serving the unbound value
+/// next to it. (No caller here is uid 4000000000 or in job other-job, whatever the policy.)
+#[test]
+fn the_agent_refuses_a_value_bound_to_another_audience() {
+    const SECRET: &str = "bound-Secret-e2e-5b2e";
+    let mut node = Node::new();
+    let cert = node.create_cert("pool");
+    node.drop_pfx(&cert);
+    let task = node.task("job-a", "task-1");
+    let bound = stdout(&ok(ns(
+        &[
+            "seal",
+            "--cert",
+            s(&cert.crt),
+            "--name",
+            "BOUND",
+            "--audience",
+            "job:other-job",
+            "--audience",
+            "uid:4000000000",
+        ],
+        SECRET.as_bytes(),
+    )))
+    .trim()
+    .to_owned();
+    let plain = node.seal(&cert, Some("UNBOUND"), "unbound-value", "v1");
+    node.write_env(&task, &format!("BOUND={bound}\nUNBOUND={plain}\n"));
+    node.start();
+    assert_eq!(node.get(&task, "UNBOUND")["value"], "unbound-value");
+    let refused = node.get(&task, "BOUND");
+    assert_eq!(code_of(&refused), "forbidden", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("uid:4000000000, job:other-job"),
+        "{message}"
+    );
+    assert!(!refused.to_string().contains(SECRET));
+    assert!(!node.logs().contains(SECRET));
 }
