@@ -367,6 +367,27 @@ fn may_open_unbound(caller: &Caller, policy: &Policy<'_>, key: &Thumbprint) -> b
     uids.contains(&caller.uid) || gids.iter().any(|g| caller.in_group(*g))
 }
 
+/// Whether the caller could `open` some unbound token at all (host root, the global lists, or a
+/// per-key rule naming it), asked before a legacy ciphertext's key is looked up: which keys the
+/// node holds is not for a caller who could use none of them.
+pub(crate) fn may_present_unbound(caller: &Caller, policy: &Policy<'_>) -> Result<(), Refusal> {
+    if policy.require_audience {
+        return Err(Refusal::AudienceRequired);
+    }
+    let named = |uids: &[u32], gids: &[u32]| {
+        !caller.is_container_root()
+            && (uids.contains(&caller.uid) || gids.iter().any(|g| caller.in_group(*g)))
+    };
+    if caller.host_root
+        || named(policy.open_uids, policy.open_gids)
+        || policy.open_by_key.values().any(|r| named(&r.uids, &r.gids))
+    {
+        Ok(())
+    } else {
+        Err(Refusal::UnboundNotAllowed { uid: caller.uid })
+    }
+}
+
 /// The caller as a refusal names it: what the selectors were matched against.
 fn describe(caller: &Caller, task: Option<TaskIds<'_>>) -> String {
     let who = if caller.host_root {
@@ -1050,6 +1071,35 @@ mod tests {
             code(decide_keys(&host_root(), &[])),
             Some(ErrorCode::BadToken)
         );
+    }
+
+    #[test]
+    fn who_may_present_an_unbound_token_before_its_key_is_known() {
+        let mut rules = default_rules();
+        rules.insert(
+            LOCKED,
+            OpenRule {
+                uids: vec![OTHER],
+                gids: vec![],
+            },
+        );
+        let p = Policy {
+            open_gids: &[GROUP],
+            ..policy(&rules)
+        };
+        assert!(may_present_unbound(&host_root(), &p).is_ok());
+        assert!(
+            may_present_unbound(&other(), &p).is_ok(),
+            "named by a key's rule"
+        );
+        assert!(may_present_unbound(&supplementary(), &p).is_ok());
+        assert!(may_present_unbound(&victim(), &p).is_err());
+        assert!(may_present_unbound(&container_root(), &p).is_err());
+        let strict = Policy {
+            require_audience: true,
+            ..p
+        };
+        assert!(may_present_unbound(&host_root(), &strict).is_err());
     }
 
     #[test]

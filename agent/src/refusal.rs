@@ -54,6 +54,8 @@ pub(crate) enum Refusal {
     NoSuchVariable { name: String },
     #[error("uid {uid} may not open unbound tokens of key {key}: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids, or a rule in open_allowed_by_key) in the agent config")]
     OpenNotAllowed { uid: u32, key: Thumbprint },
+    #[error("uid {uid} may not open unbound tokens: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids) in the agent config")]
+    UnboundNotAllowed { uid: u32 },
     #[error(
         "the token is bound to the audience {} and this caller is not in it; seal the value \
          with an --audience that names the caller",
@@ -148,7 +150,8 @@ impl Refusal {
             | Self::NotInAudience { .. }
             | Self::NotForCaller { .. }
             | Self::AudienceRequired
-            | Self::OpenNotAllowed { .. } => ErrorCode::Forbidden,
+            | Self::OpenNotAllowed { .. }
+            | Self::UnboundNotAllowed { .. } => ErrorCode::Forbidden,
             Self::NoTaskOwned { .. }
             | Self::UnknownTask { .. }
             | Self::NoReadableTask { .. }

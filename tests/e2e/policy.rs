@@ -231,6 +231,22 @@ fn copied_tokens_open_only_for_their_audience() {
         );
     }
 
+    // A legacy ciphertext for a key size the node has no key of: still `forbidden`, not
+    // `key_unavailable` (which keys the node holds is not for a caller who may use none).
+    let rsa = openssl::rsa::Rsa::generate(3072).unwrap();
+    let public =
+        openssl::pkey::PKey::public_key_from_pem(&rsa.public_key_to_pem().unwrap()).unwrap();
+    let odd_size = nodeseal_envelope::legacy::seal(b"no-key-here", &public).unwrap();
+    for socket in [host, &attacker_socket] {
+        let r = request_as(ATTACKER, socket, &json!({"op": "open", "token": odd_size}));
+        assert_eq!(code_of(&r), "forbidden", "{r}");
+    }
+    assert_eq!(
+        code_of(&s.node.request(json!({"op": "open", "token": odd_size}))),
+        "key_unavailable",
+        "host root may learn it"
+    );
+
     // 3. The tokens written into the attacker's own env file and read back with `get`/`env` on
     //    both sockets: no bound token opens (they name the victim's job, task and uid; the
     //    job and task come from where the file really is). An unbound token in a file the

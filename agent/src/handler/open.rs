@@ -51,7 +51,13 @@ impl Handler {
             }
             Some(Format::Shipyard) => {
                 let len = legacy::decode(token_text).map_or(0, |d| d.len());
-                let key = self.legacy_key_for(&cx.config, len)?;
+                let key = match self.legacy_key_for(&cx.config, len) {
+                    Ok(key) => key,
+                    Err(unavailable) => {
+                        authz::may_present_unbound(&cx.caller, &policy)?;
+                        return Err(unavailable);
+                    }
+                };
                 decide(Audience::Unbound, &[key.thumbprint()])?;
                 self.open_shipyard(&cx.config, token_text, len).await?
             }
