@@ -1,10 +1,16 @@
 //! Who may read what: pure decisions over plain data. The kernel-reported caller, the socket it
-//! came in on, the task it asks about with the owners of that task's env files, and the `open`
-//! policy from the config go in; a decision or a typed [`Refusal`] comes out. No I/O and no locks
-//! here, so every rule is tested below without root.
+//! came in on, the task it asks about with the owners of that task's env files, the token's
+//! audience and the opening policy from the config go in; a decision or a typed [`Refusal`]
+//! comes out. No I/O and no locks here (user and group names are resolved through an injected
+//! [`Accounts`]), so every rule is tested below without root.
+//!
+//! [`decide`] is the one function that decides every opening: a value of an env file (`get`,
+//! `env`, `list`) and a token the caller presents (`open`), on the host socket and on per-task
+//! sockets alike.
 
 use crate::config::{Config, OpenRule};
 use crate::refusal::Refusal;
+use nodeseal_envelope::audience::Selector;
 use nodeseal_envelope::Thumbprint;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,19 @@ pub(crate) struct Caller {
     pub(crate) namespace_attested: bool,
 }
 
+impl Caller {
+    /// Whether `gid` is the caller's primary or one of its supplementary groups.
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+
+    /// uid 0 outside the host's pid namespace: root of some container, not a node account, so
+    /// no uid, user, gid or group selector names it.
+    fn is_container_root(&self) -> bool {
+        self.uid == 0 && !self.host_root
+    }
+}
+
 /// Which socket a request came in on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -35,26 +54,6 @@ pub(crate) enum Scope {
     /// (reaching the socket file is the credential), and only with the env files of the task's
     /// owner.
     Task { dir: PathBuf, owner: u32 },
-}
-
-/// Who may `open` presented tokens, from the config.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct OpenPolicy<'a> {
-    /// `None`: every non-root uid.
-    pub(crate) uids: Option<&'a [u32]>,
-    pub(crate) gids: &'a [u32],
-    /// Per-key rules, replacing the two above for their key.
-    pub(crate) by_key: &'a BTreeMap<Thumbprint, OpenRule>,
-}
-
-impl<'a> OpenPolicy<'a> {
-    pub(crate) fn of(config: &'a Config) -> Self {
-        Self {
-            uids: config.open_allowed_uids.as_deref(),
-            gids: &config.open_allowed_gids,
-            by_key: &config.open_allowed_by_key,
-        }
-    }
 }
 
 /// Admin operations: host root on the host socket only.
@@ -117,81 +116,306 @@ pub(crate) fn task_to_read(
     }
 }
 
+/// Whether the caller may read an env file owned by `owner` through `scope`: on a per-task
+/// socket, the files of the socket's owner; on the host socket, its own files, or every file for
+/// host root. Root of a container owns no file on the host socket.
+fn may_read_file(caller: &Caller, scope: &Scope, owner: u32) -> bool {
+    match scope {
+        Scope::Task {
+            owner: task_owner, ..
+        } => owner == *task_owner,
+        Scope::Host if caller.host_root => true,
+        Scope::Host if caller.uid == 0 => false,
+        Scope::Host => owner == caller.uid,
+    }
+}
+
 /// Which of a task's env files (given by their owners, in order) the caller may read; the
-/// answer is their positions, never empty.
+/// answer is their positions, never empty. A caller other than host root gets one and the same
+/// refusal for a task that does not exist and for a task it may not read, so it cannot probe
+/// which tasks exist.
 pub(crate) fn readable_files(
     caller: &Caller,
     scope: &Scope,
     task_dir: &Path,
     owners: &[u32],
 ) -> Result<Vec<usize>, Refusal> {
-    if owners.is_empty() {
+    if *scope == Scope::Host && caller.is_container_root() {
+        return Err(if caller.namespace_attested {
+            Refusal::ContainerRoot
+        } else {
+            Refusal::CallerUnattested
+        });
+    }
+    let readable: Vec<usize> = (0..owners.len())
+        .filter(|&i| may_read_file(caller, scope, owners[i]))
+        .collect();
+    if !readable.is_empty() {
+        return Ok(readable);
+    }
+    if caller.host_root && *scope == Scope::Host {
         return Err(Refusal::UnknownTask {
             task_dir: task_dir.to_owned(),
         });
     }
-    let all = || (0..owners.len()).collect();
-    let readable: Vec<usize> = match scope {
-        Scope::Task { owner, .. } => (0..owners.len()).filter(|&i| owners[i] == *owner).collect(),
-        Scope::Host if caller.host_root => all(),
-        Scope::Host if caller.uid == 0 && !caller.namespace_attested => {
-            return Err(Refusal::CallerUnattested)
-        }
-        Scope::Host if caller.uid == 0 => return Err(Refusal::ContainerRoot),
-        Scope::Host => (0..owners.len())
-            .filter(|&i| owners[i] == caller.uid)
-            .collect(),
-    };
-    if readable.is_empty() {
-        return Err(Refusal::NotOwner {
-            uid: caller.uid,
-            task_dir: task_dir.to_owned(),
-        });
-    }
-    Ok(readable)
+    Err(Refusal::NoReadableTask {
+        uid: caller.uid,
+        task_dir: task_dir.to_owned(),
+    })
 }
 
-/// Whether the caller may `open` a presented token with key `key`: host root and per-task
-/// sockets always; otherwise the key's rule in `open_allowed_by_key`, else the global rule.
-pub(crate) fn may_open(
+/// The task an `open` speaks for, whose job and task ids job and task selectors are matched
+/// against: the per-task socket's task; on the host socket the task the caller names, else the
+/// only task whose env files the caller owns. `None`: no task context (host root or container
+/// root naming none, a caller owning none or several). A named task still has to pass
+/// [`readable_files`].
+pub(crate) fn task_for_open(
     caller: &Caller,
     scope: &Scope,
-    policy: &OpenPolicy<'_>,
-    key: &Thumbprint,
+    asked: Option<&str>,
+    owned_by: impl FnOnce(u32) -> Vec<PathBuf>,
+) -> Result<Option<PathBuf>, Refusal> {
+    match (scope, asked) {
+        (Scope::Host, None) if caller.uid == 0 => Ok(None),
+        (Scope::Host, None) => {
+            let mut owned = owned_by(caller.uid);
+            Ok((owned.len() == 1).then(|| owned.remove(0)))
+        }
+        _ => task_to_read(caller, scope, asked, owned_by).map(Some),
+    }
+}
+
+/// Looks up user and group names in the node's account database. Names that do not resolve
+/// match nobody.
+pub(crate) trait Accounts {
+    /// The uid of user `name`.
+    fn uid_of_user(&self, name: &str) -> Option<u32>;
+    /// The gid of group `name`.
+    fn gid_of_group(&self, name: &str) -> Option<u32>;
+}
+
+/// The Batch ids of a verified task (its place in the task tree: see `tasks::layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct TaskIds<'a> {
+    /// Job id (none in the flat layout).
+    pub(crate) job: Option<&'a str>,
+    /// Task id.
+    pub(crate) task: Option<&'a str>,
+}
+
+/// Where the value to open comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin<'a> {
+    /// An env file of a verified task, owned by `owner`.
+    EnvFile { owner: u32, task: TaskIds<'a> },
+    /// A token the caller presents (`open`), with the caller's task (see [`task_for_open`]).
+    Presented { task: Option<TaskIds<'a>> },
+}
+
+impl<'a> Origin<'a> {
+    fn task(&self) -> Option<TaskIds<'a>> {
+        match self {
+            Self::EnvFile { task, .. } => Some(*task),
+            Self::Presented { task } => *task,
+        }
+    }
+}
+
+/// Who a token is for. Legacy Shipyard ciphertexts and v1 tokens sealed without an audience
+/// are unbound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Audience<'a> {
+    /// For whoever may read the env file that holds it.
+    Unbound,
+    /// For the callers one of these selectors matches.
+    Bound(&'a [Selector]),
+}
+
+/// The opening policy, from the config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy<'a> {
+    /// This node's pool (`pool:` selectors match it); `None` matches no `pool:` selector.
+    pub(crate) pool_id: Option<&'a str>,
+    /// Uids that may `open` unbound tokens (host root always may).
+    pub(crate) open_uids: &'a [u32],
+    /// Gids (primary or supplementary) that may `open` unbound tokens.
+    pub(crate) open_gids: &'a [u32],
+    /// Per-key rules for unbound tokens, replacing the two above for their key.
+    pub(crate) open_by_key: &'a BTreeMap<Thumbprint, OpenRule>,
+    /// Refuse every unbound token, everywhere and for everyone.
+    pub(crate) require_audience: bool,
+}
+
+impl<'a> Policy<'a> {
+    pub(crate) fn of(config: &'a Config) -> Self {
+        Self {
+            pool_id: config.pool_id.as_deref(),
+            open_uids: &config.open_allowed_uids,
+            open_gids: &config.open_allowed_gids,
+            open_by_key: &config.open_allowed_by_key,
+            require_audience: config.require_audience,
+        }
+    }
+}
+
+/// One opening to decide.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Opening<'a> {
+    pub(crate) caller: &'a Caller,
+    pub(crate) scope: &'a Scope,
+    pub(crate) origin: Origin<'a>,
+    pub(crate) audience: Audience<'a>,
+    /// The keys that could open it (a v1 token's recipients; the one legacy key).
+    pub(crate) keys: &'a [Thumbprint],
+}
+
+/// Decide one opening; the answer is the keys the agent may use for it (never empty).
+///
+/// - An env-file value is only ever considered for a caller that may read its file (see
+///   [`readable_files`]).
+/// - A bound token opens only for a caller one of its selectors matches: `uid`/`user` the
+///   caller's uid, `gid`/`group` its primary or a supplementary group (names resolved by
+///   `accounts`), `job`/`task` the verified task the value came from (the env file's task, or
+///   for `open` the caller's task), `pool` the configured `pool_id`. Host root is no exception.
+///   Root of a container matches no uid, user, gid or group selector.
+/// - An unbound token in an env file is served to whoever may read the file; presented to
+///   `open`, it opens only for host root and the uids/gids the config names (per key if a rule
+///   exists for that key).
+/// - With `require_audience`, unbound tokens are refused everywhere, host root included.
+pub(crate) fn decide(
+    o: &Opening<'_>,
+    policy: &Policy<'_>,
+    accounts: &dyn Accounts,
+) -> Result<Vec<Thumbprint>, Refusal> {
+    if let Origin::EnvFile { owner, .. } = o.origin {
+        if !may_read_file(o.caller, o.scope, owner) {
+            return Err(Refusal::NoReadableValue);
+        }
+    }
+    match o.audience {
+        Audience::Bound(selectors) => {
+            let task = o.origin.task();
+            if selectors
+                .iter()
+                .any(|s| matches(s, o.caller, task, policy.pool_id, accounts))
+            {
+                Ok(o.keys.to_vec())
+            } else {
+                Err(Refusal::NotForCaller {
+                    audience: selectors.to_vec(),
+                    caller: describe(o.caller, task),
+                })
+            }
+        }
+        Audience::Unbound if policy.require_audience => Err(Refusal::AudienceRequired),
+        Audience::Unbound => match o.origin {
+            Origin::EnvFile { .. } => Ok(o.keys.to_vec()),
+            Origin::Presented { .. } => {
+                let Some(first) = o.keys.first() else {
+                    return Err(Refusal::NotAToken);
+                };
+                let allowed: Vec<Thumbprint> = o
+                    .keys
+                    .iter()
+                    .filter(|k| may_open_unbound(o.caller, policy, k))
+                    .copied()
+                    .collect();
+                if allowed.is_empty() {
+                    Err(Refusal::OpenNotAllowed {
+                        uid: o.caller.uid,
+                        key: *first,
+                    })
+                } else {
+                    Ok(allowed)
+                }
+            }
+        },
+    }
+}
+
+/// Whether one selector names this caller, in this task, on this pool.
+fn matches(
+    selector: &Selector,
+    caller: &Caller,
+    task: Option<TaskIds<'_>>,
+    pool_id: Option<&str>,
+    accounts: &dyn Accounts,
 ) -> bool {
-    if caller.host_root || matches!(scope, Scope::Task { .. }) {
+    let account = !caller.is_container_root();
+    match selector {
+        Selector::Uid(uid) => account && caller.uid == *uid,
+        Selector::User(name) => account && accounts.uid_of_user(name) == Some(caller.uid),
+        Selector::Gid(gid) => account && caller.in_group(*gid),
+        Selector::Group(name) => {
+            account
+                && accounts
+                    .gid_of_group(name)
+                    .is_some_and(|g| caller.in_group(g))
+        }
+        Selector::Job(job) => task.is_some_and(|t| t.job == Some(job.as_str())),
+        Selector::Task { job, task: id } => {
+            task.is_some_and(|t| t.job == Some(job.as_str()) && t.task == Some(id.as_str()))
+        }
+        Selector::Pool(pool) => pool_id == Some(pool.as_str()),
+    }
+}
+
+/// `open` of an unbound token with `key`: host root always; otherwise the key's rule in
+/// `open_allowed_by_key`, else `open_allowed_uids`/`open_allowed_gids`. Root of a container is
+/// never named by uid or gid.
+fn may_open_unbound(caller: &Caller, policy: &Policy<'_>, key: &Thumbprint) -> bool {
+    if caller.host_root {
         return true;
     }
-    if let Some(rule) = policy.by_key.get(key) {
-        return rule.uids.contains(&caller.uid) || rule.gids.contains(&caller.gid);
+    if caller.is_container_root() {
+        return false;
     }
-    let by_uid = match policy.uids {
-        None => caller.uid != 0,
-        Some(uids) => uids.contains(&caller.uid),
+    let (uids, gids) = match policy.open_by_key.get(key) {
+        Some(rule) => (rule.uids.as_slice(), rule.gids.as_slice()),
+        None => (policy.open_uids, policy.open_gids),
     };
-    by_uid || policy.gids.contains(&caller.gid)
+    uids.contains(&caller.uid) || gids.iter().any(|g| caller.in_group(*g))
 }
 
-/// The keys among a token's recipients the caller may open with; refused (naming the first
-/// recipient) when there are none.
-pub(crate) fn openable_recipients(
-    caller: &Caller,
-    scope: &Scope,
-    policy: &OpenPolicy<'_>,
-    recipients: &[Thumbprint],
-) -> Result<Vec<Thumbprint>, Refusal> {
-    let allowed: Vec<Thumbprint> = recipients
-        .iter()
-        .filter(|tp| may_open(caller, scope, policy, tp))
-        .copied()
-        .collect();
-    match (allowed.is_empty(), recipients.first()) {
-        (false, _) => Ok(allowed),
-        (true, Some(first)) => Err(Refusal::OpenNotAllowed {
-            uid: caller.uid,
-            key: *first,
-        }),
-        (true, None) => Err(Refusal::NotAToken),
+/// Whether the caller could `open` some unbound token at all (host root, the global lists, or a
+/// per-key rule naming it), asked before a legacy ciphertext's key is looked up: which keys the
+/// node holds is not for a caller who could use none of them.
+pub(crate) fn may_present_unbound(caller: &Caller, policy: &Policy<'_>) -> Result<(), Refusal> {
+    if policy.require_audience {
+        return Err(Refusal::AudienceRequired);
+    }
+    let named = |uids: &[u32], gids: &[u32]| {
+        !caller.is_container_root()
+            && (uids.contains(&caller.uid) || gids.iter().any(|g| caller.in_group(*g)))
+    };
+    if caller.host_root
+        || named(policy.open_uids, policy.open_gids)
+        || policy.open_by_key.values().any(|r| named(&r.uids, &r.gids))
+    {
+        Ok(())
+    } else {
+        Err(Refusal::UnboundNotAllowed { uid: caller.uid })
+    }
+}
+
+/// The caller as a refusal names it: what the selectors were matched against.
+fn describe(caller: &Caller, task: Option<TaskIds<'_>>) -> String {
+    let who = if caller.host_root {
+        "host root".to_owned()
+    } else if caller.is_container_root() {
+        "container root".to_owned()
+    } else {
+        format!("uid {}", caller.uid)
+    };
+    match task {
+        Some(TaskIds {
+            job: Some(job),
+            task: Some(task),
+        }) => format!("{who} in task {job}/{task}"),
+        Some(TaskIds {
+            task: Some(task), ..
+        }) => format!("{who} in task {task}"),
+        _ => format!("{who}, no task"),
     }
 }
 
@@ -374,18 +598,19 @@ mod tests {
                 vec![OTHER, VICTIM],
                 Ok(vec![1]),
             ),
+            // Another's task answers like a missing one.
             (
                 caller(OTHER, OTHER, false),
                 Scope::Host,
                 vec![VICTIM],
-                Err(ErrorCode::Forbidden),
+                Err(ErrorCode::NotFound),
             ),
             // Sharing the owner's group is not ownership.
             (
                 caller(OTHER, VICTIM, false),
                 Scope::Host,
                 vec![VICTIM],
-                Err(ErrorCode::Forbidden),
+                Err(ErrorCode::NotFound),
             ),
             (
                 host_root(),
@@ -435,7 +660,7 @@ mod tests {
                 caller(OTHER, OTHER, false),
                 task_scope(),
                 vec![OTHER],
-                Err(ErrorCode::Forbidden),
+                Err(ErrorCode::NotFound),
             ),
             (
                 caller(VICTIM, VICTIM, false),
@@ -444,6 +669,14 @@ mod tests {
                 Err(ErrorCode::NotFound),
             ),
             (host_root(), task_scope(), vec![], Err(ErrorCode::NotFound)),
+            (host_root(), Scope::Host, vec![], Err(ErrorCode::NotFound)),
+            // Container root is refused as such whether the task exists or not.
+            (
+                container_root(),
+                Scope::Host,
+                vec![],
+                Err(ErrorCode::Forbidden),
+            ),
         ];
         for (who, scope, owners, expected) in table {
             let got = readable_files(&who, &scope, &dir, &owners).map_err(|e| e.code());
@@ -451,82 +684,576 @@ mod tests {
         }
     }
 
-    #[test]
-    fn who_may_open_presented_tokens() {
-        let key = Thumbprint([1; 20]);
-        let locked = Thumbprint([2; 20]);
-        let mut by_key = BTreeMap::new();
-        by_key.insert(
-            locked,
-            OpenRule {
-                uids: vec![OTHER],
-                gids: vec![GROUP],
-            },
-        );
-        let no_rules = BTreeMap::new();
-        let everyone = OpenPolicy {
-            uids: None,
-            gids: &[],
-            by_key: &by_key,
-        };
-        let only_victim = OpenPolicy {
-            uids: Some(&[VICTIM]),
-            gids: &[],
-            by_key: &no_rules,
-        };
-        let nobody_but_group = OpenPolicy {
-            uids: Some(&[]),
-            gids: &[GROUP],
-            by_key: &no_rules,
-        };
-        let v = caller(VICTIM, VICTIM, false);
-        let o = caller(OTHER, OTHER, false);
-        let in_group = caller(OTHER, GROUP, false);
-        // (caller, scope, policy, key, allowed)
-        let table = [
-            (v.clone(), Scope::Host, everyone, key, true),
-            (o.clone(), Scope::Host, everyone, key, true),
-            (container_root(), Scope::Host, everyone, key, false),
-            (host_root(), Scope::Host, everyone, key, true),
-            (host_root(), Scope::Host, nobody_but_group, key, true),
-            (v.clone(), Scope::Host, everyone, locked, false),
-            (o.clone(), Scope::Host, everyone, locked, true),
-            (
-                caller(VICTIM, GROUP, false),
-                Scope::Host,
-                everyone,
-                locked,
-                true,
-            ),
-            (v.clone(), Scope::Host, only_victim, key, true),
-            (o.clone(), Scope::Host, only_victim, key, false),
-            (o.clone(), Scope::Host, nobody_but_group, key, false),
-            (in_group, Scope::Host, nobody_but_group, key, true),
-            (o.clone(), task_scope(), nobody_but_group, key, true),
-            (container_root(), task_scope(), only_victim, key, true),
-        ];
-        for (who, scope, policy, tp, allowed) in table {
+    struct FakeAccounts;
+
+    impl Accounts for FakeAccounts {
+        fn uid_of_user(&self, name: &str) -> Option<u32> {
+            match name {
+                "victim" => Some(VICTIM),
+                "root" => Some(0),
+                _ => None,
+            }
+        }
+        fn gid_of_group(&self, name: &str) -> Option<u32> {
+            (name == "grp").then_some(GROUP)
+        }
+    }
+
+    const KEY: Thumbprint = Thumbprint([1; 20]);
+    const LOCKED: Thumbprint = Thumbprint([2; 20]);
+    const VICTIM_TASK: TaskIds<'static> = TaskIds {
+        job: Some("nightly"),
+        task: Some("t1"),
+    };
+    const OTHER_TASK: TaskIds<'static> = TaskIds {
+        job: Some("other-job"),
+        task: Some("t9"),
+    };
+    const FLAT_TASK: TaskIds<'static> = TaskIds {
+        job: None,
+        task: Some("t1"),
+    };
+
+    fn sel(s: &str) -> Selector {
+        s.parse().unwrap()
+    }
+    fn victim() -> Caller {
+        caller(VICTIM, VICTIM, false)
+    }
+    fn other() -> Caller {
+        caller(OTHER, OTHER, false)
+    }
+    fn supplementary() -> Caller {
+        Caller {
+            groups: vec![5, GROUP],
+            ..other()
+        }
+    }
+    fn in_env_file(owner: u32, task: TaskIds<'static>) -> Origin<'static> {
+        Origin::EnvFile { owner, task }
+    }
+    fn presented(task: Option<TaskIds<'static>>) -> Origin<'static> {
+        Origin::Presented { task }
+    }
+
+    /// One row: who, on which socket, where the value came from, its audience (`None`:
+    /// unbound), and whether it opens (`Ok`) or the refusal's code.
+    type Row = (
+        Caller,
+        Scope,
+        Origin<'static>,
+        Option<Vec<Selector>>,
+        Result<(), ErrorCode>,
+    );
+
+    fn run(rows: Vec<Row>, policy: &Policy<'_>) {
+        for (i, (who, scope, origin, audience, expected)) in rows.into_iter().enumerate() {
+            let audience = match &audience {
+                Some(s) => Audience::Bound(s),
+                None => Audience::Unbound,
+            };
+            let opening = Opening {
+                caller: &who,
+                scope: &scope,
+                origin,
+                audience,
+                keys: &[KEY],
+            };
+            let got = decide(&opening, policy, &FakeAccounts)
+                .map(drop)
+                .map_err(|e| e.code());
             assert_eq!(
-                may_open(&who, &scope, &policy, &tp),
-                allowed,
-                "{who:?} on {scope:?} with {policy:?} for {tp}"
+                got, expected,
+                "row {i}: {who:?} on {scope:?} from {origin:?} for {audience:?}"
             );
         }
-        // A token for several keys opens with the allowed ones only; none allowed names the first.
-        assert_eq!(
-            openable_recipients(&v, &Scope::Host, &everyone, &[locked, key]).unwrap(),
-            vec![key]
+    }
+
+    fn default_rules() -> BTreeMap<Thumbprint, OpenRule> {
+        BTreeMap::new()
+    }
+
+    fn policy<'a>(rules: &'a BTreeMap<Thumbprint, OpenRule>) -> Policy<'a> {
+        Policy {
+            pool_id: Some("pool-1"),
+            open_uids: &[],
+            open_gids: &[],
+            open_by_key: rules,
+            require_audience: false,
+        }
+    }
+
+    #[test]
+    fn every_selector_kind_matches_its_own_and_nothing_else() {
+        let rules = default_rules();
+        let p = policy(&rules);
+        let ok = Ok(());
+        let no = Err(ErrorCode::Forbidden);
+        let host = || Scope::Host;
+        let b = |s: &[&str]| Some(s.iter().map(|s| sel(s)).collect::<Vec<_>>());
+        let rows: Vec<Row> = vec![
+            // uid
+            (victim(), host(), presented(None), b(&["uid:1000"]), ok),
+            (other(), host(), presented(None), b(&["uid:1000"]), no),
+            (
+                victim(),
+                task_scope(),
+                presented(Some(VICTIM_TASK)),
+                b(&["uid:1000"]),
+                ok,
+            ),
+            (host_root(), host(), presented(None), b(&["uid:0"]), ok),
+            // Container root is not "uid 0" of the node.
+            (
+                container_root(),
+                task_scope(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["uid:0"]),
+                no,
+            ),
+            (
+                container_root(),
+                task_scope(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["user:root"]),
+                no,
+            ),
+            (
+                container_root(),
+                task_scope(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["gid:0"]),
+                no,
+            ),
+            // user, resolved by name; unknown names match nobody
+            (victim(), host(), presented(None), b(&["user:victim"]), ok),
+            (other(), host(), presented(None), b(&["user:victim"]), no),
+            (
+                victim(),
+                host(),
+                presented(None),
+                b(&["user:nobody-here"]),
+                no,
+            ),
+            // gid: primary or supplementary
+            (
+                caller(OTHER, GROUP, false),
+                host(),
+                presented(None),
+                b(&["gid:2000"]),
+                ok,
+            ),
+            (
+                supplementary(),
+                host(),
+                presented(None),
+                b(&["gid:2000"]),
+                ok,
+            ),
+            (other(), host(), presented(None), b(&["gid:2000"]), no),
+            // group, resolved by name
+            (
+                supplementary(),
+                host(),
+                presented(None),
+                b(&["group:grp"]),
+                ok,
+            ),
+            (other(), host(), presented(None), b(&["group:grp"]), no),
+            (
+                supplementary(),
+                host(),
+                presented(None),
+                b(&["group:nogroup-here"]),
+                no,
+            ),
+            // job: the verified task the value came from
+            (
+                container_root(),
+                task_scope(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["job:nightly"]),
+                ok,
+            ),
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["job:nightly"]),
+                ok,
+            ),
+            (
+                other(),
+                host(),
+                in_env_file(OTHER, OTHER_TASK),
+                b(&["job:nightly"]),
+                no,
+            ),
+            (
+                victim(),
+                host(),
+                presented(Some(VICTIM_TASK)),
+                b(&["job:nightly"]),
+                ok,
+            ),
+            (
+                other(),
+                host(),
+                presented(Some(OTHER_TASK)),
+                b(&["job:nightly"]),
+                no,
+            ),
+            (victim(), host(), presented(None), b(&["job:nightly"]), no),
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, FLAT_TASK),
+                b(&["job:nightly"]),
+                no,
+            ),
+            // task: job and task both
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["task:nightly/t1"]),
+                ok,
+            ),
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["task:nightly/t2"]),
+                no,
+            ),
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["task:other-job/t1"]),
+                no,
+            ),
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, FLAT_TASK),
+                b(&["task:nightly/t1"]),
+                no,
+            ),
+            (
+                victim(),
+                task_scope(),
+                presented(Some(VICTIM_TASK)),
+                b(&["task:nightly/t1"]),
+                ok,
+            ),
+            // pool: the configured pool id
+            (other(), host(), presented(None), b(&["pool:pool-1"]), ok),
+            (other(), host(), presented(None), b(&["pool:pool-2"]), no),
+            // any one selector is enough; host root is no exception
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["uid:1001", "job:nightly"]),
+                ok,
+            ),
+            (
+                host_root(),
+                host(),
+                presented(None),
+                b(&["job:nightly", "uid:1000"]),
+                no,
+            ),
+            (
+                host_root(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["job:nightly"]),
+                ok,
+            ),
+            // a bound value in a file the caller may not read is still not served
+            (
+                other(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                b(&["uid:1001"]),
+                no,
+            ),
+        ];
+        run(rows, &p);
+        let no_pool = Policy { pool_id: None, ..p };
+        run(
+            vec![(
+                other(),
+                Scope::Host,
+                presented(None),
+                b(&["pool:pool-1"]),
+                no,
+            )],
+            &no_pool,
         );
-        let refused = openable_recipients(&v, &Scope::Host, &everyone, &[locked]).unwrap_err();
+    }
+
+    #[test]
+    fn unbound_tokens_on_every_path() {
+        let mut rules = default_rules();
+        rules.insert(
+            LOCKED,
+            OpenRule {
+                uids: vec![OTHER],
+                gids: vec![],
+            },
+        );
+        let ok = Ok(());
+        let no = Err(ErrorCode::Forbidden);
+        let host = || Scope::Host;
+        let by_default: Vec<Row> = vec![
+            // From an env file: whoever may read the file.
+            (victim(), host(), in_env_file(VICTIM, VICTIM_TASK), None, ok),
+            (other(), host(), in_env_file(VICTIM, VICTIM_TASK), None, no),
+            (
+                container_root(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                None,
+                no,
+            ),
+            (
+                container_root(),
+                task_scope(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                None,
+                ok,
+            ),
+            (
+                other(),
+                task_scope(),
+                in_env_file(OTHER, OTHER_TASK),
+                None,
+                no,
+            ),
+            (
+                host_root(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                None,
+                ok,
+            ),
+            // Presented: host root only, by default; per-task sockets no longer always may.
+            (victim(), host(), presented(Some(VICTIM_TASK)), None, no),
+            (
+                victim(),
+                task_scope(),
+                presented(Some(VICTIM_TASK)),
+                None,
+                no,
+            ),
+            (
+                container_root(),
+                task_scope(),
+                presented(Some(VICTIM_TASK)),
+                None,
+                no,
+            ),
+            (host_root(), host(), presented(None), None, ok),
+            (host_root(), task_scope(), presented(None), None, ok),
+        ];
+        run(by_default, &policy(&rules));
+
+        let named = Policy {
+            open_uids: &[VICTIM],
+            open_gids: &[GROUP],
+            ..policy(&rules)
+        };
+        run(
+            vec![
+                (victim(), host(), presented(None), None, ok),
+                (
+                    victim(),
+                    task_scope(),
+                    presented(Some(VICTIM_TASK)),
+                    None,
+                    ok,
+                ),
+                (supplementary(), host(), presented(None), None, ok),
+                (other(), host(), presented(None), None, no),
+                (container_root(), task_scope(), presented(None), None, no),
+            ],
+            &named,
+        );
+        // A per-key rule replaces the global one for its key; a token for several keys opens
+        // with the allowed ones; none allowed names the first.
+        let both = [LOCKED, KEY];
+        let decide_keys = |who: &Caller, keys: &[Thumbprint]| {
+            decide(
+                &Opening {
+                    caller: who,
+                    scope: &Scope::Host,
+                    origin: presented(None),
+                    audience: Audience::Unbound,
+                    keys,
+                },
+                &named,
+                &FakeAccounts,
+            )
+        };
+        assert_eq!(decide_keys(&victim(), &both).unwrap(), vec![KEY]);
+        assert_eq!(decide_keys(&other(), &both).unwrap(), vec![LOCKED]);
+        let refused = decide_keys(&victim(), &[LOCKED]).unwrap_err();
         assert_eq!(refused.code(), ErrorCode::Forbidden);
         assert!(
-            refused.to_string().contains(&locked.to_string()),
+            refused.to_string().contains(&LOCKED.to_string()),
             "{refused}"
         );
         assert_eq!(
-            code(openable_recipients(&v, &Scope::Host, &everyone, &[])),
+            code(decide_keys(&host_root(), &[])),
             Some(ErrorCode::BadToken)
         );
+    }
+
+    #[test]
+    fn who_may_present_an_unbound_token_before_its_key_is_known() {
+        let mut rules = default_rules();
+        rules.insert(
+            LOCKED,
+            OpenRule {
+                uids: vec![OTHER],
+                gids: vec![],
+            },
+        );
+        let p = Policy {
+            open_gids: &[GROUP],
+            ..policy(&rules)
+        };
+        assert!(may_present_unbound(&host_root(), &p).is_ok());
+        assert!(
+            may_present_unbound(&other(), &p).is_ok(),
+            "named by a key's rule"
+        );
+        assert!(may_present_unbound(&supplementary(), &p).is_ok());
+        assert!(may_present_unbound(&victim(), &p).is_err());
+        assert!(may_present_unbound(&container_root(), &p).is_err());
+        let strict = Policy {
+            require_audience: true,
+            ..p
+        };
+        assert!(may_present_unbound(&host_root(), &strict).is_err());
+    }
+
+    #[test]
+    fn require_audience_refuses_unbound_tokens_everywhere_and_keeps_bound_ones() {
+        let rules = default_rules();
+        let strict = Policy {
+            open_uids: &[VICTIM],
+            require_audience: true,
+            ..policy(&rules)
+        };
+        let no = Err(ErrorCode::Forbidden);
+        let host = || Scope::Host;
+        let rows: Vec<Row> = vec![
+            (victim(), host(), in_env_file(VICTIM, VICTIM_TASK), None, no),
+            (
+                container_root(),
+                task_scope(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                None,
+                no,
+            ),
+            (
+                host_root(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                None,
+                no,
+            ),
+            (victim(), host(), presented(None), None, no),
+            (host_root(), host(), presented(None), None, no),
+            (
+                victim(),
+                host(),
+                in_env_file(VICTIM, VICTIM_TASK),
+                Some(vec![sel("job:nightly")]),
+                Ok(()),
+            ),
+        ];
+        run(rows, &strict);
+    }
+
+    #[test]
+    fn a_refusal_names_the_audience_and_what_it_was_matched_against() {
+        let rules = default_rules();
+        let audience = [sel("job:nightly"), sel("uid:1000")];
+        let refused = decide(
+            &Opening {
+                caller: &other(),
+                scope: &Scope::Host,
+                origin: in_env_file(OTHER, OTHER_TASK),
+                audience: Audience::Bound(&audience),
+                keys: &[KEY],
+            },
+            &policy(&rules),
+            &FakeAccounts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("job:nightly, uid:1000"), "{refused}");
+        assert!(
+            refused.contains("uid 1001 in task other-job/t9"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_missing_task_and_another_uids_task_answer_alike() {
+        let dir = task_dir();
+        for who in [other(), supplementary(), caller(OTHER, VICTIM, false)] {
+            let missing = readable_files(&who, &Scope::Host, &dir, &[]).unwrap_err();
+            let foreign = readable_files(&who, &Scope::Host, &dir, &[VICTIM]).unwrap_err();
+            assert_eq!(missing.code(), foreign.code());
+            assert_eq!(missing.to_string(), foreign.to_string());
+        }
+    }
+
+    #[test]
+    fn the_task_an_open_speaks_for() {
+        let one = |_| vec![task_dir()];
+        let two = |_| vec![task_dir(), PathBuf::from("/x/t2")];
+        let none = |_| Vec::new();
+        type Owned = fn(u32) -> Vec<PathBuf>;
+        type Row<'a> = (
+            Caller,
+            Scope,
+            Option<&'a str>,
+            Owned,
+            Result<Option<PathBuf>, ErrorCode>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            (victim(), Scope::Host, None, one, Ok(Some(task_dir()))),
+            (victim(), Scope::Host, None, two, Ok(None)),
+            (victim(), Scope::Host, None, none, Ok(None)),
+            (host_root(), Scope::Host, None, one, Ok(None)),
+            (container_root(), Scope::Host, None, one, Ok(None)),
+            (
+                victim(),
+                Scope::Host,
+                Some("/x/t2/wd"),
+                one,
+                Ok(Some(PathBuf::from("/x/t2"))),
+            ),
+            (other(), task_scope(), None, none, Ok(Some(task_dir()))),
+            (
+                other(),
+                task_scope(),
+                Some("/x/t2"),
+                none,
+                Err(ErrorCode::Forbidden),
+            ),
+        ];
+        for (who, scope, asked, owned, expected) in rows {
+            let got = task_for_open(&who, &scope, asked, owned).map_err(|e| e.code());
+            assert_eq!(got, expected, "{who:?} on {scope:?} asking {asked:?}");
+        }
     }
 
     #[test]

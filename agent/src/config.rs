@@ -82,16 +82,24 @@ pub struct Config {
     pub cache_ttl_secs: u64,
     /// Connection and request limits.
     pub limits: Limits,
-    /// Uids allowed to use `open`; `null` means every non-root uid (host root always may).
-    pub open_allowed_uids: Option<Vec<u32>>,
-    /// Gids allowed to use `open` in addition to `open_allowed_uids`.
+    /// Uids allowed to `open` unbound tokens (host root always may; bound tokens follow their
+    /// audience). Default none. `null`, which once meant every non-root uid, now means none too.
+    #[serde(deserialize_with = "deserialize_null_is_none")]
+    pub open_allowed_uids: Vec<u32>,
+    /// Gids (primary or supplementary) allowed to `open` unbound tokens, in addition.
     pub open_allowed_gids: Vec<u32>,
-    /// Per-key `open` rules by thumbprint, replacing the two fields above for that key.
+    /// Per-key rules for `open` of unbound tokens by thumbprint, replacing the two fields
+    /// above for that key.
     #[serde(
         serialize_with = "serialize_rules_by_key",
         deserialize_with = "deserialize_rules_by_key"
     )]
     pub open_allowed_by_key: BTreeMap<Thumbprint, OpenRule>,
+    /// Refuse every unbound token (v1 without an audience, legacy Shipyard ciphertexts) on
+    /// every path, for everyone.
+    pub require_audience: bool,
+    /// This node's Batch pool id, matched by `pool:` selectors; `null` matches none.
+    pub pool_id: Option<String>,
 }
 
 /// Permission bits of the host socket, written in the file as an octal string (`"0666"`).
@@ -199,6 +207,10 @@ fn deserialize_legacy_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Thum
                 .map_err(|e| serde::de::Error::custom(format!("legacy_key: {e}")))
         })
         .transpose()
+}
+
+fn deserialize_null_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    Ok(Option::<Vec<u32>>::deserialize(d)?.unwrap_or_default())
 }
 
 fn serialize_rules_by_key<S: Serializer>(
@@ -399,9 +411,11 @@ impl Default for Config {
             task_socket_name: Some("nodeseal.sock".into()),
             cache_ttl_secs: 300,
             limits: Limits::default(),
-            open_allowed_uids: None,
+            open_allowed_uids: Vec::new(),
             open_allowed_gids: Vec::new(),
             open_allowed_by_key: BTreeMap::new(),
+            require_audience: false,
+            pool_id: None,
         }
     }
 }
@@ -503,6 +517,14 @@ impl Config {
                 return Err(invalid(
                     "env_file_names",
                     format!("{name:?} must be a plain file name"),
+                ));
+            }
+        }
+        if let Some(pool) = &self.pool_id {
+            if !nodeseal_envelope::audience::is_valid_batch_id(pool) {
+                return Err(invalid(
+                    "pool_id",
+                    format!("{pool:?} is not a Batch pool id (letters, digits, '-', '_', 1 to 64)"),
                 ));
             }
         }
@@ -631,6 +653,8 @@ mod tests {
             ),
             (r#"{"task_socket_name": "a/b"}"#, "task_socket_name"),
             (r#"{"legacy_key": "abc"}"#, "legacy_key"),
+            (r#"{"pool_id": "a/b"}"#, "pool_id"),
+            (r#"{"pool_id": ""}"#, "pool_id"),
             (
                 r#"{"open_allowed_by_key": {"xyz": {"uids": [1]}}}"#,
                 "open_allowed_by_key",
@@ -715,6 +739,17 @@ mod tests {
             );
             Config::parse(&json, Path::new("t.json")).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
+    }
+
+    #[test]
+    fn open_is_for_nobody_by_default_and_the_old_null_no_longer_means_everyone() {
+        assert!(Config::default().open_allowed_uids.is_empty());
+        let old = Config::parse(r#"{"open_allowed_uids": null}"#, Path::new("t")).unwrap();
+        assert!(old.open_allowed_uids.is_empty());
+        let listed = Config::parse(r#"{"open_allowed_uids": [1000, 1001]}"#, Path::new("t"));
+        assert_eq!(listed.unwrap().open_allowed_uids, vec![1000, 1001]);
+        let pool = Config::parse(r#"{"pool_id": "pool-1_a"}"#, Path::new("t")).unwrap();
+        assert_eq!(pool.pool_id.as_deref(), Some("pool-1_a"));
     }
 
     #[test]

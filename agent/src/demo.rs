@@ -30,6 +30,9 @@ const DEMO_VALUES: &[(&str, &str, &str)] = &[
     ("LOG_LEVEL", "plain", "debug"),
 ];
 
+/// Who DATABASE_URL is sealed for.
+const DEMO_AUDIENCE: &str = "job:demo-job";
+
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
 }
@@ -65,6 +68,12 @@ pub async fn run(keep: bool) -> Result<()> {
     let mut env = String::from("# written by the job submitter: only ciphertext below\n");
     let mut replay_token = String::new();
     for (name, format, value) in DEMO_VALUES {
+        // DATABASE_URL is for this job only: a copy of its token opens nowhere else.
+        let audience = if *name == "DATABASE_URL" {
+            vec![DEMO_AUDIENCE.parse()?]
+        } else {
+            Vec::new()
+        };
         let sealed = match *format {
             "v1" => token::seal(
                 value.as_bytes(),
@@ -72,7 +81,7 @@ pub async fn run(keep: bool) -> Result<()> {
                 &SealOptions {
                     name: Some((*name).to_owned()),
                     not_after: None,
-                    ..Default::default()
+                    audience,
                 },
             )?,
             "shipyard" => legacy::seal(value.as_bytes(), &recipient.public_key)?,
@@ -83,13 +92,35 @@ pub async fn run(keep: bool) -> Result<()> {
         } else {
             format!("{sealed} ({format})")
         };
-        println!("    {name}={shown}");
+        let bound = if *name == "DATABASE_URL" {
+            format!(", for {DEMO_AUDIENCE}")
+        } else {
+            String::new()
+        };
+        println!("    {name}={shown}{bound}");
         if *name == "DATABASE_URL" {
             replay_token = sealed.clone();
         }
         env.push_str(&format!("{name}={sealed}\n"));
     }
     node.write_env(&task_dir, &env);
+    // Another job's task, run by another user when the demo runs as root, holding a copy of the
+    // job-bound token (copied from an env file or a process listing).
+    let other_task = node.task("other-job", "task-9");
+    node.write_env(&other_task, &format!("DATABASE_URL={replay_token}\n"));
+    let other_uid = if nix::unistd::geteuid().is_root() {
+        let nobody = 65534;
+        for p in [
+            other_task.join("wd/.shipyard.envlist"),
+            other_task.join("wd"),
+            other_task.clone(),
+        ] {
+            std::os::unix::fs::chown(&p, Some(nobody), Some(nobody))?;
+        }
+        Some(nobody)
+    } else {
+        None
+    };
 
     step(4, "Node: start nodeseal-agent on this layout");
     // The config file an operator would write for this node: the Batch drop dir (ingested),
@@ -161,6 +192,38 @@ pub async fn run(keep: bool) -> Result<()> {
             }
             other => bail!("expected bad_token, got {:?}", other.map(|_| "a value")),
         }
+        step(
+            7,
+            "Audiences: the job-bound DATABASE_URL opens for its task and nowhere else",
+        );
+        let opened = client.open(&replay, Some("DATABASE_URL"))?;
+        if opened.expose() != DEMO_VALUES[2].2 {
+            bail!("DATABASE_URL: open returned a different value than was sealed");
+        }
+        println!("    open <DATABASE_URL token> from task-1 of demo-job -> served");
+        let other = other_task.display().to_string();
+        let req = serde_json::json!({"op": "get", "name": "DATABASE_URL", "task": other});
+        let refused = match other_uid {
+            Some(uid) => {
+                let r = nodeseal_testkit::request_as(uid, &socket2, &req);
+                println!("    uid {uid}, task-9 of other-job, the same token in its env file ->");
+                r
+            }
+            None => {
+                println!(
+                    "    task-9 of other-job, the same token in its env file (as root the demo \
+                     asks as another uid) ->"
+                );
+                nodeseal_testkit::request_at(&socket2, &req).context("the agent did not answer")?
+            }
+        };
+        if refused["ok"] != false || refused["error"]["code"] != "forbidden" {
+            bail!("expected forbidden for another job's task, got {refused}");
+        }
+        println!(
+            "      {}",
+            refused["error"]["message"].as_str().unwrap_or("")
+        );
         Ok(())
     })
     .await?;

@@ -15,7 +15,9 @@
 //!    caller may, opens values on the decrypt pool (`handler::decrypt`, `decrypt_pool`) and
 //!    writes one audit line (`handler::audit`). Every refusal is a `refusal::Refusal`, mapped to
 //!    the wire's error codes in one place.
-//! 3. `authz` is pure: caller, socket scope, task ownership and `open` policy in, decision out.
+//! 3. `authz` is pure: caller, socket scope, task ownership, the token's audience and the
+//!    opening policy in, decision out; `authz::decide` decides every opening (`get`, `env`,
+//!    `list`, `open`, both kinds of socket), with user and group names resolved by `accounts`.
 //!
 //! Changes travel `watch` → `lifecycle` → {`keys`, `tasks`}:
 //!
@@ -32,6 +34,7 @@
 //! and [`run`] here: the seam `main` and the demo use to start and stop the agent.
 #![deny(unsafe_code)]
 
+mod accounts;
 pub mod admin;
 mod authz;
 mod budget;

@@ -34,12 +34,30 @@ pub(crate) enum Refusal {
     ContainerRoot,
     #[error("this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): admin operations are refused and uid 0 is not host root here; use the task's own socket for a task's values")]
     CallerUnattested,
-    #[error("uid {uid} does not own the env files of task {}", task_dir.display())]
-    NotOwner { uid: u32, task_dir: PathBuf },
+    /// For a caller other than host root: one answer whether the task does not exist or is
+    /// another's, so callers cannot probe which tasks exist.
+    #[error("no env file of task {} that uid {uid} may read is known", task_dir.display())]
+    NoReadableTask { uid: u32, task_dir: PathBuf },
+    #[error("this value's env file is not the caller's to read")]
+    NoReadableValue,
+    /// The policy's refusal of a bound token: which selectors, matched against what.
+    #[error(
+        "the token is bound to the audience {} and this caller ({caller}) is not in it; seal the \
+         value with an --audience that names the caller",
+        selectors(audience)
+    )]
+    NotForCaller {
+        audience: Vec<Selector>,
+        caller: String,
+    },
+    #[error("this agent requires an audience (require_audience) and this value is sealed without one; seal it again with --audience")]
+    AudienceRequired,
     #[error("no variable {name} in this task's env files")]
     NoSuchVariable { name: String },
-    #[error("uid {uid} may not open tokens of key {key} (see open_allowed_uids and open_allowed_by_key in the agent config)")]
+    #[error("uid {uid} may not open unbound tokens of key {key}: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids, or a rule in open_allowed_by_key) in the agent config")]
     OpenNotAllowed { uid: u32, key: Thumbprint },
+    #[error("uid {uid} may not open unbound tokens: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids) in the agent config")]
+    UnboundNotAllowed { uid: u32 },
     #[error(
         "the token is bound to the audience {} and this caller is not in it; seal the value \
          with an --audience that names the caller",
@@ -146,12 +164,16 @@ impl Refusal {
             | Self::ForeignTask
             | Self::ContainerRoot
             | Self::CallerUnattested
-            | Self::NotOwner { .. }
+            | Self::NoReadableValue
+            | Self::NotInAudience { .. }
+            | Self::NotForCaller { .. }
+            | Self::AudienceRequired
             | Self::OpenNotAllowed { .. }
-            | Self::NotInAudience { .. } => ErrorCode::Forbidden,
-            Self::NoTaskOwned { .. } | Self::UnknownTask { .. } | Self::NoSuchVariable { .. } => {
-                ErrorCode::NotFound
-            }
+            | Self::UnboundNotAllowed { .. } => ErrorCode::Forbidden,
+            Self::NoTaskOwned { .. }
+            | Self::UnknownTask { .. }
+            | Self::NoReadableTask { .. }
+            | Self::NoSuchVariable { .. } => ErrorCode::NotFound,
             Self::InvalidStoredToken { .. }
             | Self::NotAToken
             | Self::LegacyKeySizeMismatch { .. }

@@ -347,8 +347,11 @@ class Client:
         return names
 
     def open(self, token: str, name: Optional[str] = None) -> Secret:
-        """Decrypt a token the caller holds; ``name`` is the variable it will be used as."""
-        req: Dict[str, Any] = {"op": "open", "token": token}
+        """Decrypt a token the caller holds; ``name`` is the variable it will be used as.
+
+        The task (if known) goes along: a token sealed for a job or task opens only for it."""
+        req: Dict[str, Any] = self._scoped("open")
+        req["token"] = token
         if name is not None:
             req["name"] = name
         return Secret(self._field(self.request(req), "value", str))

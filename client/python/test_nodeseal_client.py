@@ -180,7 +180,7 @@ class OperationsTest(AgentTest):
                 {"op": "get", "name": "PW", "task": "/tasks/t1"},
                 {"op": "env", "task": "/tasks/t1"},
                 {"op": "list", "task": "/tasks/t1"},
-                {"op": "open", "token": "nodeseal.v1.x", "name": "TOK"},
+                {"op": "open", "task": "/tasks/t1", "token": "nodeseal.v1.x", "name": "TOK"},
                 {"op": "health"},
                 {"op": "status"},
                 {"op": "revoke", "thumbprint": "AB", "purge": True},

@@ -111,7 +111,7 @@ impl AsyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn open(&mut self, token: &str, name: Option<&str>) -> Result<Secret> {
-        self.call(ops::open(token, name)).await
+        self.call(ops::open(token, name, self.task())).await
     }
 
     /// Liveness and version.

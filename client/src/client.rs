@@ -138,7 +138,7 @@ impl Client {
     /// # Ok::<(), nodeseal_client::Error>(())
     /// ```
     pub fn open(&mut self, token: &str, name: Option<&str>) -> Result<Secret> {
-        self.call(ops::open(token, name))
+        self.call(ops::open(token, name, self.task()))
     }
 
     /// Liveness: `{"status":"ok","version":"0.1.0","keys":N,"tasks":N}`.

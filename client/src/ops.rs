@@ -39,11 +39,12 @@ pub(crate) fn list(task: Option<&str>) -> Call<Vec<String>> {
     }
 }
 
-pub(crate) fn open(token: &str, name: Option<&str>) -> Call<Secret> {
+pub(crate) fn open(token: &str, name: Option<&str>, task: Option<&str>) -> Call<Secret> {
     Call {
         op: Operation::Open {
             token: token.to_string(),
             name: name.map(str::to_string),
+            task: task.map(str::to_string),
         },
         parse: |resp| take_value(resp, "open"),
     }

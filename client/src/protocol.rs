@@ -98,10 +98,11 @@ impl WireRequest {
                 Operation::List { task: self.task }
             }
             "open" => {
-                self.only(&["token", "name"])?;
+                self.only(&["token", "name", "task"])?;
                 Operation::Open {
                     token: Self::required(self.token, "token", op)?,
                     name: self.name,
+                    task: self.task,
                 }
             }
             "health" => {
@@ -209,6 +210,12 @@ pub enum Operation {
         /// The variable name the caller will use the value as.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// The caller's task directory: the job and task a bound token's `job:`/`task:`
+        /// selectors are matched against (it must be a task the caller may read). Omitted: the
+        /// per-task socket's task, or on the host socket the caller's only task, if it has
+        /// exactly one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task: Option<String>,
     },
     /// Liveness and version; allowed to everyone.
     Health,
@@ -413,6 +420,25 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::new(Operation::List { task: None })).unwrap(),
             r#"{"v":1,"op":"list"}"#
+        );
+    }
+
+    #[test]
+    fn open_may_name_the_callers_task() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"open","token":"t","name":"A","task":"/t/wd"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Operation::Open {
+                token: "t".into(),
+                name: Some("A".into()),
+                task: Some("/t/wd".into())
+            }
+        );
+        let without: Request = serde_json::from_str(r#"{"op":"open","token":"t"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&without).unwrap(),
+            r#"{"v":1,"op":"open","token":"t"}"#
         );
     }
 

@@ -179,6 +179,7 @@ fn exec_replaces_the_environment() {
         .env("KEEP", "inherited")
         .env("TOK", "nodeseal.v1.abc")
         .env("B", "overridden by the task")
+        .env("AZ_BATCH_TASK_DIR", "/tasks/t1")
         .args(["exec", "--", "/usr/bin/env"]));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let lines = env_lines(&o);
@@ -198,6 +199,8 @@ fn exec_replaces_the_environment() {
         .find(|r| r["op"] == "open")
         .unwrap();
     assert_eq!(open["name"], "TOK");
+    // Its task goes along, so job- and task-bound tokens open for it.
+    assert_eq!(open["task"], "/tasks/t1");
 }
 
 #[test]

@@ -58,7 +58,8 @@ fn every_operation_sends_the_documented_request() {
             json!({"op": "get", "name": "A", "task": "/tasks/t1"}),
             json!({"op": "env", "task": "/tasks/t1"}),
             json!({"op": "list", "task": "/tasks/t1"}),
-            json!({"op": "open", "token": "nodeseal.v1.xyz", "name": "TOK"}),
+            // The task goes with `open` too: job- and task-bound tokens are matched against it.
+            json!({"op": "open", "token": "nodeseal.v1.xyz", "name": "TOK", "task": "/tasks/t1"}),
             json!({"op": "health"}),
             json!({"op": "status"}),
             json!({"op": "revoke", "thumbprint": "ABCD", "purge": true}),

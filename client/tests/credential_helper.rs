@@ -137,6 +137,7 @@ fn tokens_in_the_process_environment_are_opened() {
             ("NODESEAL_REGISTRY_EX_SERVER", "registry.example.com:5000"),
             ("NODESEAL_REGISTRY_EX_USERNAME", "bot"),
             ("NODESEAL_REGISTRY_EX_PASSWORD", "nodeseal.v1.tok"),
+            ("AZ_BATCH_TASK_DIR", "/tasks/t1"),
         ],
     );
     assert_eq!(
@@ -149,6 +150,10 @@ fn tokens_in_the_process_environment_are_opened() {
         .find(|r| r["op"] == "open")
         .unwrap();
     assert_eq!(open["name"], "NODESEAL_REGISTRY_EX_PASSWORD");
+    assert_eq!(
+        open["task"], "/tasks/t1",
+        "the helper's task goes with open"
+    );
 }
 
 #[test]

@@ -95,6 +95,7 @@ fn random_op(rng: &mut Rng) -> Operation {
         3 => Operation::Open {
             token: rng.string(200),
             name: rng.opt_string(20),
+            task: rng.opt_string(40),
         },
         4 => Operation::Health,
         5 => Operation::Status,

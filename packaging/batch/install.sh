@@ -18,6 +18,8 @@
 #                              root not required (image building, tests)
 #   NODESEAL_INSTALL_NO_SYSTEMD=1  lay the files down but do not touch systemd
 #   NODESEAL_READY_TIMEOUT     seconds to wait for the agent to become ready (default 60)
+#   AZ_BATCH_POOL_ID           optional; becomes the config's pool_id (what pool: audience
+#                              selectors match)
 #
 # /etc/nodeseal/agent.json is written from the node's AZ_BATCH_* paths when it does not exist,
 # when it is the packaged default, or when it is unchanged since this script last wrote it
@@ -49,6 +51,10 @@ check_path AZ_BATCH_NODE_ROOT_DIR "${AZ_BATCH_NODE_ROOT_DIR:-}" /mnt/batch/tasks
 check_path AZ_BATCH_NODE_STARTUP_DIR "${AZ_BATCH_NODE_STARTUP_DIR:-}" /mnt/batch/tasks/startup
 node_root="${AZ_BATCH_NODE_ROOT_DIR%/}"
 startup_dir="${AZ_BATCH_NODE_STARTUP_DIR%/}"
+
+pool_id="${AZ_BATCH_POOL_ID:-}"
+case "$pool_id" in *[!A-Za-z0-9_-]*) die "AZ_BATCH_POOL_ID is not a Batch pool id (letters, digits, '-', '_'): '$pool_id'" ;; esac
+[ "${#pool_id}" -le 64 ] || die "AZ_BATCH_POOL_ID is longer than a Batch pool id (64): '$pool_id'"
 
 ready_timeout="${NODESEAL_READY_TIMEOUT:-60}"
 case "$ready_timeout" in ''|*[!0-9]*) die "NODESEAL_READY_TIMEOUT must be a whole number of seconds, got '$ready_timeout'" ;; esac
@@ -211,6 +217,7 @@ marker="$destdir/etc/nodeseal/.agent.json.installer-sha256"
 wanted="$work/agent.json"
 sed -e "s|\"/mnt/batch/tasks/startup/certs\"|\"$startup_dir/certs\"|" \
     -e "s|\"env_roots\": \[\"/mnt/batch/tasks/workitems\"\]|\"env_roots\": [\"$node_root/workitems\"]|" \
+    ${pool_id:+-e "s|\"pool_id\": null|\"pool_id\": \"$pool_id\"|"} \
     "$destdir$template" > "$wanted"
 if ! { grep -qF "\"$startup_dir/certs\"" "$wanted" && grep -qF "\"env_roots\": [\"$node_root/workitems\"]" "$wanted"; }; then
     die "$template does not have the expected default batch_certs path and env_roots; cannot derive the node config from it"

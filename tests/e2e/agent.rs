@@ -217,8 +217,23 @@ fn other_uids_are_refused_and_owners_served() {
     let req = json!({"op": "get", "name": "DATABASE_URL", "task": task});
     assert_eq!(request_as(4242, &node.socket, &req)["value"], DB_URL);
     let denied = request_as(4243, &node.socket, &req);
-    assert_eq!(code_of(&denied), "forbidden", "{denied}");
+    // Another uid's task answers exactly like a task that does not exist.
+    assert_eq!(code_of(&denied), "not_found", "{denied}");
     assert!(!denied.to_string().contains(DB_URL));
+    let missing_task = task.with_file_name("no-such-task");
+    let missing = request_as(
+        4243,
+        &node.socket,
+        &json!({"op": "get", "name": "DATABASE_URL", "task": missing_task}),
+    );
+    let scrub = |r: &serde_json::Value, dir: &std::path::Path| {
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .replace(&dir.display().to_string(), "TASK")
+    };
+    assert_eq!(code_of(&missing), code_of(&denied));
+    assert_eq!(scrub(&missing, &missing_task), scrub(&denied, &task));
     // The owner does not even need to name the task when it owns exactly one.
     let implicit = request_as(
         4242,
@@ -238,7 +253,7 @@ fn other_uids_are_refused_and_owners_served() {
     let logs = node.logs();
     assert!(
         logs.lines()
-            .any(|l| l.contains("peer_uid=4243") && l.contains("outcome=forbidden")),
+            .any(|l| l.contains("peer_uid=4243") && l.contains("outcome=not_found")),
         "{logs}"
     );
 }
@@ -543,17 +558,28 @@ fn open_follows_the_per_key_rules() {
     let locked = node.create_cert("locked");
     node.drop_pfx(&cert);
     node.drop_pfx(&locked);
-    node.write_config(
-        json!({"open_allowed_by_key": {locked.thumbprint.clone(): {"uids": [4243]}}}),
-    );
+    // `open` of unbound tokens is for host root only by default; this node names uid 4242 for
+    // every key and replaces that rule for the locked key.
+    node.write_config(json!({
+        "open_allowed_uids": [4242],
+        "open_allowed_by_key": {locked.thumbprint.clone(): {"uids": [4243]}},
+    }));
     node.start();
     let open_tok = node.seal(&cert, Some("A"), "open-to-users", "v1");
     let locked_tok = node.seal(&locked, Some("B"), "only-4243", "v1");
     let req = |tok: &str, name: &str| json!({"op": "open", "token": tok, "name": name});
-    // Default rule: any non-root uid.
+    // Global rule: uid 4242 only.
     assert_eq!(
         request_as(4242, &node.socket, &req(&open_tok, "A"))["value"],
         "open-to-users"
+    );
+    assert_eq!(
+        code_of(&request_as(4243, &node.socket, &req(&open_tok, "A"))),
+        "forbidden"
+    );
+    assert_eq!(
+        code_of(&request_as(4244, &node.socket, &req(&open_tok, "A"))),
+        "forbidden"
     );
     // Per-key rule: only uid 4243.
     assert_eq!(

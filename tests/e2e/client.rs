@@ -12,13 +12,38 @@ use std::time::Duration;
 
 const DB: &str = "db-Secret-client-e2e";
 const REG_PW: &str = "registry-Pw-client-e2e";
+const BOUND_VALUE: &str = "bound-Secret-client-e2e";
 
 struct Fixture {
     node: Node,
+    cert: nodeseal_testkit::Cert,
     task: PathBuf,
+    /// Another task of the same job, with one plain value.
+    plain_task: PathBuf,
     /// A task whose values cannot all be opened (unknown key, expired): `env` on it fails whole.
     broken_task: PathBuf,
-    foreign_token: String,
+    /// Sealed for this fixture's task (`task:job-c/task-c`) with the pool key, name `BOUND`.
+    bound_token: String,
+    /// Like `foreign_token`, but sealed for this fixture's task: the policy lets the task open
+    /// it, and only the missing key stops it.
+    foreign_bound_token: String,
+}
+
+/// Seal `value` for `cert` as the agent's own library does, bound to `name` and `audience`
+/// (`nodeseal seal` gains `--audience` separately).
+fn seal_bound(cert: &nodeseal_testkit::Cert, name: &str, value: &str, audience: &[&str]) -> String {
+    use nodeseal_envelope::{token, Recipient, SealOptions};
+    let recipient = Recipient::load(&cert.crt, None).unwrap();
+    token::seal(
+        value.as_bytes(),
+        &[recipient],
+        &SealOptions {
+            name: Some(name.to_owned()),
+            not_after: None,
+            audience: audience.iter().map(|s| s.parse().unwrap()).collect(),
+        },
+    )
+    .unwrap()
 }
 
 fn fixture() -> Fixture {
@@ -30,6 +55,9 @@ fn fixture() -> Fixture {
     let db = node.seal(&cert, Some("DB_PASSWORD"), DB, "v1");
     let reg = node.seal(&cert, None, REG_PW, "shipyard");
     let foreign = node.seal(&other, Some("FOREIGN"), "never", "v1");
+    let foreign_bound = seal_bound(&other, "FOREIGN", "never", &["task:job-c/task-c"]);
+    let bound = seal_bound(&cert, "BOUND", BOUND_VALUE, &["task:job-c/task-c"]);
+    let bound_in_file = seal_bound(&cert, "BOUND_IN_FILE", BOUND_VALUE, &["job:job-c"]);
     let expired = {
         let out = run_with_stdin(
             Command::new(bin("nodeseal"))
@@ -54,7 +82,7 @@ fn fixture() -> Fixture {
     node.write_env(
         &task,
         &format!(
-            "DB_PASSWORD={db}\nDOCKER_LOGIN_SERVER=myregistry.azurecr.io\nDOCKER_LOGIN_USERNAME=puller\nDOCKER_LOGIN_PASSWORD={reg}\nPLAIN=it's \"quoted\" $HOME\n"
+            "DB_PASSWORD={db}\nDOCKER_LOGIN_SERVER=myregistry.azurecr.io\nDOCKER_LOGIN_USERNAME=puller\nDOCKER_LOGIN_PASSWORD={reg}\nPLAIN=it's \"quoted\" $HOME\nBOUND_IN_FILE={bound_in_file}\n"
         ),
     );
     let broken_task = node.task("job-c", "task-broken");
@@ -63,12 +91,17 @@ fn fixture() -> Fixture {
         env.push_str(&format!("OLD={expired}\n"));
     }
     node.write_env(&broken_task, &env);
+    let plain_task = node.task("job-c", "task-plain");
+    node.write_env(&plain_task, "ONLY=plain\n");
     node.start();
     Fixture {
         node,
+        cert,
         task,
+        plain_task,
         broken_task,
-        foreign_token: foreign,
+        bound_token: bound,
+        foreign_bound_token: foreign_bound,
     }
 }
 
@@ -99,6 +132,12 @@ fn get_env_list_and_exit_codes() {
     assert_eq!(
         text(&f.run(&["get", "DOCKER_LOGIN_PASSWORD"]).stdout).trim(),
         REG_PW
+    );
+
+    // A job-bound token in the task's env file is served to the task like any other value.
+    assert_eq!(
+        text(&f.run(&["get", "BOUND_IN_FILE"]).stdout).trim(),
+        BOUND_VALUE
     );
 
     let list = text(&f.run(&["list"]).stdout);
@@ -168,10 +207,44 @@ fn exec_replaces_tokens_in_the_commands_environment() {
         !env.contains("DOCKER_LOGIN_PASSWORD="),
         "--only filters: {env}"
     );
-    // A token in the client's own environment whose key is not here stays unopened: exit 75.
+    // A token in the client's own environment, sealed for this task: `exec` opens it with the
+    // task it runs in (the agent matches the token's task selector against it).
     let out = f
         .client()
-        .env("FOREIGN", &f.foreign_token)
+        .env("BOUND", &f.bound_token)
+        .args(["exec", "--only", "BOUND", "--", "/usr/bin/env"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l == format!("BOUND={BOUND_VALUE}")),
+        "{}",
+        text(&out.stdout)
+    );
+    // The same token presented from another task of the job is not for it: forbidden (77).
+    let other_task = f.plain_task.to_str().unwrap();
+    let out = f
+        .client()
+        .env("BOUND", &f.bound_token)
+        .args([
+            "--task",
+            other_task,
+            "exec",
+            "--only",
+            "BOUND",
+            "--",
+            "/usr/bin/env",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(BOUND_VALUE));
+    // A token for this task whose key is not here stays unopened: exit 75.
+    let out = f
+        .client()
+        .env("FOREIGN", &f.foreign_bound_token)
         .args(["exec", "--only", "DB_PASSWORD", "--", "/usr/bin/env"])
         .output()
         .unwrap();
@@ -207,19 +280,48 @@ fn docker_credential_helper_serves_registry_logins() {
 }
 
 #[test]
+fn docker_credential_helper_opens_a_bound_password_from_its_environment() {
+    let f = fixture();
+    let out = run_with_stdin(
+        Command::new(bin("docker-credential-nodeseal"))
+            .env("NODESEAL_SOCKET", &f.node.socket)
+            .env("AZ_BATCH_TASK_DIR", &f.task)
+            .env("NODESEAL_REGISTRY_X_SERVER", "bound.example.com")
+            .env("NODESEAL_REGISTRY_X_USERNAME", "robot")
+            .env("NODESEAL_REGISTRY_X_PASSWORD", seal_bound_for_helper(&f))
+            .arg("get"),
+        b"bound.example.com",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let creds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(creds["Secret"], BOUND_VALUE);
+}
+
+/// The fixture's bound value, sealed under the helper's variable name.
+fn seal_bound_for_helper(f: &Fixture) -> String {
+    seal_bound(
+        &f.cert,
+        "NODESEAL_REGISTRY_X_PASSWORD",
+        BOUND_VALUE,
+        &["task:job-c/task-c"],
+    )
+}
+
+#[test]
 fn python_module_reads_from_a_real_agent() {
     let f = fixture();
     let module_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/python");
     let out = Command::new("python3")
         .arg("-c")
-        .arg("import nodeseal_client as n, sys; sys.stdout.write(n.Client().get('DB_PASSWORD').reveal())")
+        .arg("import nodeseal_client as n, os, sys; c = n.Client(); sys.stdout.write(c.get('DB_PASSWORD').reveal() + ' ' + c.open(os.environ['BOUND'], 'BOUND').reveal())")
+        .env("BOUND", &f.bound_token)
         .env("PYTHONPATH", module_dir)
         .env("NODESEAL_SOCKET", &f.node.socket)
         .env("AZ_BATCH_TASK_DIR", &f.task)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), DB);
+    assert_eq!(text(&out.stdout), format!("{DB} {BOUND_VALUE}"));
 }
 
 #[test]

@@ -179,9 +179,8 @@ fn non_entitled_callers_never_see_cleartext() {
     let (mut node, task, v1, legacy) = node_with_secrets();
     let env = task.join("wd/.shipyard.envlist");
     std::os::unix::fs::chown(&env, Some(4242), Some(4242)).unwrap();
-    // By default every non-root uid may `open` a token it presents (the token is the
-    // capability; see docs/security.md). Entitlement to `open` is configured here so that uid
-    // 4243 is entitled to nothing.
+    // uid 4242 may also `open` unbound tokens it presents; uid 4243 is entitled to nothing
+    // (and by default no uid but host root may `open` unbound tokens: docs/security.md).
     node.write_config(json!({"open_allowed_uids": [4242]}));
     node.start();
     // The owner is served, so the refusals below are about the caller, not a broken setup.

@@ -16,4 +16,5 @@ mod hygiene;
 mod identity;
 mod keys;
 mod packaging;
+mod policy;
 mod seal;

@@ -235,6 +235,7 @@ impl FakeNode {
         cmd.current_dir(&self.root)
             .env_remove("NODESEAL_INSTALL_NO_SYSTEMD")
             .env_remove("NODESEAL_READY_TIMEOUT")
+            .env_remove("AZ_BATCH_POOL_ID")
             .env("DESTDIR", &self.root)
             .env("AZ_BATCH_NODE_ROOT_DIR", &self.node_root)
             .env("AZ_BATCH_NODE_STARTUP_DIR", &self.startup);
@@ -553,6 +554,32 @@ fn installer_keeps_an_operator_edited_config() {
         describe("install.sh", &out)
     );
     assert_eq!(fs::read_to_string(&config_path).unwrap(), edited_text);
+}
+
+#[test]
+fn installer_takes_the_pool_id_from_batch_and_refuses_a_malformed_one() {
+    let node = FakeNode::new();
+    node.stage_tarball(&require_binaries());
+    let out = node
+        .installer()
+        .env("AZ_BATCH_POOL_ID", "render-pool_7")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe("install.sh", &out));
+    let config_path = node.root.join("etc/nodeseal/agent.json");
+    assert_eq!(read_json(&config_path)["pool_id"], "render-pool_7");
+    assert_agent_accepts(&require_binaries().join("nodeseal-agent"), &config_path);
+    let bad = node
+        .installer()
+        .env("AZ_BATCH_POOL_ID", "a\"b")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("AZ_BATCH_POOL_ID"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
 
 #[test]

@@ -2,10 +2,12 @@
 //! legacy Shipyard ciphertexts and the choice of the one key that may open them, all RSA work on
 //! the decrypt pool.
 
-use super::Handler;
+use super::{Context, Handler};
+use crate::authz::{self, Audience, Opening, Origin, TaskIds};
 use crate::config::Config;
 use crate::refusal::Refusal;
 use crate::tasks::{Cached, EnvEntry, ValueKind};
+use nodeseal_envelope::audience::Selector;
 use nodeseal_envelope::token;
 use nodeseal_envelope::{legacy, KeyPair, Thumbprint};
 use std::sync::atomic::Ordering;
@@ -13,13 +15,69 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use zeroize::Zeroizing;
 
+/// The audience a v1 token names (empty: unbound), read from its header without any RSA work.
+pub(super) fn v1_audience(token_text: &str) -> Result<Vec<Selector>, Refusal> {
+    Ok(token::inspect(token_text)?.audience)
+}
+
+/// The policy's view of an audience list.
+pub(super) fn audience_of(selectors: &[Selector]) -> Audience<'_> {
+    if selectors.is_empty() {
+        Audience::Unbound
+    } else {
+        Audience::Bound(selectors)
+    }
+}
+
+/// The policy let this caller have this value: the audience it approved (empty for unbound
+/// and unsealed values). Only [`Handler::authorize`] makes one, and [`Handler::resolve`] needs
+/// one, so no stored value is opened (or served from cache) without a decision.
+pub(super) struct Approved(Vec<Selector>);
+
 impl Handler {
+    /// Whether the caller may have variable `index` of `entry` (a file of a task it may read):
+    /// the policy's decision for sealed values, before the cache is looked at and before any RSA
+    /// work. Plain values are not sealed and need no decision; invalid ones fail when resolved.
+    pub(super) fn authorize(
+        &self,
+        cx: &Context<'_>,
+        entry: &EnvEntry,
+        index: usize,
+    ) -> Result<Approved, Refusal> {
+        let mut audience = Vec::new();
+        let (policy_audience, keys): (Audience<'_>, &[Thumbprint]) = match &entry.vars[index].kind {
+            ValueKind::Plain(_) | ValueKind::Invalid(_) => return Ok(Approved(audience)),
+            ValueKind::V1 { token, recipients } => {
+                audience = v1_audience(token)?;
+                (audience_of(&audience), recipients)
+            }
+            // Which key opens it is decided when it is opened; an env-file value needs none here.
+            ValueKind::Shipyard { .. } => (Audience::Unbound, &[]),
+        };
+        let opening = Opening {
+            caller: &cx.caller,
+            scope: cx.scope,
+            origin: Origin::EnvFile {
+                owner: entry.owner_uid,
+                task: TaskIds {
+                    job: entry.job_id.as_deref(),
+                    task: entry.task_id.as_deref(),
+                },
+            },
+            audience: policy_audience,
+            keys,
+        };
+        authz::decide(&opening, &authz::Policy::of(&cx.config), &self.accounts)?;
+        Ok(Approved(audience))
+    }
+
     /// The cleartext of variable `index` of `entry`, from cache or by decrypting.
     pub(super) async fn resolve(
         &self,
         config: &Config,
         entry: &Arc<EnvEntry>,
         index: usize,
+        approved: Approved,
     ) -> Result<(Arc<Zeroizing<String>>, Option<Thumbprint>), Refusal> {
         let var = &entry.vars[index];
         match &var.kind {
@@ -41,7 +99,8 @@ impl Handler {
         }
         let (value, key) = match &var.kind {
             ValueKind::V1 { token, recipients } => {
-                self.open_v1(token, recipients, Some(&var.name)).await?
+                self.open_v1(token, recipients, Some(&var.name), approved.0)
+                    .await?
             }
             ValueKind::Shipyard { token, len } => self.open_shipyard(config, token, *len).await?,
             ValueKind::Plain(_) | ValueKind::Invalid(_) => {
@@ -78,6 +137,7 @@ impl Handler {
         token_text: &str,
         recipients: &[Thumbprint],
         name: Option<&str>,
+        approved: Vec<Selector>,
     ) -> Result<(Zeroizing<String>, Thumbprint), Refusal> {
         let keys: Vec<Arc<KeyPair>> = recipients
             .iter()
@@ -93,13 +153,14 @@ impl Handler {
         let opened = self
             .blocking(move || {
                 let lookup = |tp: &Thumbprint| keys.iter().find(|k| k.thumbprint() == *tp).cloned();
-                // Audience matching needs the caller's policy; until it is wired in, every bound
-                // token is refused (fail closed), before any RSA work.
+                // The policy decided on the audience the header named (authz::decide); the
+                // token opens only if that is the audience it authenticates.
+                let decided = |audience: &[Selector]| audience == approved.as_slice();
                 token::open_v1(
                     &token_text,
                     &lookup,
                     name.as_deref(),
-                    &token::unbound_only,
+                    &decided,
                     SystemTime::now(),
                 )
             })

@@ -10,6 +10,7 @@ mod decrypt;
 mod open;
 mod values;
 
+use crate::accounts::NodeAccounts;
 use crate::authz::{Caller, Scope};
 use crate::config::Config;
 use crate::decrypt_pool::DecryptPool;
@@ -30,6 +31,8 @@ pub(crate) struct Handler {
     pool: DecryptPool,
     /// Revoke and restore are mutations: the lifecycle thread does them.
     lifecycle: Lifecycle,
+    /// User and group names of audience selectors, resolved with a short cache.
+    accounts: NodeAccounts,
 }
 
 /// Who asks, where, under which config: fixed for the whole request.
@@ -77,6 +80,7 @@ impl Handler {
             state,
             pool: DecryptPool::new(cores),
             lifecycle,
+            accounts: NodeAccounts::default(),
         }
     }
 
@@ -134,7 +138,9 @@ impl Handler {
             Operation::Get { name, task } => self.get(cx, name, task.as_deref(), audit).await,
             Operation::Env { task } => self.env(cx, task.as_deref(), audit).await,
             Operation::List { task } => self.list(cx, task.as_deref(), audit),
-            Operation::Open { token, name } => self.open(cx, &token, name, audit).await,
+            Operation::Open { token, name, task } => {
+                self.open(cx, &token, name, task.as_deref(), audit).await
+            }
             Operation::Revoke { thumbprint, purge } => {
                 self.revoke(cx, &thumbprint, purge, audit).await
             }

@@ -26,7 +26,8 @@ impl Handler {
         let Some((entry, index)) = Merged::last_definition(&entries, &name)? else {
             return Err(Refusal::NoSuchVariable { name });
         };
-        let (value, key) = self.resolve(&cx.config, &entry, index).await?;
+        let approved = self.authorize(cx, &entry, index)?;
+        let (value, key) = self.resolve(&cx.config, &entry, index, approved).await?;
         audit.key_id = key;
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
     }
@@ -38,11 +39,26 @@ impl Handler {
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
         let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
+        // Every value is authorized before any is opened: a value not for this caller fails the
+        // whole answer (a job never starts with a secret silently missing) and costs no RSA.
+        let mut chosen = Vec::with_capacity(merged.slots.len());
+        for (position, (name, entry, index)) in merged.iter().enumerate() {
+            match self.authorize(cx, entry, index) {
+                Ok(approved) => chosen.push((position, name, entry, index, approved)),
+                Err(inner) => {
+                    audit.secret_name = Some(name.to_owned());
+                    return Err(Refusal::InValue {
+                        name: name.to_owned(),
+                        inner: Box::new(inner),
+                    });
+                }
+            }
+        }
         // Open every value at once: decryptions spread over the decrypt pool's threads instead
         // of running one after another.
         let mut jobs = tokio::task::JoinSet::new();
-        let mut opened = Vec::with_capacity(merged.slots.len());
-        for (position, (name, entry, index)) in merged.iter().enumerate() {
+        let mut opened = Vec::with_capacity(chosen.len());
+        for (position, name, entry, index, approved) in chosen {
             if let ValueKind::Plain(value) = &entry.vars[index].kind {
                 // Served as stored: nothing to wait for, so no task per value.
                 opened.push((position, name.to_owned(), value.clone()));
@@ -52,7 +68,7 @@ impl Handler {
             let handler = self.clone();
             let config = cx.config.clone();
             jobs.spawn(async move {
-                let result = handler.resolve(&config, &entry, index).await;
+                let result = handler.resolve(&config, &entry, index, approved).await;
                 (position, name, result)
             });
         }
@@ -80,6 +96,9 @@ impl Handler {
         ))
     }
 
+    /// `list` shows every name of the env files the caller may read (names, never values),
+    /// including those of values sealed for someone else: `get` and `env` then refuse such a
+    /// value by name, so a list is exactly what `env` tries to serve.
     pub(super) fn list(
         &self,
         cx: &Context<'_>,
