@@ -248,3 +248,58 @@ fn root_in_its_own_pid_namespace_is_not_host_root_and_host_root_is() {
         .collect();
     assert_eq!(said.len(), 1, "{logs}");
 }
+
+/// Root in a container without a user namespace of its own keeps CAP_SETUID over the host's
+/// uids: it can become the victim's uid before it connects, and SO_PEERCRED then reports that
+/// uid. On the host socket a caller outside the agent's pid namespace is therefore no uid at
+/// all: it is refused and pointed at its task's own socket, whatever uid it shows.
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) and takes the victim's uid inside it"]
+fn container_root_that_takes_the_victims_uid_gets_nothing_on_the_host_socket() {
+    let test = "container_root_that_takes_the_victims_uid_gets_nothing_on_the_host_socket";
+    if !has_unshare(test) {
+        return;
+    }
+    let (node, task) = node_with_victim_task();
+    let get = json!({"op": "get", "name": "DB", "task": task}).to_string();
+    let env = json!({"op": "env", "task": task}).to_string();
+    let list = json!({"op": "list", "task": task}).to_string();
+    // Root inside, it takes the victim's uid (argv[1]), modules loaded first, then talks as
+    // CALLER does.
+    let as_uid = format!(
+        "import os, socket, sys\nuid = int(sys.argv.pop(1))\nos.setgroups([])\nos.setgid(uid)\nos.setuid(uid)\n{CALLER}"
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", &as_uid])
+        .arg(VICTIM.to_string())
+        .arg(&node.socket)
+        .args([&get, &env, &list])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<Value> = text.lines().map(parse).collect();
+    assert_eq!(
+        answers.len(),
+        3,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for answer in &answers {
+        assert!(!answer.to_string().contains(SECRET), "leaked: {answer}");
+        assert_eq!(code_of(answer), "forbidden", "{answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("task's own socket")),
+            "{answer}"
+        );
+    }
+    assert!(!node.logs().contains(SECRET));
+    // The same uid on the host itself is served, so the refusal above is about where it runs.
+    let own =
+        nodeseal_testkit::request_as(VICTIM, &node.socket, &serde_json::from_str(&get).unwrap());
+    assert_eq!(
+        own["value"], SECRET,
+        "the victim on the host reads its task: {own}"
+    );
+}
