@@ -21,6 +21,8 @@ pub(crate) struct Caller {
     /// uid 0 in the agent's own pid namespace, attested through a pidfd at accept. Root in a
     /// container is not host root.
     pub(crate) host_root: bool,
+    /// A process of the agent's own pid namespace, attested through a pidfd at accept.
+    pub(crate) host_process: bool,
     /// Whether the kernel can attest where callers run (`SO_PEERPIDFD`); without it nobody is
     /// host root, and uid 0 is told why.
     pub(crate) namespace_attested: bool,
@@ -55,6 +57,14 @@ impl<'a> OpenPolicy<'a> {
             by_key: &config.open_allowed_by_key,
         }
     }
+}
+
+/// On the host socket a caller is served by its uid only as a host process. Root in a container
+/// without a user namespace of its own keeps CAP_SETUID over the host's uids and can connect as
+/// any of them, so a caller the kernel attests to run elsewhere (or to have gone) is no uid
+/// there. Without `SO_PEERPIDFD` nothing can be attested and reads by uid go on.
+fn outside_host(caller: &Caller, scope: &Scope) -> bool {
+    *scope == Scope::Host && caller.namespace_attested && !caller.host_process
 }
 
 /// Admin operations: host root on the host socket only.
@@ -103,6 +113,9 @@ pub(crate) fn task_to_read(
         }
         (Scope::Host, Some(t)) => Ok(normalize_task_dir(t)),
         (Scope::Host, None) if caller.uid == 0 => Err(Refusal::NameTheTask),
+        (Scope::Host, None) if outside_host(caller, scope) => {
+            Err(Refusal::OutsideHost { uid: caller.uid })
+        }
         (Scope::Host, None) => {
             let mut owned = owned_by(caller.uid);
             match owned.len() {
@@ -138,6 +151,9 @@ pub(crate) fn readable_files(
             return Err(Refusal::CallerUnattested)
         }
         Scope::Host if caller.uid == 0 => return Err(Refusal::ContainerRoot),
+        Scope::Host if outside_host(caller, scope) => {
+            return Err(Refusal::OutsideHost { uid: caller.uid })
+        }
         Scope::Host => (0..owners.len())
             .filter(|&i| owners[i] == caller.uid)
             .collect(),
@@ -162,6 +178,9 @@ pub(crate) fn may_open(
     if caller.host_root || matches!(scope, Scope::Task { .. }) {
         return true;
     }
+    if outside_host(caller, scope) {
+        return false;
+    }
     if let Some(rule) = policy.by_key.get(key) {
         return rule.uids.contains(&caller.uid) || rule.gids.contains(&caller.gid);
     }
@@ -180,6 +199,9 @@ pub(crate) fn openable_recipients(
     policy: &OpenPolicy<'_>,
     recipients: &[Thumbprint],
 ) -> Result<Vec<Thumbprint>, Refusal> {
+    if outside_host(caller, scope) {
+        return Err(Refusal::OutsideHost { uid: caller.uid });
+    }
     let allowed: Vec<Thumbprint> = recipients
         .iter()
         .filter(|tp| may_open(caller, scope, policy, tp))
@@ -210,6 +232,7 @@ mod tests {
             gid,
             groups: Vec::new(),
             host_root,
+            host_process: true,
             namespace_attested: true,
         }
     }
@@ -217,6 +240,7 @@ mod tests {
     fn unattested_root() -> Caller {
         Caller {
             namespace_attested: false,
+            host_process: false,
             ..caller(0, 0, false)
         }
     }
@@ -224,7 +248,14 @@ mod tests {
         caller(0, 0, true)
     }
     fn container_root() -> Caller {
-        caller(0, 0, false)
+        in_container(0)
+    }
+    /// Any uid in another pid namespace, or a caller that has gone.
+    fn in_container(uid: u32) -> Caller {
+        Caller {
+            host_process: false,
+            ..caller(uid, uid, false)
+        }
     }
     fn task_dir() -> PathBuf {
         PathBuf::from("/mnt/batch/tasks/workitems/j/job-1/t")
@@ -349,6 +380,21 @@ mod tests {
                 owns_one,
                 Err(ErrorCode::BadRequest),
             ),
+            // Not even how many tasks the uid it shows owns.
+            (
+                in_container(VICTIM),
+                Scope::Host,
+                None,
+                owns_two,
+                Err(ErrorCode::Forbidden),
+            ),
+            (
+                in_container(VICTIM),
+                task_scope(),
+                None,
+                owns_none,
+                Ok(task_dir()),
+            ),
         ];
         for (who, scope, asked, owned, expected) in table {
             let got = task_to_read(&who, &scope, asked, owned).map_err(|e| e.code());
@@ -415,6 +461,7 @@ mod tests {
             (
                 Caller {
                     namespace_attested: false,
+                    host_process: false,
                     ..caller(VICTIM, VICTIM, false)
                 },
                 Scope::Host,
@@ -431,6 +478,20 @@ mod tests {
                 Ok(vec![0]),
             ),
             (container_root(), task_scope(), vec![VICTIM], Ok(vec![0])),
+            // A container can take any uid (CAP_SETUID without a user namespace): on the host
+            // socket its uid owns nothing, on its task's socket it is served as anyone is.
+            (
+                in_container(VICTIM),
+                Scope::Host,
+                vec![VICTIM],
+                Err(ErrorCode::Forbidden),
+            ),
+            (
+                in_container(VICTIM),
+                task_scope(),
+                vec![VICTIM],
+                Ok(vec![0]),
+            ),
             (
                 caller(OTHER, OTHER, false),
                 task_scope(),
@@ -504,6 +565,9 @@ mod tests {
             (in_group, Scope::Host, nobody_but_group, key, true),
             (o.clone(), task_scope(), nobody_but_group, key, true),
             (container_root(), task_scope(), only_victim, key, true),
+            (in_container(VICTIM), Scope::Host, everyone, key, false),
+            (in_container(VICTIM), Scope::Host, only_victim, key, false),
+            (in_container(VICTIM), task_scope(), only_victim, key, true),
         ];
         for (who, scope, policy, tp, allowed) in table {
             assert_eq!(
@@ -526,6 +590,12 @@ mod tests {
         assert_eq!(
             code(openable_recipients(&v, &Scope::Host, &everyone, &[])),
             Some(ErrorCode::BadToken)
+        );
+        let outside = openable_recipients(&in_container(VICTIM), &Scope::Host, &everyone, &[key])
+            .unwrap_err();
+        assert!(
+            outside.to_string().contains("task's own socket"),
+            "{outside}"
         );
     }
 

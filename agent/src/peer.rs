@@ -99,6 +99,9 @@ pub(crate) struct Peer {
     /// uid 0 in the agent's own pid namespace, attested through the pidfd. Root in a container,
     /// or a caller that has gone, is not host root.
     pub(crate) host_root: bool,
+    /// A process of the agent's own pid namespace, still the one that connected, attested
+    /// through the pidfd; false when the kernel cannot say.
+    pub(crate) host_process: bool,
     /// Whether this kernel can attest where a caller runs at all (`SO_PEERPIDFD`).
     pub(crate) namespace_attested: bool,
 }
@@ -117,6 +120,7 @@ impl Peer {
             groups: account.groups.clone(),
             pid: account.pid,
             host_root: account.uid == 0 && in_own_namespace,
+            host_process: in_own_namespace,
             namespace_attested: account.namespace != PeerNamespace::Unattested,
         }
     }
@@ -128,6 +132,7 @@ impl Peer {
             gid: self.gid,
             groups: self.groups.clone(),
             host_root: self.host_root,
+            host_process: self.host_process,
             namespace_attested: self.namespace_attested,
         }
     }
@@ -308,12 +313,18 @@ mod tests {
             let own = own_known.then_some(HOST);
             let peer = Peer::decide(&account(uid, ns.clone()), own);
             assert_eq!(peer.host_root, host_root, "uid {uid}, {ns:?}, own {own:?}");
+            let host_process = own_known && ns == Known(HOST);
+            assert_eq!(
+                peer.host_process, host_process,
+                "uid {uid}, {ns:?}, own {own:?}"
+            );
             assert_eq!(peer.namespace_attested, attested, "uid {uid}, {ns:?}");
             // The credentials recorded at connect() are kept whatever the namespace answer.
             assert_eq!((peer.uid, peer.gid), (uid, uid));
             assert_eq!(peer.groups, vec![5000, 5001]);
             let caller = peer.caller();
             assert_eq!(caller.host_root, host_root);
+            assert_eq!(caller.host_process, host_process);
             assert_eq!(caller.groups, peer.groups);
         }
     }
@@ -389,6 +400,7 @@ mod tests {
             .unwrap();
             let attested = support != Support::Unattested;
             assert_eq!(peer.host_root, root && attested, "{support:?}");
+            assert_eq!(peer.host_process, attested, "{support:?}");
             assert_eq!(peer.namespace_attested, attested, "{support:?}");
             assert_eq!(peer.uid, nix::unistd::geteuid().as_raw());
             assert_eq!(peer.pid, std::process::id());

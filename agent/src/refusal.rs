@@ -32,6 +32,8 @@ pub(crate) enum Refusal {
     UnknownTask { task_dir: PathBuf },
     #[error("uid 0 outside the host's pid namespace is not host root; use the task's own socket")]
     ContainerRoot,
+    #[error("uid {uid} is not a process of the host's pid namespace (a container, or a caller that has gone), where it could have taken any uid: the host socket does not serve it; use the task's own socket")]
+    OutsideHost { uid: u32 },
     #[error("this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): admin operations are refused and uid 0 is not host root here; use the task's own socket for a task's values")]
     CallerUnattested,
     #[error("uid {uid} does not own the env files of task {}", task_dir.display())]
@@ -107,6 +109,7 @@ impl Refusal {
             Self::HostRootOnly { .. }
             | Self::ForeignTask
             | Self::ContainerRoot
+            | Self::OutsideHost { .. }
             | Self::CallerUnattested
             | Self::NotOwner { .. }
             | Self::OpenNotAllowed { .. } => ErrorCode::Forbidden,
@@ -169,6 +172,7 @@ mod tests {
     fn refusals_of_identity_are_forbidden_and_limits_are_retryable() {
         for r in [
             Refusal::ContainerRoot,
+            Refusal::OutsideHost { uid: 1000 },
             Refusal::CallerUnattested,
             Refusal::ForeignTask,
             Refusal::HostRootOnly { op: "status" },
