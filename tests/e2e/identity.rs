@@ -18,7 +18,13 @@ const VICTIM: u32 = 4362;
 const SECRET: &str = "victim-Secret-identity-e2e";
 
 fn node_with_victim_task() -> (Node, PathBuf) {
+    node_with_victim_task_and(json!({}))
+}
+
+/// Like [`node_with_victim_task`], with top-level config fields of `config` replacing the kit's.
+fn node_with_victim_task_and(config: Value) -> (Node, PathBuf) {
     let mut node = Node::new();
+    node.write_config(config);
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     let task = node.task("job-v", "victim");
@@ -302,4 +308,70 @@ fn container_root_that_takes_the_victims_uid_gets_nothing_on_the_host_socket() {
         own["value"], SECRET,
         "the victim on the host reads its task: {own}"
     );
+}
+
+/// Holds argv[2] connections to argv[1], then one more, prints that one's answer (the agent
+/// writes a refusal without being asked), says `holding` and keeps them all until stdin closes.
+const HOLDER: &str = r#"
+import socket, sys
+held = []
+for _ in range(int(sys.argv[2]) + 1):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(sys.argv[1])
+    held.append(c)
+buf = b""
+while not buf.endswith(b"\n"):
+    chunk = held[-1].recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+print(buf.decode().strip() or "EOF", flush=True)
+print("holding", flush=True)
+sys.stdin.read()
+"#;
+
+/// Container root is uid 0 too, but not host root: holding every connection uid 0 may have must
+/// not lock host root out of `status`, `revoke` and `restore` (or its reads). Its own limit
+/// still binds it.
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) as root"]
+fn container_root_holding_uid_0s_connections_does_not_lock_out_host_root() {
+    let test = "container_root_holding_uid_0s_connections_does_not_lock_out_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    const PER_UID: usize = 8;
+    let (node, task) =
+        node_with_victim_task_and(json!({"limits": {"max_connections_per_uid": PER_UID}}));
+    let mut holder = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", HOLDER])
+        .arg(&node.socket)
+        .arg(PER_UID.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot run unshare");
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut over = String::new();
+    out.read_line(&mut over).unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let status = node.try_request(&json!({"op": "status"}));
+    let value = node.try_request(&json!({"op": "get", "name": "DB", "task": task}));
+    drop(holder.stdin.take());
+    let _ = wait_child(&mut holder, Duration::from_secs(20));
+    assert_eq!(
+        line.trim(),
+        "holding",
+        "the container holds its connections"
+    );
+    let over = parse(over.trim());
+    assert_eq!(code_of(&over), "busy", "container root's own limit: {over}");
+    let status = status.expect("no answer to host root's status");
+    assert_eq!(
+        code_of(&status),
+        "",
+        "host root's status while container root holds uid 0's share: {status}"
+    );
+    assert_eq!(value.map(|v| v["value"].clone()), Some(json!(SECRET)));
 }
