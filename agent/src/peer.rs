@@ -125,6 +125,14 @@ impl Peer {
         }
     }
 
+    /// Whom admission counts this connection against.
+    pub(crate) fn principal(&self) -> crate::server::admission::Principal {
+        crate::server::admission::Principal {
+            uid: self.uid,
+            host_root: self.host_root,
+        }
+    }
+
     /// What authorization decides on.
     pub(crate) fn caller(&self) -> Caller {
         Caller {

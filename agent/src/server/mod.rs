@@ -61,7 +61,10 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             }
         };
         let state = ctx.handler.state();
-        let Some(slot) = ctx.admission.uid_slot(peer.uid, &state.config().limits) else {
+        let Some(slot) = ctx
+            .admission
+            .uid_slot(peer.principal(), &state.config().limits)
+        else {
             state.counters.limited.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 peer_uid = peer.uid,
