@@ -375,3 +375,67 @@ fn container_root_holding_uid_0s_connections_does_not_lock_out_host_root() {
     );
     assert_eq!(value.map(|v| v["value"].clone()), Some(json!(SECRET)));
 }
+
+/// Root (argv[3:] the uids to take, argv[2] connections each): holds that many connections to
+/// argv[1] under each uid, taken with seteuid so that it can come back, says `holding` once the
+/// agent has answered a request on the last one, and keeps them all until stdin closes.
+const SPREADER: &str = r#"
+import os, socket, sys
+held = []
+for uid in sys.argv[3:]:
+    os.seteuid(int(uid))
+    for _ in range(int(sys.argv[2])):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(sys.argv[1])
+        held.append(c)
+    os.seteuid(0)
+held[-1].sendall(b'{"op":"health"}\n')
+held[-1].recv(65536)
+print("holding", len(held), flush=True)
+sys.stdin.read()
+"#;
+
+/// Container root can take any uid: holding every uid's share of connections under enough
+/// uids would fill the agent's whole connection budget. Host root must still get `status`.
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) as root and connects as many uids"]
+fn container_root_filling_the_connection_budget_under_many_uids_does_not_lock_out_host_root() {
+    let test =
+        "container_root_filling_the_connection_budget_under_many_uids_does_not_lock_out_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    const PER_UID: usize = 4;
+    const ALL: usize = 16;
+    let (node, _task) = node_with_victim_task_and(json!({"limits": {
+        "max_connections_per_uid": PER_UID,
+        "max_connections": ALL,
+    }}));
+    let uids: Vec<String> = (0..ALL / PER_UID).map(|i| (5100 + i).to_string()).collect();
+    let mut spreader = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", SPREADER])
+        .arg(&node.socket)
+        .arg(PER_UID.to_string())
+        .args(&uids)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot run unshare");
+    let mut out = BufReader::new(spreader.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let status = node.try_request(&json!({"op": "status"}));
+    drop(spreader.stdin.take());
+    let _ = wait_child(&mut spreader, Duration::from_secs(20));
+    assert_eq!(
+        line.trim(),
+        format!("holding {ALL}"),
+        "the container holds the whole budget"
+    );
+    let status = status.expect("no answer to host root's status");
+    assert_eq!(
+        code_of(&status),
+        "",
+        "host root's status while container root holds every connection: {status}"
+    );
+}
