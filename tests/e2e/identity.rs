@@ -439,3 +439,58 @@ fn container_root_filling_the_connection_budget_under_many_uids_does_not_lock_ou
         "host root's status while container root holds every connection: {status}"
     );
 }
+
+/// Root that enters a user namespace of its own is still uid 0 to SO_PEERCRED and still in the
+/// host's pid namespace, but has no capability over the host any more (a sandbox, systemd's
+/// `PrivateUsers=`): it is not host root. An ordinary uid that maps itself to root in a user
+/// namespace is still its own uid to the agent.
+#[test]
+#[ignore = "needs root: enters user namespaces (unshare) as root and as another uid"]
+fn root_in_a_user_namespace_of_its_own_is_not_host_root() {
+    let test = "root_in_a_user_namespace_of_its_own_is_not_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    let (node, task) = node_with_victim_task();
+    let [status, get] = requests(&task);
+    for how in [&["--user", "--map-root-user"][..], &["--user"][..]] {
+        let out = Command::new("unshare")
+            .args(how)
+            .args(["python3", "-c", CALLER])
+            .arg(&node.socket)
+            .args([&status, &get])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains(SECRET), "unshare {how:?}: {text}");
+        let answers: Vec<Value> = text.lines().map(parse).collect();
+        assert_eq!(answers.len(), 2, "unshare {how:?}: {text}");
+        for answer in &answers {
+            assert_eq!(code_of(answer), "forbidden", "unshare {how:?}: {answer}");
+        }
+    }
+    let mut own_userns = Command::new("unshare");
+    own_userns
+        .args(["--user", "--map-root-user", "python3", "-c", CALLER])
+        .arg(&node.socket)
+        .arg(&get)
+        .uid(ATTACKER)
+        .gid(ATTACKER);
+    let out = own_userns.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() {
+        assert!(!text.contains(SECRET), "{text}");
+        let answer = parse(text.trim());
+        assert_eq!(code_of(&answer), "forbidden", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(&format!("uid {ATTACKER} ")), "{answer}");
+    } else {
+        eprintln!(
+            "unprivileged user namespaces are not allowed here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let served = node.request(json!({"op": "status"}));
+    assert_eq!(code_of(&served), "", "host root's status: {served}");
+    assert!(!node.logs().contains(SECRET));
+}
