@@ -30,7 +30,7 @@ pub(crate) enum Refusal {
     SeveralTasksOwned { uid: u32, count: usize },
     #[error("no env file is known for task {}", task_dir.display())]
     UnknownTask { task_dir: PathBuf },
-    #[error("uid 0 outside the host's pid namespace is not host root; use the task's own socket")]
+    #[error("uid 0 outside the host's pid or user namespace is not host root; use the task's own socket")]
     ContainerRoot,
     #[error("uid {uid} is not a process of the host's pid namespace (a container, or a caller that has gone), where it could have taken any uid: the host socket does not serve it; use the task's own socket")]
     OutsideHost { uid: u32 },
