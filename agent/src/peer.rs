@@ -201,6 +201,11 @@ impl Identify {
                 "this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): nobody is host root through a socket; admin operations are refused, task reads by uid still work"
             ),
         }
+        if support != Support::Unattested && !has_effective_cap(CAP_SYS_PTRACE) {
+            tracing::error!(
+                "no CAP_SYS_PTRACE: the kernel will not say where another process runs (a ptrace read check), so host root is not recognised and other uids are refused on the host socket; grant CAP_SYS_PTRACE (the shipped unit does)"
+            );
+        }
         Self {
             support,
             own_ns: own_ns.ok(),
@@ -242,6 +247,20 @@ impl Identify {
             }
         })
     }
+}
+
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Whether this process holds capability `cap` (by number) in its effective set, from
+/// `/proc/self/status`; false when that cannot be read.
+fn has_effective_cap(cap: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    effective_caps(&status).is_some_and(|caps| (caps >> cap) & 1 == 1)
+}
+
+fn effective_caps(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 fn probe_support(own_ns: Option<Namespace>, own_user_ns: Option<Namespace>) -> Support {
@@ -425,6 +444,14 @@ mod tests {
             assert_eq!(peer.host_root, host_root, "{user_ns:?}, own {own_user:?}");
             assert!(peer.host_process, "{user_ns:?}");
         }
+    }
+
+    #[test]
+    fn the_effective_capabilities_line() {
+        let status = "Name:\tx\nCapPrm:\t0000000000000000\nCapEff:\t0000000000080000\n";
+        assert_eq!(effective_caps(status), Some(1 << CAP_SYS_PTRACE));
+        assert_eq!(effective_caps("CapEff:\tzz\n"), None);
+        assert_eq!(effective_caps("Name:\tx\n"), None);
     }
 
     #[test]

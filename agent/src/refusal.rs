@@ -32,7 +32,7 @@ pub(crate) enum Refusal {
     UnknownTask { task_dir: PathBuf },
     #[error("uid 0 outside the host's pid or user namespace is not host root; use the task's own socket")]
     ContainerRoot,
-    #[error("uid {uid} is not a process of the host's pid namespace (a container, or a caller that has gone), where it could have taken any uid: the host socket does not serve it; use the task's own socket")]
+    #[error("uid {uid} is not known to be a process of the host's pid namespace (a container, a caller that has gone, or the kernel would not say), where it could have taken any uid: the host socket does not serve it; use the task's own socket")]
     OutsideHost { uid: u32 },
     #[error("this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): admin operations are refused and uid 0 is not host root here; use the task's own socket for a task's values")]
     CallerUnattested,
