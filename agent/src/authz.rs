@@ -27,6 +27,8 @@ pub(crate) struct Caller {
     /// uid 0 in the agent's own pid namespace, attested through a pidfd at accept. Root in a
     /// container is not host root.
     pub(crate) host_root: bool,
+    /// A process of the agent's own pid namespace, attested through a pidfd at accept.
+    pub(crate) host_process: bool,
     /// Whether the kernel can attest where callers run (`SO_PEERPIDFD`); without it nobody is
     /// host root, and uid 0 is told why.
     pub(crate) namespace_attested: bool,
@@ -43,6 +45,14 @@ impl Caller {
     fn is_container_root(&self) -> bool {
         self.uid == 0 && !self.host_root
     }
+
+    /// Whether the caller's uid and groups name a node account. Not for container root, and not
+    /// for any process the kernel places outside the host's pid namespace: root of a container
+    /// without a user namespace of its own can take any uid, so a uid it shows proves nothing.
+    /// (Without `SO_PEERPIDFD` that cannot be told, and the uid is taken as shown.)
+    fn is_node_account(&self) -> bool {
+        !self.is_container_root() && (self.host_process || !self.namespace_attested)
+    }
 }
 
 /// Which socket a request came in on.
@@ -54,6 +64,14 @@ pub(crate) enum Scope {
     /// (reaching the socket file is the credential), and only with the env files of the task's
     /// owner.
     Task { dir: PathBuf, owner: u32 },
+}
+
+/// On the host socket a caller is served by its uid only as a host process. Root in a container
+/// without a user namespace of its own keeps CAP_SETUID over the host's uids and can connect as
+/// any of them, so a caller the kernel attests to run elsewhere (or to have gone) is no uid
+/// there. Without `SO_PEERPIDFD` nothing can be attested and reads by uid go on.
+fn outside_host(caller: &Caller, scope: &Scope) -> bool {
+    *scope == Scope::Host && caller.namespace_attested && !caller.host_process
 }
 
 /// Admin operations: host root on the host socket only.
@@ -102,6 +120,9 @@ pub(crate) fn task_to_read(
         }
         (Scope::Host, Some(t)) => Ok(normalize_task_dir(t)),
         (Scope::Host, None) if caller.uid == 0 => Err(Refusal::NameTheTask),
+        (Scope::Host, None) if outside_host(caller, scope) => {
+            Err(Refusal::OutsideHost { uid: caller.uid })
+        }
         (Scope::Host, None) => {
             let mut owned = owned_by(caller.uid);
             match owned.len() {
@@ -146,6 +167,9 @@ pub(crate) fn readable_files(
         } else {
             Refusal::CallerUnattested
         });
+    }
+    if outside_host(caller, scope) {
+        return Err(Refusal::OutsideHost { uid: caller.uid });
     }
     let readable: Vec<usize> = (0..owners.len())
         .filter(|&i| may_read_file(caller, scope, owners[i]))
@@ -287,6 +311,9 @@ pub(crate) fn decide(
     policy: &Policy<'_>,
     accounts: &dyn Accounts,
 ) -> Result<Vec<Thumbprint>, Refusal> {
+    if outside_host(o.caller, o.scope) {
+        return Err(Refusal::OutsideHost { uid: o.caller.uid });
+    }
     if let Origin::EnvFile { owner, .. } = o.origin {
         if !may_read_file(o.caller, o.scope, owner) {
             return Err(Refusal::NoReadableValue);
@@ -341,7 +368,7 @@ fn matches(
     pool_id: Option<&str>,
     accounts: &dyn Accounts,
 ) -> bool {
-    let account = !caller.is_container_root();
+    let account = caller.is_node_account();
     match selector {
         Selector::Uid(uid) => account && caller.uid == *uid,
         Selector::User(name) => account && accounts.uid_of_user(name) == Some(caller.uid),
@@ -362,12 +389,12 @@ fn matches(
 
 /// `open` of an unbound token with `key`: host root always; otherwise the key's rule in
 /// `open_allowed_by_key`, else `open_allowed_uids`/`open_allowed_gids`. Root of a container is
-/// never named by uid or gid.
+/// never named by uid or gid, nor is any process outside the host's pid namespace.
 fn may_open_unbound(caller: &Caller, policy: &Policy<'_>, key: &Thumbprint) -> bool {
     if caller.host_root {
         return true;
     }
-    if caller.is_container_root() {
+    if !caller.is_node_account() {
         return false;
     }
     let (uids, gids) = match policy.open_by_key.get(key) {
@@ -385,7 +412,7 @@ pub(crate) fn may_present_unbound(caller: &Caller, policy: &Policy<'_>) -> Resul
         return Err(Refusal::AudienceRequired);
     }
     let named = |uids: &[u32], gids: &[u32]| {
-        !caller.is_container_root()
+        caller.is_node_account()
             && (uids.contains(&caller.uid) || gids.iter().any(|g| caller.in_group(*g)))
     };
     if caller.host_root
@@ -434,6 +461,7 @@ mod tests {
             gid,
             groups: Vec::new(),
             host_root,
+            host_process: true,
             namespace_attested: true,
         }
     }
@@ -441,6 +469,7 @@ mod tests {
     fn unattested_root() -> Caller {
         Caller {
             namespace_attested: false,
+            host_process: false,
             ..caller(0, 0, false)
         }
     }
@@ -448,7 +477,14 @@ mod tests {
         caller(0, 0, true)
     }
     fn container_root() -> Caller {
-        caller(0, 0, false)
+        in_container(0)
+    }
+    /// Any uid in another pid namespace, or a caller that has gone.
+    fn in_container(uid: u32) -> Caller {
+        Caller {
+            host_process: false,
+            ..caller(uid, uid, false)
+        }
     }
     fn task_dir() -> PathBuf {
         PathBuf::from("/mnt/batch/tasks/workitems/j/job-1/t")
@@ -573,6 +609,21 @@ mod tests {
                 owns_one,
                 Err(ErrorCode::BadRequest),
             ),
+            // Not even how many tasks the uid it shows owns.
+            (
+                in_container(VICTIM),
+                Scope::Host,
+                None,
+                owns_two,
+                Err(ErrorCode::Forbidden),
+            ),
+            (
+                in_container(VICTIM),
+                task_scope(),
+                None,
+                owns_none,
+                Ok(task_dir()),
+            ),
         ];
         for (who, scope, asked, owned, expected) in table {
             let got = task_to_read(&who, &scope, asked, owned).map_err(|e| e.code());
@@ -640,6 +691,7 @@ mod tests {
             (
                 Caller {
                     namespace_attested: false,
+                    host_process: false,
                     ..caller(VICTIM, VICTIM, false)
                 },
                 Scope::Host,
@@ -656,6 +708,20 @@ mod tests {
                 Ok(vec![0]),
             ),
             (container_root(), task_scope(), vec![VICTIM], Ok(vec![0])),
+            // A container can take any uid (CAP_SETUID without a user namespace): on the host
+            // socket its uid owns nothing, on its task's socket it is served as anyone is.
+            (
+                in_container(VICTIM),
+                Scope::Host,
+                vec![VICTIM],
+                Err(ErrorCode::Forbidden),
+            ),
+            (
+                in_container(VICTIM),
+                task_scope(),
+                vec![VICTIM],
+                Ok(vec![0]),
+            ),
             (
                 caller(OTHER, OTHER, false),
                 task_scope(),
@@ -1110,6 +1176,39 @@ mod tests {
             code(decide_keys(&host_root(), &[])),
             Some(ErrorCode::BadToken)
         );
+        // A process in a container shows whatever uid it likes (its root can setuid to any
+        // host uid): on the host socket it is nobody, and no uid selector names it anywhere.
+        let outside = decide_keys(&in_container(VICTIM), &[KEY]).unwrap_err();
+        assert!(
+            outside.to_string().contains("task's own socket"),
+            "{outside}"
+        );
+        let uid_bound = [sel(&format!("uid:{VICTIM}"))];
+        let on_task_socket = decide(
+            &Opening {
+                caller: &in_container(VICTIM),
+                scope: &task_scope(),
+                origin: in_env_file(VICTIM, VICTIM_TASK),
+                audience: Audience::Bound(&uid_bound),
+                keys: &[KEY],
+            },
+            &named,
+            &FakeAccounts,
+        );
+        assert_eq!(code(on_task_socket), Some(ErrorCode::Forbidden));
+        let job_bound = [sel("job:nightly")];
+        let job_on_task_socket = decide(
+            &Opening {
+                caller: &in_container(VICTIM),
+                scope: &task_scope(),
+                origin: in_env_file(VICTIM, VICTIM_TASK),
+                audience: Audience::Bound(&job_bound),
+                keys: &[KEY],
+            },
+            &named,
+            &FakeAccounts,
+        );
+        assert_eq!(job_on_task_socket.unwrap(), vec![KEY]);
     }
 
     #[test]

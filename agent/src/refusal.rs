@@ -30,8 +30,10 @@ pub(crate) enum Refusal {
     SeveralTasksOwned { uid: u32, count: usize },
     #[error("no env file is known for task {}", task_dir.display())]
     UnknownTask { task_dir: PathBuf },
-    #[error("uid 0 outside the host's pid namespace is not host root; use the task's own socket")]
+    #[error("uid 0 outside the host's pid or user namespace is not host root; use the task's own socket")]
     ContainerRoot,
+    #[error("uid {uid} is not known to be a process of the host's pid namespace (a container, a caller that has gone, or the kernel would not say), where it could have taken any uid: the host socket does not serve it; use the task's own socket")]
+    OutsideHost { uid: u32 },
     #[error("this kernel cannot attest the caller (no SO_PEERPIDFD, Linux 6.5): admin operations are refused and uid 0 is not host root here; use the task's own socket for a task's values")]
     CallerUnattested,
     /// For a caller other than host root: one answer whether the task does not exist or is
@@ -163,6 +165,7 @@ impl Refusal {
             Self::HostRootOnly { .. }
             | Self::ForeignTask
             | Self::ContainerRoot
+            | Self::OutsideHost { .. }
             | Self::CallerUnattested
             | Self::NoReadableValue
             | Self::NotInAudience { .. }
@@ -235,6 +238,7 @@ mod tests {
     fn refusals_of_identity_are_forbidden_and_limits_are_retryable() {
         for r in [
             Refusal::ContainerRoot,
+            Refusal::OutsideHost { uid: 1000 },
             Refusal::CallerUnattested,
             Refusal::ForeignTask,
             Refusal::HostRootOnly { op: "status" },

@@ -6,7 +6,8 @@
 //! - taking ownership of the descriptor `openat2`/`openat` return (nix hands back a raw number),
 //!   in [`open_beneath`], the one way the agent opens anything inside a task tree;
 //! - who is calling, from the kernel ([`peer_pidfd`], [`peer_groups`], [`pidfd_pid_namespace`],
-//!   [`pidfd_is_alive`]): getsockopt options and pidfd calls nix 0.29 does not wrap;
+//!   [`pidfd_user_namespace`], [`pidfd_is_alive`]): getsockopt options and pidfd calls nix 0.29
+//!   does not wrap;
 //! - `mallopt(M_MMAP_THRESHOLD)` in [`return_big_frees_to_kernel`].
 //!
 //! Everything else goes through safe wrappers (tokio, nix).
@@ -161,6 +162,19 @@ pub(crate) fn pidfd_pid_namespace(pidfd: std::os::fd::BorrowedFd<'_>) -> std::io
     // SAFETY: this ioctl takes no argument and touches no memory of ours; it returns a new
     // descriptor or -1 with errno.
     let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), libc::PIDFD_GET_PID_NAMESPACE, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just installed `fd` as a new descriptor of ours; wrapped once, here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The user namespace of the process `pidfd` names (`PIDFD_GET_USER_NAMESPACE`, Linux 6.11), as
+/// a namespace descriptor; errors as [`pidfd_pid_namespace`].
+pub(crate) fn pidfd_user_namespace(pidfd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    // SAFETY: this ioctl takes no argument and touches no memory of ours; it returns a new
+    // descriptor or -1 with errno.
+    let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), libc::PIDFD_GET_USER_NAMESPACE, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -18,7 +18,13 @@ const VICTIM: u32 = 4362;
 const SECRET: &str = "victim-Secret-identity-e2e";
 
 fn node_with_victim_task() -> (Node, PathBuf) {
+    node_with_victim_task_and(json!({}))
+}
+
+/// Like [`node_with_victim_task`], with top-level config fields of `config` replacing the kit's.
+fn node_with_victim_task_and(config: Value) -> (Node, PathBuf) {
     let mut node = Node::new();
+    node.write_config(config);
     let cert = node.create_cert("pool");
     node.drop_pfx(&cert);
     let task = node.task("job-v", "victim");
@@ -247,4 +253,244 @@ fn root_in_its_own_pid_namespace_is_not_host_root_and_host_root_is() {
         })
         .collect();
     assert_eq!(said.len(), 1, "{logs}");
+}
+
+/// Root in a container without a user namespace of its own keeps CAP_SETUID over the host's
+/// uids: it can become the victim's uid before it connects, and SO_PEERCRED then reports that
+/// uid. On the host socket a caller outside the agent's pid namespace is therefore no uid at
+/// all: it is refused and pointed at its task's own socket, whatever uid it shows.
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) and takes the victim's uid inside it"]
+fn container_root_that_takes_the_victims_uid_gets_nothing_on_the_host_socket() {
+    let test = "container_root_that_takes_the_victims_uid_gets_nothing_on_the_host_socket";
+    if !has_unshare(test) {
+        return;
+    }
+    let (node, task) = node_with_victim_task();
+    let get = json!({"op": "get", "name": "DB", "task": task}).to_string();
+    let env = json!({"op": "env", "task": task}).to_string();
+    let list = json!({"op": "list", "task": task}).to_string();
+    // Root inside, it takes the victim's uid (argv[1]), modules loaded first, then talks as
+    // CALLER does.
+    let as_uid = format!(
+        "import os, socket, sys\nuid = int(sys.argv.pop(1))\nos.setgroups([])\nos.setgid(uid)\nos.setuid(uid)\n{CALLER}"
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", &as_uid])
+        .arg(VICTIM.to_string())
+        .arg(&node.socket)
+        .args([&get, &env, &list])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<Value> = text.lines().map(parse).collect();
+    assert_eq!(
+        answers.len(),
+        3,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for answer in &answers {
+        assert!(!answer.to_string().contains(SECRET), "leaked: {answer}");
+        assert_eq!(code_of(answer), "forbidden", "{answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("task's own socket")),
+            "{answer}"
+        );
+    }
+    assert!(!node.logs().contains(SECRET));
+    // The same uid on the host itself is served, so the refusal above is about where it runs.
+    let own =
+        nodeseal_testkit::request_as(VICTIM, &node.socket, &serde_json::from_str(&get).unwrap());
+    assert_eq!(
+        own["value"], SECRET,
+        "the victim on the host reads its task: {own}"
+    );
+}
+
+/// Holds argv[2] connections to argv[1], then one more, prints that one's answer (the agent
+/// writes a refusal without being asked), says `holding` and keeps them all until stdin closes.
+const HOLDER: &str = r#"
+import socket, sys
+held = []
+for _ in range(int(sys.argv[2]) + 1):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(sys.argv[1])
+    held.append(c)
+buf = b""
+while not buf.endswith(b"\n"):
+    chunk = held[-1].recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+print(buf.decode().strip() or "EOF", flush=True)
+print("holding", flush=True)
+sys.stdin.read()
+"#;
+
+/// Container root is uid 0 too, but not host root: holding every connection uid 0 may have must
+/// not lock host root out of `status`, `revoke` and `restore` (or its reads). Its own limit
+/// still binds it.
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) as root"]
+fn container_root_holding_uid_0s_connections_does_not_lock_out_host_root() {
+    let test = "container_root_holding_uid_0s_connections_does_not_lock_out_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    const PER_UID: usize = 8;
+    let (node, task) =
+        node_with_victim_task_and(json!({"limits": {"max_connections_per_uid": PER_UID}}));
+    let mut holder = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", HOLDER])
+        .arg(&node.socket)
+        .arg(PER_UID.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot run unshare");
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut over = String::new();
+    out.read_line(&mut over).unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let status = node.try_request(&json!({"op": "status"}));
+    let value = node.try_request(&json!({"op": "get", "name": "DB", "task": task}));
+    drop(holder.stdin.take());
+    let _ = wait_child(&mut holder, Duration::from_secs(20));
+    assert_eq!(
+        line.trim(),
+        "holding",
+        "the container holds its connections"
+    );
+    let over = parse(over.trim());
+    assert_eq!(code_of(&over), "busy", "container root's own limit: {over}");
+    let status = status.expect("no answer to host root's status");
+    assert_eq!(
+        code_of(&status),
+        "",
+        "host root's status while container root holds uid 0's share: {status}"
+    );
+    assert_eq!(value.map(|v| v["value"].clone()), Some(json!(SECRET)));
+}
+
+/// Root (argv[3:] the uids to take, argv[2] connections each): holds that many connections to
+/// argv[1] under each uid, taken with seteuid so that it can come back, says `holding` once the
+/// agent has answered a request on the last one, and keeps them all until stdin closes.
+const SPREADER: &str = r#"
+import os, socket, sys
+held = []
+for uid in sys.argv[3:]:
+    os.seteuid(int(uid))
+    for _ in range(int(sys.argv[2])):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(sys.argv[1])
+        held.append(c)
+    os.seteuid(0)
+held[-1].sendall(b'{"op":"health"}\n')
+held[-1].recv(65536)
+print("holding", len(held), flush=True)
+sys.stdin.read()
+"#;
+
+/// Container root can take any uid: holding every uid's share of connections under enough
+/// uids would fill the agent's whole connection budget. Host root must still get `status`.
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare) as root and connects as many uids"]
+fn container_root_filling_the_connection_budget_under_many_uids_does_not_lock_out_host_root() {
+    let test =
+        "container_root_filling_the_connection_budget_under_many_uids_does_not_lock_out_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    const PER_UID: usize = 4;
+    const ALL: usize = 16;
+    let (node, _task) = node_with_victim_task_and(json!({"limits": {
+        "max_connections_per_uid": PER_UID,
+        "max_connections": ALL,
+    }}));
+    let uids: Vec<String> = (0..ALL / PER_UID).map(|i| (5100 + i).to_string()).collect();
+    let mut spreader = Command::new("unshare")
+        .args(["--pid", "--fork", "python3", "-c", SPREADER])
+        .arg(&node.socket)
+        .arg(PER_UID.to_string())
+        .args(&uids)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot run unshare");
+    let mut out = BufReader::new(spreader.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let status = node.try_request(&json!({"op": "status"}));
+    drop(spreader.stdin.take());
+    let _ = wait_child(&mut spreader, Duration::from_secs(20));
+    assert_eq!(
+        line.trim(),
+        format!("holding {ALL}"),
+        "the container holds the whole budget"
+    );
+    let status = status.expect("no answer to host root's status");
+    assert_eq!(
+        code_of(&status),
+        "",
+        "host root's status while container root holds every connection: {status}"
+    );
+}
+
+/// Root that enters a user namespace of its own is still uid 0 to SO_PEERCRED and still in the
+/// host's pid namespace, but has no capability over the host any more (a sandbox, systemd's
+/// `PrivateUsers=`): it is not host root. An ordinary uid that maps itself to root in a user
+/// namespace is still its own uid to the agent.
+#[test]
+#[ignore = "needs root: enters user namespaces (unshare) as root and as another uid"]
+fn root_in_a_user_namespace_of_its_own_is_not_host_root() {
+    let test = "root_in_a_user_namespace_of_its_own_is_not_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    let (node, task) = node_with_victim_task();
+    let [status, get] = requests(&task);
+    for how in [&["--user", "--map-root-user"][..], &["--user"][..]] {
+        let out = Command::new("unshare")
+            .args(how)
+            .args(["python3", "-c", CALLER])
+            .arg(&node.socket)
+            .args([&status, &get])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains(SECRET), "unshare {how:?}: {text}");
+        let answers: Vec<Value> = text.lines().map(parse).collect();
+        assert_eq!(answers.len(), 2, "unshare {how:?}: {text}");
+        for answer in &answers {
+            assert_eq!(code_of(answer), "forbidden", "unshare {how:?}: {answer}");
+        }
+    }
+    let mut own_userns = Command::new("unshare");
+    own_userns
+        .args(["--user", "--map-root-user", "python3", "-c", CALLER])
+        .arg(&node.socket)
+        .arg(&get)
+        .uid(ATTACKER)
+        .gid(ATTACKER);
+    let out = own_userns.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() {
+        assert!(!text.contains(SECRET), "{text}");
+        let answer = parse(text.trim());
+        assert_eq!(code_of(&answer), "forbidden", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(&format!("uid {ATTACKER} ")), "{answer}");
+    } else {
+        eprintln!(
+            "unprivileged user namespaces are not allowed here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let served = node.request(json!({"op": "status"}));
+    assert_eq!(code_of(&served), "", "host root's status: {served}");
+    assert!(!node.logs().contains(SECRET));
 }

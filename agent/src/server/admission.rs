@@ -8,6 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Whom a connection and its requests are counted against: the caller's uid, and for uid 0
+/// whether it is host root. Root in a container is uid 0 too; counted with host root, it could
+/// use up host root's allowance and lock it out of `status`, `revoke` and `restore`. Any other
+/// uid has one allowance wherever it runs, so entering a namespace does not double it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Principal {
+    pub(crate) uid: u32,
+    pub(crate) host_root: bool,
+}
+
 struct Bucket {
     tokens: f64,
     last: Instant,
@@ -17,15 +27,15 @@ struct Bucket {
 pub(crate) struct Admission {
     /// One permit per open connection, over all sockets.
     connections: Arc<Semaphore>,
-    /// Open connections per peer uid.
-    by_uid: Mutex<HashMap<u32, usize>>,
-    rate: Mutex<HashMap<u32, Bucket>>,
+    /// Open connections per principal.
+    by_uid: Mutex<HashMap<Principal, usize>>,
+    rate: Mutex<HashMap<Principal, Bucket>>,
 }
 
-/// One open connection of a uid; dropping it frees the slot.
+/// One open connection of a principal; dropping it frees the slot.
 pub(crate) struct UidSlot {
     admission: Arc<Admission>,
-    uid: u32,
+    uid: Principal,
 }
 
 impl Drop for UidSlot {
@@ -59,8 +69,8 @@ impl Admission {
         self.connections.clone().try_acquire_owned().ok()
     }
 
-    /// Count a new connection of `uid`; `None` when the uid is at its limit.
-    pub(crate) fn uid_slot(self: &Arc<Self>, uid: u32, limits: &Limits) -> Option<UidSlot> {
+    /// Count a new connection of `uid`; `None` when it is at its limit.
+    pub(crate) fn uid_slot(self: &Arc<Self>, uid: Principal, limits: &Limits) -> Option<UidSlot> {
         let mut map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(uid).or_default();
         if *n >= limits.max_connections_per_uid {
@@ -74,7 +84,7 @@ impl Admission {
     }
 
     /// Take one request from `uid`'s budget at `now`; false means "answer busy".
-    pub(crate) fn take_rate_token(&self, uid: u32, limits: &Limits, now: Instant) -> bool {
+    pub(crate) fn take_rate_token(&self, uid: Principal, limits: &Limits, now: Instant) -> bool {
         let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
         if rate.len() > 65_536 {
             // Bound the table: forget buckets that have refilled anyway.
@@ -102,6 +112,13 @@ impl Admission {
 mod tests {
     use super::*;
 
+    fn host(uid: u32) -> Principal {
+        Principal {
+            uid,
+            host_root: uid == 0,
+        }
+    }
+
     fn limits(per_uid: usize, rate: u32, burst: u32) -> Limits {
         Limits {
             max_connections_per_uid: per_uid,
@@ -115,12 +132,23 @@ mod tests {
     fn a_uid_at_its_connection_limit_is_refused_and_others_are_not() {
         let a = Arc::new(Admission::new(10));
         let l = limits(2, 1, 1);
-        let one = a.uid_slot(1000, &l).unwrap();
-        let _two = a.uid_slot(1000, &l).unwrap();
-        assert!(a.uid_slot(1000, &l).is_none());
-        assert!(a.uid_slot(1001, &l).is_some());
+        let one = a.uid_slot(host(1000), &l).unwrap();
+        let _two = a.uid_slot(host(1000), &l).unwrap();
+        assert!(a.uid_slot(host(1000), &l).is_none());
+        assert!(a.uid_slot(host(1001), &l).is_some());
         drop(one);
-        assert!(a.uid_slot(1000, &l).is_some());
+        assert!(a.uid_slot(host(1000), &l).is_some());
+        // Root in a container holding uid 0's share leaves host root its own.
+        let container_root = Principal {
+            uid: 0,
+            host_root: false,
+        };
+        let _held = [
+            a.uid_slot(container_root, &l),
+            a.uid_slot(container_root, &l),
+        ];
+        assert!(a.uid_slot(container_root, &l).is_none());
+        assert!(a.uid_slot(host(0), &l).is_some());
     }
 
     #[test]
@@ -138,16 +166,25 @@ mod tests {
         let l = limits(1, 10, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(a.take_rate_token(7, &l, t0));
+            assert!(a.take_rate_token(host(7), &l, t0));
         }
-        assert!(!a.take_rate_token(7, &l, t0));
+        assert!(!a.take_rate_token(host(7), &l, t0));
         assert!(
-            a.take_rate_token(8, &l, t0),
+            a.take_rate_token(host(8), &l, t0),
             "another uid has its own bucket"
         );
+        let container_root = Principal {
+            uid: 0,
+            host_root: false,
+        };
+        while a.take_rate_token(container_root, &l, t0) {}
+        assert!(
+            a.take_rate_token(host(0), &l, t0),
+            "host root has a bucket of its own"
+        );
         // 10 per second: one token back after 100 ms, not before.
-        assert!(!a.take_rate_token(7, &l, t0 + Duration::from_millis(50)));
-        assert!(a.take_rate_token(7, &l, t0 + Duration::from_millis(150)));
-        assert!(!a.take_rate_token(7, &l, t0 + Duration::from_millis(150)));
+        assert!(!a.take_rate_token(host(7), &l, t0 + Duration::from_millis(50)));
+        assert!(a.take_rate_token(host(7), &l, t0 + Duration::from_millis(150)));
+        assert!(!a.take_rate_token(host(7), &l, t0 + Duration::from_millis(150)));
     }
 }

@@ -133,7 +133,7 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
         }
         if !ctx
             .admission
-            .take_rate_token(peer.uid, &limits, Instant::now())
+            .take_rate_token(peer.principal(), &limits, Instant::now())
         {
             cut_off(ctx, &peer, &mut write_half, Refusal::RateLimited).await;
             return;

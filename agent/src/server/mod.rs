@@ -61,7 +61,10 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             }
         };
         let state = ctx.handler.state();
-        let Some(slot) = ctx.admission.uid_slot(peer.uid, &state.config().limits) else {
+        let Some(slot) = ctx
+            .admission
+            .uid_slot(peer.principal(), &state.config().limits)
+        else {
             state.counters.limited.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 peer_uid = peer.uid,
@@ -75,11 +78,19 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             ));
             continue;
         };
-        let Some(permit) = ctx.admission.connection() else {
-            state.counters.limited.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("connection limit reached; refusing a connection");
-            tokio::spawn(connection::refuse(stream, Refusal::TooManyConnections));
-            continue;
+        // Host root is bounded by its own allowance alone: anyone able to take many uids (root
+        // in a container can) could otherwise fill the shared budget and lock it out of
+        // `status`, `revoke` and `restore`.
+        let permit = if peer.host_root {
+            None
+        } else {
+            let Some(permit) = ctx.admission.connection() else {
+                state.counters.limited.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("connection limit reached; refusing a connection");
+                tokio::spawn(connection::refuse(stream, Refusal::TooManyConnections));
+                continue;
+            };
+            Some(permit)
         };
         let ctx = ctx.clone();
         let scope = scope.clone();
