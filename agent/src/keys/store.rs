@@ -308,7 +308,15 @@ impl KeyStore {
                     tracing::info!(path = %cand.path.display(), %reason, "key pending")
                 }
                 FileState::Broken(reason) => {
-                    tracing::warn!(path = %cand.path.display(), %reason, "key file skipped")
+                    // The file and the reason in the MESSAGE itself: `systemctl status` shows
+                    // only that.
+                    let path = cand.path.display().to_string();
+                    let message = format!(
+                        "key file {} skipped: {}",
+                        crate::logging::for_message(&path),
+                        crate::logging::for_message(&reason.to_string())
+                    );
+                    tracing::warn!(path = %path, %reason, message = %message)
                 }
             }
             fresh.push((
