@@ -158,7 +158,8 @@ for _ in $(seq 100); do
 done
 [ -n "$init_pid" ] || skip "systemd did not start as PID 1 within 10s"
 in_sys() { nsenter -t "$init_pid" -a "$@"; }
-state="$(in_sys timeout 60 systemctl is-system-running --wait 2>/dev/null || true)"
+for _ in $(seq 300); do in_sys test -S /run/systemd/private 2>/dev/null && break; sleep 0.1; done
+state="$(in_sys timeout 60 systemctl is-system-running --wait 2>&1 || true)"
 case "$state" in
     running) ;;
     degraded) say "system degraded (failed units: $(in_sys systemctl list-units --failed --plain --no-legend --no-pager | awk '{print $1}' | tr '\n' ' '))" ;;
