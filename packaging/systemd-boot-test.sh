@@ -14,6 +14,9 @@
 #   --bin-dir DIR  release binaries (nodeseal-agent, nodeseal-client, docker-credential-nodeseal
 #                  and the seal CLI nodeseal); default target/release
 #   --tarball F    install this tarball instead of packing one from --bin-dir
+#   --deb F        also install this .deb with DEPLOYMENT.md's .deb start task command
+# The install commands are read from packaging/DEPLOYMENT.md (the Pool JSON commandLine, the
+# .deb commandLine, the blocks marked <!-- ci: NAME -->), so the recipes are what is tested.
 # Exit status: 0 all checks passed; 1 a check failed; 2 usage; 77 systemd cannot boot here
 # (prints "SKIPPED: <reason>"; with CI=true that is a failure, exit 1).
 set -euo pipefail
@@ -22,12 +25,14 @@ prog=systemd-boot-test
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 bin_dir="$repo/target/release"
 tarball=""
+deb=""
 threshold=1.5
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
         --tarball) tarball="${2:?--tarball needs a file}"; shift 2 ;;
         --threshold) threshold="${2:?--threshold needs a number}"; shift 2 ;;
+        --deb) deb="${2:?--deb needs a file}"; shift 2 ;;
         -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "$prog: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -87,6 +92,21 @@ if [ -z "$tarball" ]; then
 fi
 cp "$tarball" "$base/upper/ci/"
 tar_name="$(basename "$tarball")"
+[ -z "$deb" ] || cp "$deb" "$base/upper/ci/"
+cp "$repo/packaging/batch/install.sh" "$base/upper/ci/install.sh"
+# The recipes as DEPLOYMENT.md has them (versions are the workspace version, as in the doc).
+doc="$repo/packaging/DEPLOYMENT.md"
+start_task="$(sed -n 's/^ *"commandLine": "\(.*tar -xzf.*\)",\{0,1\}$/\1/p' "$doc" | head -n 1)"
+deb_task="$(sed -n 's/^ *"commandLine": "\(.*\.deb\)",\{0,1\}$/\1/p' "$doc" | head -n 1)"
+[ -n "$start_task" ] || fail "no tarball start task commandLine in $doc"
+[ -n "$deb_task" ] || fail "no .deb start task commandLine in $doc"
+doc_block() { # NAME: the fenced block after <!-- ci: NAME --> in DEPLOYMENT.md
+    awk -v m="<!-- ci: $1 -->" '$0 == m {on=1; next} on && /^```/ {if (inb) exit; inb=1; next} on && inb' "$doc"
+}
+for b in slurm-install slurm-job; do
+    [ -n "$(doc_block "$b")" ] || fail "no <!-- ci: $b --> block in $doc"
+    doc_block "$b" > "$base/upper/ci/$b.sh"
+done
 fix="$base/fix"
 mkdir -p "$fix"
 tp="$(cd "$fix" && "$bin_dir/nodeseal" cert create --prefix pool --bits 2048 | tail -n 1 | tr 'A-F' 'a-f')" \
@@ -182,14 +202,18 @@ journal() { in_sys journalctl -u nodeseal-agent.service --no-pager "$@"; }
 
 # --- install as a Batch start task ------------------------------------------------------------
 in_sys /ci/make-node.sh /mnt/batch/tasks pool task.env
+# As Batch runs a start task: resource files in its wd, the command line from the pool JSON.
+in_sys cp "/ci/$tar_name" /mnt/batch/tasks/startup/wd/
 in_sys env AZ_BATCH_NODE_ROOT_DIR=/mnt/batch/tasks AZ_BATCH_NODE_STARTUP_DIR=/mnt/batch/tasks/startup \
-    sh -c "cd /mnt/batch/tasks/startup/wd && cp /ci/$tar_name . && tar -xzf $tar_name && ./${tar_name%.tar.gz}/install.sh" \
-    || { journal -n 40 >&2 || true; fail "install.sh failed"; }
-pass "install.sh (start task) installed and started the agent"
+    sh -c "cd /mnt/batch/tasks/startup/wd && $start_task" \
+    || { journal -n 40 >&2 || true; fail "the start task ($start_task) failed"; }
+pass "start task '$start_task' installed and started the agent"
 
 # READY: Type=notify, so active means READY=1 was sent.
 [ "$(prop ActiveState)" = active ] || fail "nodeseal-agent.service is $(prop ActiveState), not active"
-journal -o json | grep -q '"MESSAGE":"nodeseal-agent ready"' || fail "no 'nodeseal-agent ready' in the journal"
+# journald may lag behind the service by a moment.
+wait_for 10 "no 'nodeseal-agent ready' in the journal" \
+    sh -c "nsenter -t $init_pid -a journalctl -u nodeseal-agent.service -o json --no-pager | grep -q '\"MESSAGE\":\"nodeseal-agent ready\"'"
 pass "READY (Type=notify, service active)"
 
 wait_for 20 "the PFX original was not removed after ingest" \
@@ -230,6 +254,8 @@ wait_for 20 "no reload in the journal after systemctl reload" \
 pass "systemctl reload: SIGHUP handled in place (same MainPID)"
 
 # --- journald fields ----------------------------------------------------------------------------
+wait_for 10 "no journal entry for the last get" \
+    sh -c "nsenter -t $init_pid -a journalctl -u nodeseal-agent.service -o json --no-pager | grep -q '\"OP\":\"get\"'"
 entry="$(journal -o json --output-fields=MESSAGE,OUTCOME,PEER_UID,SECRET_NAME,TASK_ID,JOB_ID,KEY_ID,OP \
     | grep '"SECRET_NAME":"DB_PASSWORD"' | grep '"OP":"get"' | tail -n 1)"
 [ -n "$entry" ] || fail "no journal entry with SECRET_NAME=DB_PASSWORD and OP=get"
@@ -273,8 +299,38 @@ journal --since "$since" -o json --output-fields=MESSAGE,FROM | grep 'readable o
     | sed -n 's/.*"FROM":"\([^"]*\)".*/\1/p' | while read -r from; do
         in_sys test ! -e "$from" || fail "the journal says $from was removed but it is still there"
     done
-journal --since "$since" -o cat | grep -q 'appeared after the agent started and is read-only' \
-    || fail "the journal does not say why the agent restarted"
+wait_for 10 "the journal does not say why the agent restarted" \
+    sh -c "nsenter -t $init_pid -a journalctl -u nodeseal-agent.service --since '$since' -o cat --no-pager | grep -q 'appeared after the agent started and is read-only'"
 pass "start race: root created after start -> agent restarted itself (NRestarts $restarts -> $(prop NRestarts)), key ingested, task socket bound"
+
+# --- the .deb start task ------------------------------------------------------------------------
+if [ -n "$deb" ]; then
+    in_sys cp /ci/install.sh "/ci/$(basename "$deb")" /mnt/batch/tasks/startup/wd/
+    in_sys env AZ_BATCH_NODE_ROOT_DIR=/mnt/batch/tasks AZ_BATCH_NODE_STARTUP_DIR=/mnt/batch/tasks/startup \
+        sh -c "cd /mnt/batch/tasks/startup/wd && $deb_task" \
+        || { journal -n 40 >&2 || true; fail "the .deb start task ($deb_task) failed"; }
+    in_sys dpkg-query -W -f '${Status}' nodeseal-agent | grep -q 'install ok installed' || fail "dpkg does not list nodeseal-agent as installed"
+    got="$(get_as_task LATE_PASSWORD job-late)" || fail "get after the .deb install failed"
+    [ "$got" = "$secret-late" ] || fail "get after the .deb install returned the wrong value"
+    pass ".deb start task '$deb_task': installed through dpkg, agent serves"
+else
+    say "not tested: the .deb start task (no --deb given)"
+fi
+
+# --- Slurm: install --layout flat, prolog, a job, epilog ------------------------------------------
+in_sys sh -c "cd /root && cp /ci/$tar_name . && sh -eux /ci/slurm-install.sh" \
+    || { journal -n 40 >&2 || true; fail "DEPLOYMENT.md's Slurm install block failed"; }
+in_sys grep -q '"task_layout": "flat"' /etc/nodeseal/agent.json || fail "the Slurm install did not write a flat config"
+in_sys env SLURM_JOB_ID=42 SLURM_JOB_UID="$tester_uid" /etc/slurm/prolog.d/nodeseal.sh || fail "the Slurm prolog failed"
+job_env="$(in_sys env SLURM_JOB_ID=42 runuser -u tester -- /etc/slurm/task_prolog.sh)" || fail "the task prolog failed"
+in_sys runuser -u tester -- env SLURM_JOB_ID=42 TOKEN="$token" sh -c "$(printf '%s\n' "$job_env" | sed -n 's/^export /export /p')
+mkdir -p /tmp/job && cd /tmp/job && printf 'DB_PASSWORD=%s\n' \"\$TOKEN\" > job.sealed.env
+for i in \$(seq 100); do sh -e /ci/slurm-job.sh > /tmp/slurm-job.out 2>/tmp/slurm-job.err && exit 0; sleep 0.1; done
+cat /tmp/slurm-job.err >&2; exit 1" || fail "the Slurm job block failed"
+got="$(in_sys cat /tmp/slurm-job.out)"
+[ "$got" = "$secret" ] || fail "the Slurm job read the wrong value"
+in_sys env SLURM_JOB_ID=42 /etc/slurm/epilog.d/nodeseal.sh || fail "the Slurm epilog failed"
+in_sys test ! -e /var/spool/nodeseal/jobs/42 || fail "the epilog left the job dir"
+pass "Slurm: install --layout flat, prolog made the job dir, the job read its value, epilog removed it"
 
 say "all checks passed in $((SECONDS - t0))s"
