@@ -108,7 +108,7 @@ if [ -z "$artifact" ]; then
         for dir in "$script_dir" ${startup_dir:+"$startup_dir/wd"} "$PWD"; do
             [ -d "$dir" ] || continue
             artifact="$(find "$dir" -maxdepth 1 -type f \
-                \( -name 'nodeseal-*-linux-x86_64.tar.gz' -o -name 'nodeseal-agent_*.deb' \) \
+                \( -name 'nodeseal-[0-9]*-linux-x86_64.tar.gz' -o -name 'nodeseal-agent_*.deb' \) \
                 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)"
             if [ -n "$artifact" ]; then artifact="$dir/$artifact"; break; fi
         done
