@@ -629,6 +629,15 @@ fn installer_fails_clearly() {
             "no nodeseal artifact found",
         ),
         (
+            "unknown layout",
+            {
+                let mut c = node.installer();
+                c.args(["--layout", "slurm"]);
+                c
+            },
+            "--layout must be batch or flat",
+        ),
+        (
             "not a tarball",
             {
                 // Not in the installer's search path, so it cannot disturb "no artifact".
@@ -659,4 +668,142 @@ fn installer_fails_clearly() {
     }
     // Nothing was installed by the failed runs.
     assert!(!node.root.join("usr/bin/nodeseal-agent").exists());
+}
+
+/// `--layout flat`: a non-Batch host (Slurm, plain servers) needs no AZ_BATCH_* variables and
+/// gets a flat config, its env root created, and a drop-in making that root writable.
+#[test]
+fn installer_flat_layout_for_hosts_without_batch() {
+    let node = FakeNode::new();
+    node.stage_tarball(&require_binaries());
+    // The flat layout does not search the start task's wd: name the tarball.
+    let tarball = fs::read_dir(node.startup.join("wd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .expect("staged tarball");
+    let run = |extra: &[&str]| {
+        let out = node
+            .installer()
+            .env_remove("AZ_BATCH_NODE_ROOT_DIR")
+            .env_remove("AZ_BATCH_NODE_STARTUP_DIR")
+            .args(["--layout", "flat"])
+            .args(extra)
+            .arg(&tarball)
+            .output()
+            .expect("run install.sh --layout flat");
+        assert!(
+            out.status.success(),
+            "{}",
+            describe("install.sh --layout flat", &out)
+        );
+        out
+    };
+
+    // A Batch install first: switching layouts must not leave the Batch drop-in behind.
+    node.install();
+    let dropins = node
+        .root
+        .join("etc/systemd/system/nodeseal-agent.service.d");
+    assert!(dropins.join("10-batch-root.conf").exists());
+
+    run(&[]);
+    let config_path = node.root.join("etc/nodeseal/agent.json");
+    let config = read_json(&config_path);
+    assert_eq!(config["task_layout"], "flat");
+    assert_eq!(
+        config["env_roots"],
+        serde_json::json!(["/var/spool/nodeseal/jobs"])
+    );
+    let kinds: Vec<&str> = config["key_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert!(!kinds.contains(&"batch_certs"), "{kinds:?}");
+    assert!(kinds.contains(&"key_dir"), "{kinds:?}");
+    assert_agent_accepts(&node.root.join("usr/bin/nodeseal-agent"), &config_path);
+    // Made before the service starts, so ReadWritePaths= finds it (the start race).
+    let env_root = node.root.join("var/spool/nodeseal/jobs");
+    assert!(env_root.is_dir());
+    assert_eq!(mode(&env_root), 0o755);
+    assert!(
+        !dropins.join("10-batch-root.conf").exists(),
+        "the Batch drop-in was left"
+    );
+    let dropin = fs::read_to_string(dropins.join("10-env-root.conf")).unwrap();
+    assert!(
+        dropin.contains("ReadWritePaths=/var/spool/nodeseal/jobs\n"),
+        "{dropin}"
+    );
+    assert!(!dropin.contains("ProtectHome"), "{dropin}");
+
+    // Idempotent.
+    let before = node.snapshot();
+    run(&[]);
+    assert_eq!(
+        before,
+        node.snapshot(),
+        "a second flat install changed files"
+    );
+
+    // Under /home, ProtectHome=yes would hide the root, ReadWritePaths= included.
+    run(&["--env-root", "/home/jobs"]);
+    let dropin = fs::read_to_string(dropins.join("10-env-root.conf")).unwrap();
+    assert!(dropin.contains("ReadWritePaths=/home/jobs\n"), "{dropin}");
+    assert!(dropin.contains("ProtectHome=read-only\n"), "{dropin}");
+    assert_eq!(
+        read_json(&config_path)["env_roots"],
+        serde_json::json!(["/home/jobs"])
+    );
+}
+
+/// The README and DEPLOYMENT.md give the same start task, and DEPLOYMENT.md has the blocks
+/// packaging/systemd-boot-test.sh runs, naming files the tarball ships.
+#[test]
+fn recipes_in_the_docs_are_the_tested_ones() {
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let deployment = fs::read_to_string(repo_root().join("packaging/DEPLOYMENT.md")).unwrap();
+    let command_lines = |doc: &str| -> Vec<String> {
+        doc.lines()
+            .filter_map(|l| l.trim().strip_prefix("\"commandLine\": \""))
+            .map(|l| l.trim_end_matches(',').trim_end_matches('"').to_owned())
+            .collect()
+    };
+    let (r, d) = (command_lines(&readme), command_lines(&deployment));
+    assert_eq!(
+        r.first(),
+        d.first(),
+        "README and DEPLOYMENT.md start tasks differ"
+    );
+    assert!(
+        d.iter()
+            .any(|c| c == "/bin/bash install.sh nodeseal-agent_0.1.0-1_amd64.deb"),
+        "{d:?}"
+    );
+    for marker in ["<!-- ci: slurm-install -->", "<!-- ci: slurm-job -->"] {
+        assert!(deployment.contains(marker), "DEPLOYMENT.md lost {marker}");
+    }
+    let script = fs::read_to_string(repo_root().join("packaging/systemd-boot-test.sh")).unwrap();
+    for used in ["slurm-install", "slurm-job", "commandLine"] {
+        assert!(
+            script.contains(used),
+            "the boot test no longer reads {used}"
+        );
+    }
+    for shipped in [
+        "packaging/slurm/prolog.sh",
+        "packaging/slurm/epilog.sh",
+        "packaging/slurm/task_prolog.sh",
+        "packaging/kubernetes/Dockerfile",
+        "packaging/kubernetes/nodeseal-agent.yaml",
+    ] {
+        let name = shipped.trim_start_matches("packaging/");
+        assert!(repo_root().join(shipped).is_file(), "{shipped}");
+        assert!(
+            deployment.contains(name),
+            "DEPLOYMENT.md does not mention {name}"
+        );
+    }
 }
