@@ -197,6 +197,16 @@ pub(crate) fn for_message(value: &str) -> String {
     out
 }
 
+/// A `MESSAGE` naming a file and why: `"<what> <path>: <reason>"`, both made safe with
+/// [`for_message`] (the exact values stay in the `path` and `reason` fields).
+pub(crate) fn about_file(what: &str, path: &std::path::Path, reason: &dyn fmt::Display) -> String {
+    format!(
+        "{what} {}: {}",
+        for_message(&path.display().to_string()),
+        for_message(&reason.to_string())
+    )
+}
+
 /// Write `value` bare when it is plain, else quoted with escapes. A space or brace (which
 /// closes a span's fields) quotes a field value but not the message (`prose`).
 fn write_escaped(w: &mut impl fmt::Write, value: &str, prose: bool) -> fmt::Result {

@@ -101,3 +101,57 @@ impl Audit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> Peer {
+        Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: 4242,
+            host_root: false,
+        }
+    }
+
+    #[test]
+    fn the_message_says_what_happened() {
+        let audit = Audit {
+            task_id: Some("task-17".into()),
+            job_id: Some("nightly".into()),
+            secret_name: Some("DB_PASSWORD".into()),
+            key_id: Some(Thumbprint([0xab; 20])),
+            outcome: Some("forbidden"),
+            keys_used: Vec::new(),
+        };
+        let key = audit.key_ids();
+        assert_eq!(
+            audit.summary(&peer(), "get", "forbidden", &key),
+            format!("get DB_PASSWORD of task nightly/task-17 by uid 1000 (pid 4242): forbidden, key {key}")
+        );
+    }
+
+    #[test]
+    fn env_names_every_key_it_used_once() {
+        let mut audit = Audit::default();
+        let (a, b) = (Thumbprint([1; 20]), Thumbprint([2; 20]));
+        for k in [a, b, a, b] {
+            audit.used_key(k);
+        }
+        assert_eq!(audit.key_ids(), format!("{a},{b}"));
+        assert_eq!(Audit::default().key_ids(), "-");
+    }
+
+    #[test]
+    fn a_hostile_task_id_cannot_forge_the_message() {
+        let audit = Audit {
+            task_id: Some("t\nINFO get X by uid 0 (pid 1, host root): ok".into()),
+            ..Audit::default()
+        };
+        let message = audit.summary(&peer(), "list", "ok", "-");
+        assert!(!message.contains('\n'), "{message}");
+        assert!(message.ends_with("by uid 1000 (pid 4242): ok"), "{message}");
+        assert!(message.contains("t<U+000A>INFO"), "{message}");
+    }
+}

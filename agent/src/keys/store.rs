@@ -255,7 +255,9 @@ impl KeyStore {
                 });
                 let unchanged = stamp.is_some() && previous.get(&source.path) == Some(&stamp);
                 if !unchanged {
-                    tracing::warn!(path = %source.path.display(), %reason, "key source refused");
+                    let message =
+                        crate::logging::about_file("key source refused", &source.path, &reason);
+                    tracing::warn!(path = %source.path.display(), %reason, message = %message);
                 }
                 let path = source.path.clone();
                 return self.mutate(|inner| {
@@ -308,15 +310,10 @@ impl KeyStore {
                     tracing::info!(path = %cand.path.display(), %reason, "key pending")
                 }
                 FileState::Broken(reason) => {
-                    // The file and the reason in the MESSAGE itself: `systemctl status` shows
-                    // only that.
-                    let path = cand.path.display().to_string();
-                    let message = format!(
-                        "key file {} skipped: {}",
-                        crate::logging::for_message(&path),
-                        crate::logging::for_message(&reason.to_string())
-                    );
-                    tracing::warn!(path = %path, %reason, message = %message)
+                    // The file and the reason in MESSAGE itself: `systemctl status` shows only it.
+                    let message =
+                        crate::logging::about_file("key file skipped", &cand.path, reason);
+                    tracing::warn!(path = %cand.path.display(), %reason, message = %message)
                 }
             }
             fresh.push((
