@@ -807,3 +807,77 @@ fn recipes_in_the_docs_are_the_tested_ones() {
         );
     }
 }
+
+/// The ConfigMap's `agent.json` in packaging/kubernetes/nodeseal-agent.yaml, as text.
+fn kubernetes_agent_json() -> String {
+    let manifest =
+        fs::read_to_string(repo_root().join("packaging/kubernetes/nodeseal-agent.yaml")).unwrap();
+    let start = manifest
+        .find("  agent.json: |\n")
+        .expect("the manifest has a ConfigMap with agent.json")
+        + "  agent.json: |\n".len();
+    manifest[start..]
+        .lines()
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The Kubernetes recipe's isolation: with the manifest's agent.json (only paths, the
+/// thumbprint and the uid filled in, as its comments say), a workload uid opens the tokens of
+/// its own key, and neither another uid nor a token of a key not listed for it opens.
+#[test]
+#[ignore = "needs root: key files must be root-owned; connects as uids 4242 and 4243"]
+fn kubernetes_config_opens_only_for_the_key_s_uids() {
+    use nodeseal_testkit::{code_of, request_as, Node};
+    let mut node = Node::new();
+    let pool = node.create_cert("pool");
+    let other = node.create_cert("other");
+    // Secret files mounted with subPath: root-owned regular files, 0400.
+    let keys = node.root.join("k8s/keys");
+    let secrets = node.root.join("k8s/secrets");
+    fs::create_dir_all(&keys).unwrap();
+    fs::create_dir_all(&secrets).unwrap();
+    for (from, to) in [
+        (pool.pfx.clone(), keys.join("pool.pfx")),
+        (node.passphrase_file(), secrets.join("pool.pfx.pw")),
+    ] {
+        fs::copy(&from, &to).unwrap();
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    // `other` is loaded too (from the Batch drop), so only the rule keeps its tokens closed.
+    node.drop_pfx(&other);
+    let text = kubernetes_agent_json()
+        .replace("/etc/nodeseal/keys", &keys.display().to_string())
+        .replace(
+            "/etc/nodeseal/secrets/pool.pfx.pw",
+            &secrets.join("pool.pfx.pw").display().to_string(),
+        )
+        .replace("0000000000000000000000000000000000000000", &pool.thumbprint)
+        .replace("[1000]", "[4242]");
+    let mut recipe: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("the manifest's agent.json is not JSON ({e}):\n{text}"));
+    // The kit's own Batch drop dir stays as a second source, for `other`.
+    let kit_source = node.base_config()["key_sources"][0].clone();
+    recipe["key_sources"]
+        .as_array_mut()
+        .unwrap()
+        .push(kit_source);
+    node.write_config(recipe);
+    node.start();
+
+    let mine = node.seal(&pool, Some("DB_PASSWORD"), "pool-secret", "v1");
+    let foreign = node.seal(&other, Some("DB_PASSWORD"), "other-secret", "v1");
+    let open = |uid: u32, token: &str| {
+        request_as(
+            uid,
+            &node.socket,
+            &serde_json::json!({"op": "open", "token": token, "name": "DB_PASSWORD"}),
+        )
+    };
+    assert_eq!(open(4242, &mine)["value"], "pool-secret", "{}", node.logs());
+    assert_eq!(code_of(&open(4243, &mine)), "forbidden");
+    assert_eq!(code_of(&open(4242, &foreign)), "forbidden");
+    assert!(!node.logs().contains("pool-secret"));
+}
