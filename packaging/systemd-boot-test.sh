@@ -120,7 +120,9 @@ token_late="$(printf '%s' "$secret-late" | "$bin_dir/nodeseal" seal --cert "$fix
 cp "$fix"/pool.pfx "$fix"/pool.pfx.pw "$fix"/late.pfx "$fix"/late.pfx.pw "$base/upper/ci/"
 printf 'DB_PASSWORD=%s\n' "$token" > "$base/upper/ci/task.env"
 printf 'LATE_PASSWORD=%s\n' "$token_late" > "$base/upper/ci/late.env"
-tester_uid="$(id -u tester 2>/dev/null || echo 1000)"
+# The task user: this machine's unprivileged test user, made inside the test system (only) where
+# the host has none.
+tester_uid="$(id -u tester 2>/dev/null || echo 4240)"
 
 # Runs inside the booted system: a Batch node's root dir with one task owned by the test uid.
 cat > "$base/upper/ci/make-node.sh" <<EOF
@@ -187,6 +189,8 @@ case "$state" in
 esac
 say "booted systemd $(in_sys systemctl --version | head -n 1 | cut -d' ' -f2) as PID 1 in $((SECONDS - t0))s ($state)"
 
+in_sys id -u tester >/dev/null 2>&1 || in_sys useradd --no-create-home --uid "$tester_uid" tester \
+    || fail "cannot create the task user inside the test system"
 pass() { say "ok: $*"; }
 prop() { in_sys systemctl show -p "$1" --value nodeseal-agent.service; }
 get_as_task() { # NAME JOB [socket]
