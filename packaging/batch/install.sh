@@ -112,7 +112,7 @@ if [ -z "$artifact" ]; then
                 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)"
             if [ -n "$artifact" ]; then artifact="$dir/$artifact"; break; fi
         done
-        [ -n "$artifact" ] || die "no nodeseal artifact found: looked for nodeseal-*-linux-x86_64.tar.gz or nodeseal-agent_*.deb in $script_dir, $startup_dir/wd and $PWD; add it as a start task resource file or pass its path"
+        [ -n "$artifact" ] || die "no nodeseal artifact found: looked for nodeseal-<version>-linux-x86_64.tar.gz or nodeseal-agent_*.deb in $script_dir, ${startup_dir:+$startup_dir/wd, }$PWD; add it as a start task resource file or pass its path"
     fi
 fi
 [ -e "$artifact" ] || die "artifact '$artifact' does not exist"
