@@ -38,6 +38,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# Absolute: the fixtures are made from other directories.
+bin_dir="$(cd "$bin_dir" 2>/dev/null && pwd)" || { echo "$prog: --bin-dir: no such directory" >&2; exit 2; }
+
 say() { echo "$prog: $*"; }
 fail() { echo "$prog: FAILED: $*" >&2; exit 1; }
 skip() {
