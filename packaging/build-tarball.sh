@@ -6,6 +6,7 @@
 #     man/man1/*.1.gz man/man8/*.8.gz (packaging/gen-docs.sh, generated from the binaries)
 #     completions/bash/<bin> completions/zsh/_<bin> completions/fish/<bin>.fish
 #     agent.json (default config)  install.sh (Batch start task installer)  README.md  VERSION
+#     slurm/{prolog,epilog,task_prolog}.sh  kubernetes/{Dockerfile,nodeseal-agent.yaml}
 #
 #   packaging/build-tarball.sh [--no-build] [--bin-dir DIR] [--out-dir DIR]
 #
@@ -69,6 +70,11 @@ install -m 0644 "$repo/systemd/nodeseal-agent.service" "$repo/systemd/nodeseal-a
     "$repo/systemd/nodeseal.tmpfiles.conf" "$root/systemd/"
 install -m 0644 "$repo/packaging/agent.json" "$root/agent.json"
 install -m 0755 "$repo/packaging/batch/install.sh" "$root/install.sh"
+install -d -m 0755 "$root/slurm" "$root/kubernetes"
+install -m 0755 "$repo"/packaging/slurm/prolog.sh "$repo"/packaging/slurm/epilog.sh \
+    "$repo"/packaging/slurm/task_prolog.sh "$root/slurm/"
+install -m 0644 "$repo/packaging/kubernetes/Dockerfile" "$repo/packaging/kubernetes/nodeseal-agent.yaml" \
+    "$root/kubernetes/"
 install -m 0644 "$repo/README.md" "$root/README.md"
 echo "$version" > "$root/VERSION"
 chmod 0644 "$root/VERSION"

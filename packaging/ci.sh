@@ -3,7 +3,9 @@
 #   1. installs lintian with apt when it is missing,
 #   2. packaging/build-deb.sh: release build, man pages and completions, .deb, lintian,
 #   3. packaging/check-units.sh: systemd unit checks and the exposure score,
-#   4. packaging/build-tarball.sh --no-build --bin-dir target/release.
+#   4. packaging/build-tarball.sh --no-build --bin-dir target/release,
+#   5. packaging/kubernetes/check.sh: the Dockerfile and DaemonSet manifest, offline,
+#   6. packaging/build-submit.sh: the workstation CLI's tarball and .deb, smoke-tested.
 # Prints one summary line per step ("packaging-ci: <step>: ok ..." or "... FAILED") and stops at
 # the first failing step. Exit status: 0 all ok, 1 a step failed.
 set -euo pipefail
@@ -68,6 +70,20 @@ fi
 tarball="$(printf '%s\n' "$tarball" | tail -n 1)"
 entries="$(tar -tzf "$tarball" | wc -l)"
 note "build-tarball: ok: $(basename "$tarball") ($(du -k "$tarball" | cut -f1) KiB, $entries entries, $((SECONDS - t))s)"
+
+# --- 5. Kubernetes recipe (offline validators) --------------------------------------------------
+t=$SECONDS
+if ! packaging/kubernetes/check.sh --agent target/release/nodeseal-agent; then
+    fail kubernetes "packaging/kubernetes/check.sh failed; see its output above"
+fi
+note "kubernetes: ok: Dockerfile (hadolint), nodeseal-agent.yaml (kubernetes-validate --strict), agent.json ($((SECONDS - t))s)"
+
+# --- 6. submit side: nodeseal tarball and .deb ----------------------------------------------------
+t=$SECONDS
+if ! submit="$(packaging/build-submit.sh)"; then
+    fail build-submit "packaging/build-submit.sh failed; see its output above"
+fi
+note "build-submit: ok: $(printf '%s\n' "$submit" | xargs -n1 basename | tr '\n' ' ')(smoke-tested, $((SECONDS - t))s)"
 
 echo "packaging-ci: summary ($((SECONDS - start))s):"
 printf '  %s\n' "${summary[@]}"

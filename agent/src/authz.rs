@@ -146,7 +146,7 @@ fn may_read_file(caller: &Caller, scope: &Scope, owner: u32) -> bool {
             owner: task_owner, ..
         } => owner == *task_owner,
         Scope::Host if caller.host_root => true,
-        Scope::Host if caller.uid == 0 => false,
+        Scope::Host if caller.uid == 0 || outside_host(caller, scope) => false,
         Scope::Host => owner == caller.uid,
     }
 }
@@ -200,7 +200,8 @@ pub(crate) fn task_for_open(
     owned_by: impl FnOnce(u32) -> Vec<PathBuf>,
 ) -> Result<Option<PathBuf>, Refusal> {
     match (scope, asked) {
-        (Scope::Host, None) if caller.uid == 0 => Ok(None),
+        // Which tasks a process outside the host owns cannot be told: its uid proves nothing.
+        (Scope::Host, None) if caller.uid == 0 || outside_host(caller, scope) => Ok(None),
         (Scope::Host, None) => {
             let mut owned = owned_by(caller.uid);
             Ok((owned.len() == 1).then(|| owned.remove(0)))
@@ -311,10 +312,12 @@ pub(crate) fn decide(
     policy: &Policy<'_>,
     accounts: &dyn Accounts,
 ) -> Result<Vec<Thumbprint>, Refusal> {
-    if outside_host(o.caller, o.scope) {
-        return Err(Refusal::OutsideHost { uid: o.caller.uid });
-    }
+    // A process outside the host reads no env file on the host socket; a token it presents may
+    // still open for a selector that names no account (`pool:`), which is what its sealer chose.
     if let Origin::EnvFile { owner, .. } = o.origin {
+        if outside_host(o.caller, o.scope) {
+            return Err(Refusal::OutsideHost { uid: o.caller.uid });
+        }
         if !may_read_file(o.caller, o.scope, owner) {
             return Err(Refusal::NoReadableValue);
         }
@@ -835,6 +838,10 @@ mod tests {
         }
     }
 
+    fn rules_for_pool() -> BTreeMap<Thumbprint, OpenRule> {
+        BTreeMap::new()
+    }
+
     fn default_rules() -> BTreeMap<Thumbprint, OpenRule> {
         BTreeMap::new()
     }
@@ -1179,10 +1186,33 @@ mod tests {
         // A process in a container shows whatever uid it likes (its root can setuid to any
         // host uid): on the host socket it is nobody, and no uid selector names it anywhere.
         let outside = decide_keys(&in_container(VICTIM), &[KEY]).unwrap_err();
-        assert!(
-            outside.to_string().contains("task's own socket"),
-            "{outside}"
+        assert_eq!(outside.code(), ErrorCode::Forbidden, "{outside}");
+        let pool_bound = [sel("pool:pool-1"), sel(&format!("uid:{VICTIM}"))];
+        let pool_from_a_container = decide(
+            &Opening {
+                caller: &in_container(VICTIM),
+                scope: &Scope::Host,
+                origin: presented(None),
+                audience: Audience::Bound(&pool_bound),
+                keys: &[KEY],
+            },
+            &policy(&rules_for_pool()),
+            &FakeAccounts,
         );
+        assert_eq!(pool_from_a_container.unwrap(), vec![KEY]);
+        let uid_only = [sel(&format!("uid:{VICTIM}"))];
+        let uid_from_a_container = decide(
+            &Opening {
+                caller: &in_container(VICTIM),
+                scope: &Scope::Host,
+                origin: presented(None),
+                audience: Audience::Bound(&uid_only),
+                keys: &[KEY],
+            },
+            &named,
+            &FakeAccounts,
+        );
+        assert_eq!(code(uid_from_a_container), Some(ErrorCode::Forbidden));
         let uid_bound = [sel(&format!("uid:{VICTIM}"))];
         let on_task_socket = decide(
             &Opening {

@@ -52,6 +52,7 @@ mod refusal;
 pub mod report;
 mod server;
 mod shutdown;
+mod start_race;
 mod state;
 mod sys;
 mod tasks;
@@ -93,6 +94,8 @@ pub async fn run(
 ) -> Result<()> {
     let state = Arc::new(State::new(config));
     let config = state.config();
+    // Before anything is created: which roots systemd may have left read-only (start_race).
+    let missing_roots = start_race::missing_at_start(&config);
     if let Err(e) = keys::check_store_dir(&config.key_store_dir()) {
         tracing::error!(error = %format!("{e:#}"), "key store unusable; continuing with keys from their sources only");
     }
@@ -175,7 +178,17 @@ pub async fn run(
         options.config_path.clone(),
     ));
 
-    shutdown.await;
+    // Under systemd a root that appeared read-only is fixed by a restart (start_race); stop
+    // cleanly and exit non-zero so that Restart=on-failure starts the agent again.
+    let mut restart_for = None;
+    if options.daemon {
+        tokio::select! {
+            () = shutdown => {}
+            root = start_race::appeared_read_only(missing_roots) => restart_for = Some(root),
+        }
+    } else {
+        shutdown.await;
+    }
     tracing::info!("stopping: no new requests; waiting for in-flight ones");
     if options.daemon {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -204,7 +217,13 @@ pub async fn run(
     let joined = tokio::task::spawn_blocking(move || lifecycle_thread.join());
     let _ = tokio::time::timeout(Duration::from_secs(1), joined).await;
     tracing::info!("stopped");
-    Ok(())
+    match restart_for {
+        Some(root) => Err(anyhow::anyhow!(
+            "{} appeared after start and is read-only in the service's sandbox; exiting so that systemd restarts the agent (Restart=on-failure) with it writable",
+            root.display()
+        )),
+        None => Ok(()),
+    }
 }
 
 async fn watchdog() {

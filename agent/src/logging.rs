@@ -182,6 +182,31 @@ fn needs_escape(c: char) -> bool {
         )
 }
 
+/// `value` made safe to put inside a journal `MESSAGE` (which nothing escapes) and unchanged by
+/// the text log's message formatting: every character [`needs_escape`] would escape, and `"`,
+/// `\\` and `=`, becomes `<U+XXXX>`. The exact value stays in its own structured field.
+pub(crate) fn for_message(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if needs_escape(c) || matches!(c, '"' | '\\' | '=' | '<' | '>') {
+            out.push_str(&format!("<U+{:04X}>", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `MESSAGE` naming a file and why: `"<what> <path>: <reason>"`, both made safe with
+/// [`for_message`] (the exact values stay in the `path` and `reason` fields).
+pub(crate) fn about_file(what: &str, path: &std::path::Path, reason: &dyn fmt::Display) -> String {
+    format!(
+        "{what} {}: {}",
+        for_message(&path.display().to_string()),
+        for_message(&reason.to_string())
+    )
+}
+
 /// Write `value` bare when it is plain, else quoted with escapes. A space or brace (which
 /// closes a span's fields) quotes a field value but not the message (`prose`).
 fn write_escaped(w: &mut impl fmt::Write, value: &str, prose: bool) -> fmt::Result {
@@ -389,6 +414,31 @@ mod tests {
             lines[0].ends_with("  INFO expires within 30 days days_left=4"),
             "{}",
             lines[0]
+        );
+    }
+
+    #[test]
+    fn message_parts_are_plain_in_both_logs() {
+        for hostile in HOSTILE
+            .iter()
+            .copied()
+            .chain(["a=b", "q\"x\\y", "<U+000A>"])
+        {
+            let shown = for_message(hostile);
+            assert!(!shown.chars().any(needs_escape), "{hostile:?} -> {shown:?}");
+            let mut text = String::new();
+            write_escaped(&mut text, &format!("get {shown}: ok"), true).unwrap();
+            assert_eq!(
+                text,
+                format!("get {shown}: ok"),
+                "the text log would re-escape it"
+            );
+        }
+        assert_eq!(for_message("job-1/task.2"), "job-1/task.2");
+        assert_ne!(
+            for_message("<U+000A>"),
+            for_message("\n"),
+            "escapes must not be forgeable"
         );
     }
 

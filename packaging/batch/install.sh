@@ -3,7 +3,16 @@
 # run elevated (autoUser, scope pool, elevationLevel admin). Safe to run again: every reboot or
 # reimage reruns the start task.
 #
-#   install.sh [ARTIFACT]
+#   install.sh [--layout batch|flat] [--env-root DIR] [ARTIFACT]
+#
+#   --layout batch   (default) an Azure Batch node: paths from AZ_BATCH_NODE_ROOT_DIR and
+#                    AZ_BATCH_NODE_STARTUP_DIR, tasks in the Batch layout
+#   --layout flat    any other host (Slurm, plain servers): no AZ_BATCH_* needed; tasks are
+#                    <env root>/<id>/ with env files in them (task_layout "flat"), keys from
+#                    /etc/nodeseal/keys (and the Key Vault extension / waagent stores)
+#   --env-root DIR   the flat layout's env root (default /var/spool/nodeseal/jobs); created
+#                    root-owned 0755 and made writable for the sandboxed service (also under
+#                    /home: the drop-in then sets ProtectHome=read-only instead of yes)
 #
 # ARTIFACT is a release tarball (nodeseal-<version>-linux-x86_64.tar.gz), a Debian package
 # (nodeseal-agent_<version>_amd64.deb) or an unpacked tarball directory. Without it: the
@@ -12,8 +21,8 @@
 # land) or in the current directory.
 #
 # Environment:
-#   AZ_BATCH_NODE_ROOT_DIR     required; task trees are under <it>/workitems
-#   AZ_BATCH_NODE_STARTUP_DIR  required; the pool's certificates are in <it>/certs
+#   AZ_BATCH_NODE_ROOT_DIR     required with --layout batch; task trees are under <it>/workitems
+#   AZ_BATCH_NODE_STARTUP_DIR  required with --layout batch; the pool's certificates are in <it>/certs
 #   DESTDIR                    lay the files down under this root only: no dpkg, no systemctl,
 #                              root not required (image building, tests)
 #   NODESEAL_INSTALL_NO_SYSTEMD=1  lay the files down but do not touch systemd
@@ -21,7 +30,7 @@
 #   AZ_BATCH_POOL_ID           optional; becomes the config's pool_id (what pool: audience
 #                              selectors match)
 #
-# /etc/nodeseal/agent.json is written from the node's AZ_BATCH_* paths when it does not exist,
+# /etc/nodeseal/agent.json is written from the node's AZ_BATCH_* paths (or the flat env root) when it does not exist,
 # when it is the packaged default, or when it is unchanged since this script last wrote it
 # (recorded in /etc/nodeseal/.agent.json.installer-sha256). An edited config is left alone.
 #
@@ -32,8 +41,24 @@ prog="nodeseal install.sh"
 die() { echo "$prog: error: $*" >&2; exit 1; }
 say() { echo "$prog: $*"; }
 
+layout=batch
+flat_root=/var/spool/nodeseal/jobs
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        --layout) layout="${2:-}"; shift 2 || die "--layout needs a value: batch or flat" ;;
+        --layout=*) layout="${1#--layout=}"; shift ;;
+        --env-root) flat_root="${2:-}"; shift 2 || die "--env-root needs a directory" ;;
+        --env-root=*) flat_root="${1#--env-root=}"; shift ;;
+        --) shift; args+=("$@"); break ;;
+        -*) die "unknown option '$1' (see --help)" ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+set -- ${args[@]+"${args[@]}"}
 [ $# -le 1 ] || die "expected at most one argument (the tarball, .deb or unpacked directory), got $#"
-case "${1:-}" in -h|--help) sed -n '2,27p' "$0"; exit 0 ;; esac
+case "$layout" in batch|flat) ;; *) die "--layout must be batch or flat, got '$layout'" ;; esac
 
 # --- environment -----------------------------------------------------------------------------
 destdir="${DESTDIR:-}"
@@ -47,10 +72,16 @@ check_path() { # name value
     case "$2" in /*) ;; *) die "$1 must be an absolute path, got '$2'" ;; esac
     case "$2" in *[!A-Za-z0-9._/@+=:,-]*) die "$1 contains characters this installer does not handle: '$2'" ;; esac
 }
-check_path AZ_BATCH_NODE_ROOT_DIR "${AZ_BATCH_NODE_ROOT_DIR:-}" /mnt/batch/tasks
-check_path AZ_BATCH_NODE_STARTUP_DIR "${AZ_BATCH_NODE_STARTUP_DIR:-}" /mnt/batch/tasks/startup
-node_root="${AZ_BATCH_NODE_ROOT_DIR%/}"
-startup_dir="${AZ_BATCH_NODE_STARTUP_DIR%/}"
+if [ "$layout" = batch ]; then
+    check_path AZ_BATCH_NODE_ROOT_DIR "${AZ_BATCH_NODE_ROOT_DIR:-}" /mnt/batch/tasks
+    check_path AZ_BATCH_NODE_STARTUP_DIR "${AZ_BATCH_NODE_STARTUP_DIR:-}" /mnt/batch/tasks/startup
+    node_root="${AZ_BATCH_NODE_ROOT_DIR%/}"
+    startup_dir="${AZ_BATCH_NODE_STARTUP_DIR%/}"
+else
+    check_path --env-root "$flat_root" /var/spool/nodeseal/jobs
+    flat_root="${flat_root%/}"
+    node_root="" startup_dir=""
+fi
 
 pool_id="${AZ_BATCH_POOL_ID:-}"
 case "$pool_id" in *[!A-Za-z0-9_-]*) die "AZ_BATCH_POOL_ID is not a Batch pool id (letters, digits, '-', '_'): '$pool_id'" ;; esac
@@ -80,14 +111,14 @@ if [ -z "$artifact" ]; then
     if [ -x "$script_dir/bin/nodeseal-agent" ]; then
         artifact="$script_dir"
     else
-        for dir in "$script_dir" "$startup_dir/wd" "$PWD"; do
+        for dir in "$script_dir" ${startup_dir:+"$startup_dir/wd"} "$PWD"; do
             [ -d "$dir" ] || continue
             artifact="$(find "$dir" -maxdepth 1 -type f \
-                \( -name 'nodeseal-*-linux-x86_64.tar.gz' -o -name 'nodeseal-agent_*.deb' \) \
+                \( -name 'nodeseal-[0-9]*-linux-x86_64.tar.gz' -o -name 'nodeseal-agent_*.deb' \) \
                 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)"
             if [ -n "$artifact" ]; then artifact="$dir/$artifact"; break; fi
         done
-        [ -n "$artifact" ] || die "no nodeseal artifact found: looked for nodeseal-*-linux-x86_64.tar.gz or nodeseal-agent_*.deb in $script_dir, $startup_dir/wd and $PWD; add it as a start task resource file or pass its path"
+        [ -n "$artifact" ] || die "no nodeseal artifact found: looked for nodeseal-<version>-linux-x86_64.tar.gz or nodeseal-agent_*.deb in $script_dir, ${startup_dir:+$startup_dir/wd, }$PWD; add it as a start task resource file or pass its path"
     fi
 fi
 [ -e "$artifact" ] || die "artifact '$artifact' does not exist"
@@ -206,21 +237,57 @@ fi
 [ -f "$destdir$template" ] || die "$template was not installed; the artifact is incomplete"
 
 # The unit can only list the usual Batch roots; a node with another root gets it here.
-dropin_src="$work/10-batch-root.conf"
-printf '# Written by nodeseal install.sh from AZ_BATCH_NODE_ROOT_DIR; rewritten on every run.\n[Service]\nReadWritePaths=-%s\n' \
-    "$node_root" > "$dropin_src"
-put 0644 "$dropin_src" /etc/systemd/system/nodeseal-agent.service.d/10-batch-root.conf
+dropin_dir=/etc/systemd/system/nodeseal-agent.service.d
+if [ "$layout" = batch ]; then
+    dropin_src="$work/10-batch-root.conf"
+    printf '# Written by nodeseal install.sh from AZ_BATCH_NODE_ROOT_DIR; rewritten on every run.\n[Service]\nReadWritePaths=-%s\n' \
+        "$node_root" > "$dropin_src"
+    put 0644 "$dropin_src" "$dropin_dir/10-batch-root.conf"
+    stale="$dropin_dir/10-env-root.conf"
+else
+    # Created now, so it exists when the service starts: a ReadWritePaths= path that appears
+    # later would be read-only in the service's sandbox (the agent then restarts itself).
+    mkdir_mode 0755 "$flat_root"
+    dropin_src="$work/10-env-root.conf"
+    {
+        printf '# Written by nodeseal install.sh --layout flat; rewritten on every run.\n[Service]\nReadWritePaths=%s\n' "$flat_root"
+        case "$flat_root/" in
+            /home/*|/root/*|/run/user/*)
+                # ProtectHome=yes hides the whole tree, ReadWritePaths= included.
+                printf 'ProtectHome=read-only\n' ;;
+        esac
+    } > "$dropin_src"
+    put 0644 "$dropin_src" "$dropin_dir/10-env-root.conf"
+    stale="$dropin_dir/10-batch-root.conf"
+fi
+if [ -e "$destdir$stale" ]; then
+    rm -f "$destdir$stale" || die "cannot remove $stale (left from the other layout)"
+    changed=1
+fi
 
 # --- the config ------------------------------------------------------------------------------
 config="$destdir/etc/nodeseal/agent.json"
 marker="$destdir/etc/nodeseal/.agent.json.installer-sha256"
 wanted="$work/agent.json"
-sed -e "s|\"/mnt/batch/tasks/startup/certs\"|\"$startup_dir/certs\"|" \
-    -e "s|\"env_roots\": \[\"/mnt/batch/tasks/workitems\"\]|\"env_roots\": [\"$node_root/workitems\"]|" \
-    ${pool_id:+-e "s|\"pool_id\": null|\"pool_id\": \"$pool_id\"|"} \
-    "$destdir$template" > "$wanted"
-if ! { grep -qF "\"$startup_dir/certs\"" "$wanted" && grep -qF "\"env_roots\": [\"$node_root/workitems\"]" "$wanted"; }; then
-    die "$template does not have the expected default batch_certs path and env_roots; cannot derive the node config from it"
+if [ "$layout" = batch ]; then
+    sed -e "s|\"/mnt/batch/tasks/startup/certs\"|\"$startup_dir/certs\"|" \
+        -e "s|\"env_roots\": \[\"/mnt/batch/tasks/workitems\"\]|\"env_roots\": [\"$node_root/workitems\"]|" \
+        ${pool_id:+-e "s|\"pool_id\": null|\"pool_id\": \"$pool_id\"|"} \
+        "$destdir$template" > "$wanted"
+    if ! { grep -qF "\"$startup_dir/certs\"" "$wanted" && grep -qF "\"env_roots\": [\"$node_root/workitems\"]" "$wanted"; }; then
+        die "$template does not have the expected default batch_certs path and env_roots; cannot derive the node config from it"
+    fi
+    config_says="certs $startup_dir/certs, tasks $node_root/workitems"
+else
+    # No Batch certificate drop on other hosts; tasks are <root>/<id>/.
+    sed -e '/"kind": "batch_certs"/d' \
+        -e "s|\"env_roots\": \[\"/mnt/batch/tasks/workitems\"\]|\"env_roots\": [\"$flat_root\"]|" \
+        -e 's|"task_layout": "batch"|"task_layout": "flat"|' \
+        "$destdir$template" > "$wanted"
+    if grep -qF '"batch_certs"' "$wanted" || ! { grep -qF "\"env_roots\": [\"$flat_root\"]" "$wanted" && grep -qF '"task_layout": "flat"' "$wanted"; }; then
+        die "$template does not have the expected default key sources, env_roots and task_layout; cannot derive the flat config from it"
+    fi
+    config_says="layout flat, tasks $flat_root/<id>, keys /etc/nodeseal/keys"
 fi
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
@@ -241,7 +308,7 @@ if [ -n "$write_config" ]; then
     if ! { install -m 0644 "$wanted" "$config.tmp" && mv -f "$config.tmp" "$config"; }; then
         die "cannot write $config"
     fi
-    say "wrote $config ($write_config): certs $startup_dir/certs, tasks $node_root/workitems"
+    say "wrote $config ($write_config): $config_says"
     changed=1
 fi
 if cmp -s "$config" "$wanted"; then

@@ -75,13 +75,16 @@ impl Handler {
         while let Some(done) = jobs.join_next().await {
             let (position, name, result) =
                 done.map_err(|_| Refusal::Internal("a decryption task failed".into()))?;
-            let (value, _) = result.map_err(|inner| {
+            let (value, key) = result.map_err(|inner| {
                 audit.secret_name = Some(name.clone());
                 Refusal::InValue {
                     name: name.clone(),
                     inner: Box::new(inner),
                 }
             })?;
+            if let Some(key) = key {
+                audit.used_key(key);
+            }
             opened.push((position, name, value));
         }
         opened.sort_by_key(|(position, _, _)| *position);

@@ -58,8 +58,13 @@ pub(crate) fn ingest(keys: &KeyStore, config: &Config, sources: &[KeySource]) ->
             }
             keys.adopt(&store_id, &pfx_path, &pw_path, entry.pair.clone());
         }
-        remove_originals(&entry.origin);
-        tracing::info!(key_id = %tp, from = %entry.origin.display(), to = %pfx_path.display(), "key ingested; readable original removed");
+        // Say only what happened: on a read-only certs dir (the systemd start race,
+        // crate::start_race) the copy is made but the readable original stays.
+        if remove_originals(&entry.origin) {
+            tracing::info!(key_id = %tp, from = %entry.origin.display(), to = %pfx_path.display(), "key ingested; readable original removed");
+        } else {
+            tracing::warn!(key_id = %tp, from = %entry.origin.display(), to = %pfx_path.display(), "key ingested but the readable original is still there; task users may read it");
+        }
         if !emptied.contains(source) {
             emptied.push(source.clone());
         }
@@ -106,15 +111,19 @@ fn still_trusted(origin: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn remove_originals(origin: &Path) {
+/// Remove the PFX and its `.pw`. True when neither is left.
+fn remove_originals(origin: &Path) -> bool {
     let pw = PathBuf::from(format!("{}.pw", origin.display()));
+    let mut all_gone = true;
     for f in [origin.to_path_buf(), pw] {
         match fs::remove_file(&f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
+                all_gone = false;
                 tracing::warn!(path = %f.display(), error = %e, "cannot remove ingested original; task users may still read it")
             }
         }
     }
+    all_gone
 }

@@ -255,7 +255,9 @@ impl KeyStore {
                 });
                 let unchanged = stamp.is_some() && previous.get(&source.path) == Some(&stamp);
                 if !unchanged {
-                    tracing::warn!(path = %source.path.display(), %reason, "key source refused");
+                    let message =
+                        crate::logging::about_file("key source refused", &source.path, &reason);
+                    tracing::warn!(path = %source.path.display(), %reason, message = %message);
                 }
                 let path = source.path.clone();
                 return self.mutate(|inner| {
@@ -308,7 +310,10 @@ impl KeyStore {
                     tracing::info!(path = %cand.path.display(), %reason, "key pending")
                 }
                 FileState::Broken(reason) => {
-                    tracing::warn!(path = %cand.path.display(), %reason, "key file skipped")
+                    // The file and the reason in MESSAGE itself: `systemctl status` shows only it.
+                    let message =
+                        crate::logging::about_file("key file skipped", &cand.path, reason);
+                    tracing::warn!(path = %cand.path.display(), %reason, message = %message)
                 }
             }
             fresh.push((

@@ -144,7 +144,12 @@ impl TaskSockets {
                     self.served.insert(task_dir, Some(served));
                 }
                 Err(e) => {
-                    tracing::warn!(task_dir = %task_dir.display(), socket = %socket.display(), error = %e, "cannot create task socket; the task can still use the host socket");
+                    let message = crate::logging::about_file(
+                        "cannot create task socket (the task can still use the host socket)",
+                        &socket,
+                        &e,
+                    );
+                    tracing::warn!(task_dir = %task_dir.display(), socket = %socket.display(), error = %e, message = %message);
                     // Remember the failure so we do not retry on every event; a reload retries.
                     self.served.insert(task_dir, None);
                 }

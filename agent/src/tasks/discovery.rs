@@ -65,7 +65,8 @@ pub(crate) fn rescan(
             out.dirs.extend(walk.dirs);
             for (path, reason) in walk.refused {
                 if refusals.logged.get(&path) != Some(&reason) {
-                    tracing::warn!(path = %path.display(), %reason, "env file refused");
+                    let message = crate::logging::about_file("env file refused", &path, &reason);
+                    tracing::warn!(path = %path.display(), %reason, message = %message);
                     refusals.logged.insert(path, reason);
                 }
             }
@@ -84,7 +85,9 @@ pub(crate) fn rescan(
                         out.unsettled.push(path.clone());
                     }
                     FileUpdate::Invalid(reason) => {
-                        tracing::warn!(path = %path.display(), %reason, "env file skipped")
+                        let message =
+                            crate::logging::about_file("env file skipped", &path, &reason);
+                        tracing::warn!(path = %path.display(), %reason, message = %message)
                     }
                     FileUpdate::Refused(reason) => {
                         tracing::warn!(path = %path.display(), reason = %reason, "env file refused: over a limit; its task answers with the reason")
