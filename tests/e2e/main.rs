@@ -13,5 +13,6 @@ mod hostile_logs;
 mod hostile_trees;
 mod hygiene;
 mod keys;
+mod keyvault;
 mod packaging;
 mod seal;

@@ -1,0 +1,220 @@
+//! The Key Vault VM extension (Linux, v3 layout) as a key source: `<vault>.<certificate>.<version>`
+//! PEM files (chain + private key) and the `<vault>.<certificate>` link to the latest version, in
+//! a directory only root writes. New versions are served without a restart, old ones while their
+//! file is there; the link is followed only to a trusted version beside it.
+
+use nodeseal_testkit::{bin, code_of, wait_until, Cert, Node};
+use serde_json::{json, Value};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const VERSION_1: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+const VERSION_2: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+fn kv_node() -> (Node, PathBuf) {
+    let node = Node::new();
+    let kv = node.root.join("Microsoft.Azure.KeyVault.Store");
+    fs::create_dir_all(&kv).unwrap();
+    node.write_config(json!({"key_sources": [{"kind": "keyvault", "path": kv}]}));
+    (node, kv)
+}
+
+/// What the extension writes for one certificate version.
+fn write_version(node: &Node, kv: &Path, cert: &Cert, version: &str) -> PathBuf {
+    let path = kv.join(format!("myvault.poolcert.{version}"));
+    let tmp = kv.join(".writing.tmp");
+    fs::write(&tmp, node.pem_bundle(cert)).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// Point `<vault>.<certificate>` at `target`, replacing the link in one rename.
+fn point_latest(kv: &Path, target: &str) {
+    let tmp = kv.join(".link.tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    fs::rename(&tmp, kv.join("myvault.poolcert")).unwrap();
+}
+
+fn key_rows(node: &Node) -> Vec<Value> {
+    node.request(json!({"op": "status"}))["info"]["keys"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn row_for<'a>(rows: &'a [Value], cert: &Cert) -> Option<&'a Value> {
+    rows.iter()
+        .find(|r| r["thumbprint"] == cert.thumbprint.as_str())
+}
+
+fn eventually(what: &str, node: &Node, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_until(Duration::from_secs(10), cond),
+        "{what}: never happened; log:\n{}",
+        node.logs()
+    );
+}
+
+#[test]
+fn keyvault_versions_rotate_without_restart_and_old_versions_stay_until_removed() {
+    let (mut node, kv) = kv_node();
+    let v1 = node.create_cert("v1");
+    let v2 = node.create_cert("v2");
+    let v1_file = write_version(&node, &kv, &v1, VERSION_1);
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_1}"));
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!(
+            "OLD={}\nNEW={}\n",
+            node.seal(&v1, Some("OLD"), "sealed-for-v1", "v1"),
+            node.seal(&v2, Some("NEW"), "sealed-for-v2", "v1")
+        ),
+    );
+    node.start();
+    let pid = node.pid();
+    assert_eq!(node.get(&task, "OLD")["value"], "sealed-for-v1");
+    assert_eq!(code_of(&node.get(&task, "NEW")), "key_unavailable");
+    let rows = key_rows(&node);
+    // The link is no key of its own: one row, the version, marked latest.
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["version"], VERSION_1);
+    assert_eq!(rows[0]["latest"], true);
+    assert_eq!(rows[0]["kind"], "keyvault");
+
+    // Rotation: the extension writes the new version, then re-points the link.
+    write_version(&node, &kv, &v2, VERSION_2);
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_2}"));
+    eventually("the new version served", &node, || {
+        node.get(&task, "NEW")["value"] == "sealed-for-v2"
+    });
+    assert_eq!(node.pid(), pid, "served by the same agent, no restart");
+    eventually("the link marks the new version", &node, || {
+        let rows = key_rows(&node);
+        row_for(&rows, &v2).is_some_and(|r| r["latest"] == true)
+            && row_for(&rows, &v1).is_some_and(|r| r.get("latest").is_none())
+    });
+    // The old version is kept while its file is there.
+    assert_eq!(node.get(&task, "OLD")["value"], "sealed-for-v1");
+    let rows = key_rows(&node);
+    assert_eq!(row_for(&rows, &v1).unwrap()["version"], VERSION_1);
+    assert_eq!(row_for(&rows, &v2).unwrap()["version"], VERSION_2);
+
+    // `nodeseal-agent keys` shows the versions for humans too.
+    let out = Command::new(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("keys")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains(&format!("[version {VERSION_2}, latest]")),
+        "{table}"
+    );
+    assert!(table.contains(&format!("[version {VERSION_1}]")), "{table}");
+
+    // The extension drops the old version: its values stop, the new ones go on.
+    fs::remove_file(&v1_file).unwrap();
+    eventually("the removed version withdrawn", &node, || {
+        code_of(&node.get(&task, "OLD")) == "key_unavailable"
+    });
+    assert_eq!(node.get(&task, "NEW")["value"], "sealed-for-v2");
+    assert_eq!(key_rows(&node).len(), 1);
+}
+
+#[test]
+fn keyvault_latest_link_outside_its_directory_is_refused_with_a_log_line() {
+    let (mut node, kv) = kv_node();
+    let outside = node.create_cert("outside");
+    // A key that would open the value, but outside the extension's directory.
+    let elsewhere = node.root.join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let target = write_version(&node, &elsewhere, &outside, VERSION_1);
+    point_latest(&kv, target.to_str().unwrap());
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!(
+            "A={}\n",
+            node.seal(&outside, Some("A"), "never-via-link", "v1")
+        ),
+    );
+    node.start();
+    assert_eq!(code_of(&node.get(&task, "A")), "key_unavailable");
+    let rows = key_rows(&node);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["state"], "broken");
+    assert_eq!(
+        rows[0]["source"],
+        kv.join("myvault.poolcert").to_str().unwrap()
+    );
+    let reason = rows[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("points outside its directory"), "{reason}");
+    let logs = node.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("Key Vault link refused"))
+        .unwrap_or_else(|| panic!("no refusal line:\n{logs}"));
+    assert!(line.contains("points outside its directory"), "{line}");
+    assert!(!logs.contains("never-via-link"));
+}
+
+#[test]
+#[ignore = "needs root: a version file owned by uid 4242"]
+fn keyvault_version_file_not_owned_by_root_is_refused_with_a_log_line() {
+    let (mut node, kv) = kv_node();
+    let good = node.create_cert("good");
+    let planted = node.create_cert("planted");
+    write_version(&node, &kv, &good, VERSION_1);
+    let planted_file = write_version(&node, &kv, &planted, VERSION_2);
+    std::os::unix::fs::chown(&planted_file, Some(4242), Some(4242)).unwrap();
+    // The link names the planted file: still refused, both as the link's target and as a file.
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_2}"));
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!(
+            "GOOD={}\nPLANTED={}\n",
+            node.seal(&good, Some("GOOD"), "good-value", "v1"),
+            node.seal(&planted, Some("PLANTED"), "planted-value", "v1")
+        ),
+    );
+    node.start();
+    assert_eq!(node.get(&task, "GOOD")["value"], "good-value");
+    assert_eq!(code_of(&node.get(&task, "PLANTED")), "key_unavailable");
+    let rows = key_rows(&node);
+    let planted_row = rows
+        .iter()
+        .find(|r| r["source"] == planted_file.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no row for the planted file: {rows:?}"));
+    assert_eq!(planted_row["state"], "broken");
+    assert!(planted_row["reason"]
+        .as_str()
+        .unwrap()
+        .contains("owned by uid 4242"));
+    let link_row = rows
+        .iter()
+        .find(|r| r["source"] == kv.join("myvault.poolcert").to_str().unwrap())
+        .unwrap_or_else(|| panic!("no row for the link: {rows:?}"));
+    assert!(link_row["reason"]
+        .as_str()
+        .unwrap()
+        .contains("owned by uid 4242, not root; refused"));
+    let logs = node.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("key file skipped")
+            && l.contains("owned by uid 4242")
+            && l.contains(&format!("poolcert.{VERSION_2}"))),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("Key Vault link refused") && l.contains("owned by uid 4242")),
+        "{logs}"
+    );
+}
