@@ -218,3 +218,197 @@ fn keyvault_version_file_not_owned_by_root_is_refused_with_a_log_line() {
         "{logs}"
     );
 }
+
+/// The JSON code block that follows `marker` in `doc`.
+fn json_block_after(doc: &str, marker: &str) -> Value {
+    let at = doc
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker:?} in the doc"));
+    let rest = &doc[at..];
+    let start = rest.find("```json\n").expect("a JSON block follows") + 8;
+    let end = start + rest[start..].find("```").expect("the block ends");
+    serde_json::from_str(&rest[start..end])
+        .unwrap_or_else(|e| panic!("the JSON after {marker:?} does not parse: {e}"))
+}
+
+fn repo_file(rel: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+#[test]
+fn docs_pool_definition_is_one_file_with_the_identity_the_extension_and_the_agent() {
+    let file: Value =
+        serde_json::from_str(&repo_file("packaging/batch/pool-keyvault.json")).unwrap();
+    let readme = json_block_after(&repo_file("README.md"), "`pool.json`, complete");
+    let deployment = json_block_after(
+        &repo_file("packaging/DEPLOYMENT.md"),
+        "`packaging/batch/pool-keyvault.json`:",
+    );
+    assert_eq!(readme, file, "README's pool.json differs from the file");
+    assert_eq!(
+        deployment, file,
+        "DEPLOYMENT.md's pool JSON differs from the file"
+    );
+
+    assert_eq!(file["identity"]["type"], "UserAssigned");
+    assert_eq!(
+        file["identity"]["userAssignedIdentities"]
+            .as_object()
+            .unwrap()
+            .len(),
+        1
+    );
+    let props = &file["properties"];
+    assert!(
+        props.get("certificates").is_none(),
+        "a Key Vault-era pool has no account certificates"
+    );
+    let vm = &props["deploymentConfiguration"]["virtualMachineConfiguration"];
+    let ext = &vm["extensions"][0];
+    assert_eq!(ext["type"], "KeyVaultForLinux");
+    assert_eq!(ext["publisher"], "Microsoft.Azure.KeyVault");
+    assert!(ext["typeHandlerVersion"]
+        .as_str()
+        .unwrap()
+        .starts_with("3."));
+    let sms = &ext["settings"]["secretsManagementSettings"];
+    assert!(sms["pollingIntervalInS"]
+        .as_str()
+        .unwrap()
+        .parse::<u32>()
+        .is_ok());
+    for url in sms["observedCertificates"].as_array().unwrap() {
+        let url = url.as_str().unwrap();
+        assert!(
+            url.starts_with("https://") && url.contains(".vault.azure.net/secrets/"),
+            "{url}"
+        );
+    }
+    assert!(ext["settings"]["authenticationSettings"]["msiClientId"].is_string());
+    // Where the extension writes is where the agent looks by default.
+    let out = Command::new(bin("nodeseal-agent"))
+        .arg("print-default-config")
+        .output()
+        .unwrap();
+    let defaults: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kv_default = defaults["key_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "keyvault")
+        .expect("a default keyvault source")["path"]
+        .clone();
+    assert_eq!(sms["certificateStoreLocation"], kv_default);
+    let start = &props["startTask"];
+    assert_eq!(start["waitForSuccess"], true);
+    assert!(start["userIdentity"]["autoUser"]["elevationLevel"]
+        .as_str()
+        .unwrap()
+        .eq_ignore_ascii_case("admin"));
+    assert!(start["commandLine"]
+        .as_str()
+        .unwrap()
+        .contains("install.sh"));
+
+    // The account-certificate path, where documented, is StartTask-only.
+    for doc in ["README.md", "packaging/DEPLOYMENT.md"] {
+        let text = repo_file(doc);
+        let at = text
+            .find("\"certificateReferences\"")
+            .unwrap_or_else(|| panic!("{doc} documents no certificateReferences"));
+        let end = at + text[at..].find("```").unwrap();
+        let refs: Value = serde_json::from_str(&format!("{{{}}}", &text[at..end]))
+            .unwrap_or_else(|e| panic!("{doc}: certificateReferences do not parse: {e}"));
+        for r in refs["certificateReferences"].as_array().unwrap() {
+            assert_eq!(r["visibility"], json!(["StartTask"]), "{doc}: {r}");
+        }
+    }
+}
+
+#[test]
+fn docs_cert_create_for_key_vault_and_seal_against_the_downloaded_certificate() {
+    let (mut node, kv) = kv_node();
+    let ws = node.workstation.clone();
+    let prefix = ws.join("pool");
+    // As the docs say it, but 2048 bits to keep the test quick.
+    let out = Command::new(bin("nodeseal"))
+        .args(["cert", "create", "--bits", "2048", "--prefix"])
+        .arg(&prefix)
+        .env_remove("NODESEAL_PFX_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let thumbprint = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_owned();
+    // `--password "$(cat pool.pfx.pw)"`: the shell strips the file's trailing newline; that is
+    // the passphrase Key Vault's import needs. What Key Vault then holds (and the extension
+    // writes) is the chain and the private key as PEM.
+    let pw_file = fs::read_to_string(ws.join("pool.pfx.pw")).unwrap();
+    let as_shell_passes = pw_file.trim_end_matches('\n');
+    let pem = nodeseal_testkit::openssl(&[
+        "pkcs12",
+        "-in",
+        ws.join("pool.pfx").to_str().unwrap(),
+        "-passin",
+        &format!("pass:{as_shell_passes}"),
+        "-nodes",
+    ]);
+    let version = kv.join(format!("myvault.poolcert.{VERSION_1}"));
+    fs::write(&version, &pem).unwrap();
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_1}"));
+    // `az keyvault certificate download --encoding PEM`: Key Vault's DER certificate, PEM-encoded.
+    let der = ws.join("poolcert.cer");
+    let downloaded = ws.join("poolcert.crt");
+    nodeseal_testkit::openssl(&[
+        "x509",
+        "-in",
+        ws.join("pool.crt").to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        der.to_str().unwrap(),
+    ]);
+    nodeseal_testkit::openssl(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        der.to_str().unwrap(),
+        "-out",
+        downloaded.to_str().unwrap(),
+    ]);
+    let out = Command::new(bin("nodeseal"))
+        .args(["cert", "thumbprint"])
+        .arg(&downloaded)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), thumbprint);
+    let out = nodeseal_testkit::run_with_stdin(
+        Command::new(bin("nodeseal"))
+            .args(["seal", "--name", "DB_PASSWORD", "--cert"])
+            .arg(&downloaded),
+        b"from-key-vault",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let task = node.task("job", "task");
+    node.write_env(&task, &format!("DB_PASSWORD={}\n", token.trim()));
+    node.start();
+    assert_eq!(node.get(&task, "DB_PASSWORD")["value"], "from-key-vault");
+    let rows = key_rows(&node);
+    assert_eq!(rows[0]["thumbprint"], thumbprint.as_str());
+    assert_eq!(rows[0]["latest"], true);
+}
