@@ -92,6 +92,53 @@ pub struct Config {
         deserialize_with = "deserialize_rules_by_key"
     )]
     pub open_allowed_by_key: BTreeMap<Thumbprint, OpenRule>,
+    /// Keys that never leave Key Vault, opened through its `unwrapkey` operation with the
+    /// node's managed identity; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_vault: Option<KeyVaultConfig>,
+}
+
+/// Certificates whose keys stay in Key Vault (not exportable, optionally HSM-backed): tokens
+/// sealed to a version's certificate (key id: its SHA-1 thumbprint) are opened by Key Vault.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyVaultConfig {
+    /// `https://<vault>.vault.azure.net/certificates/<name>`, without a version: every version
+    /// Key Vault lists is served while Key Vault allows it.
+    pub certificates: Vec<String>,
+    /// Client id of the pool's user-assigned managed identity (`null`: the node's only one).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The managed-identity token endpoint (IMDS).
+    #[serde(default = "KeyVaultConfig::default_imds")]
+    pub imds_endpoint: String,
+    /// PEM file of CA certificates trusted for Key Vault besides the system's (tests).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How often access to every key version is re-checked and new versions looked for; a key
+    /// disabled, deleted or withdrawn stops serving within this plus one call's time.
+    #[serde(default = "KeyVaultConfig::default_revalidate")]
+    pub revalidate_secs: u64,
+    /// Key Vault calls in flight at most.
+    #[serde(default = "KeyVaultConfig::default_max_calls")]
+    pub max_concurrent_calls: usize,
+}
+
+impl KeyVaultConfig {
+    /// IMDS on every Azure VM.
+    pub const IMDS: &'static str = "http://169.254.169.254/metadata/identity/oauth2/token";
+
+    fn default_imds() -> String {
+        Self::IMDS.into()
+    }
+
+    fn default_revalidate() -> u64 {
+        10
+    }
+
+    fn default_max_calls() -> usize {
+        8
+    }
 }
 
 /// Permission bits of the host socket, written in the file as an octal string (`"0666"`).
@@ -378,6 +425,7 @@ impl Default for Config {
             open_allowed_uids: None,
             open_allowed_gids: Vec::new(),
             open_allowed_by_key: BTreeMap::new(),
+            key_vault: None,
         }
     }
 }
@@ -512,6 +560,28 @@ impl Config {
                 "limits.idle_timeout_secs",
                 "must be at least 1".into(),
             ));
+        }
+        if let Some(kv) = &self.key_vault {
+            for (i, url) in kv.certificates.iter().enumerate() {
+                if let Err(reason) = crate::keyvault::CertificateUrl::parse(url) {
+                    return Err(invalid(
+                        "key_vault.certificates",
+                        format!("[{i}] {url:?}: {reason}"),
+                    ));
+                }
+            }
+            if !(1..=20).contains(&kv.revalidate_secs) {
+                return Err(invalid(
+                    "key_vault.revalidate_secs",
+                    "must be 1 to 20, so a withdrawn key stops serving within 30 s".into(),
+                ));
+            }
+            if kv.max_concurrent_calls == 0 {
+                return Err(invalid(
+                    "key_vault.max_concurrent_calls",
+                    "must be at least 1".into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -562,7 +562,11 @@ pub struct PreparedV1 {
 
 impl PreparedV1 {
     /// Parse `token` and check its name binding and expiry before any key is asked.
-    pub fn new(token: &str, expected_name: Option<&str>, now: SystemTime) -> Result<Self, TokenError> {
+    pub fn new(
+        token: &str,
+        expected_name: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Self, TokenError> {
         let p = parse(token)?;
         check_claims(p.name.as_deref(), p.not_after, expected_name, now)?;
         Ok(Self { p })

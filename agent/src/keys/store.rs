@@ -71,6 +71,9 @@ struct Inner {
     by_thumbprint: HashMap<Thumbprint, Arc<KeyEntry>>,
     revoked_by_list: HashSet<Thumbprint>,
     revoked_by_command: HashSet<Thumbprint>,
+    /// Keys that stay in Key Vault, as its last checks found them (`crate::keyvault`).
+    remote: Vec<KeyStatus>,
+    remote_withdrawn: HashSet<Thumbprint>,
 }
 
 impl Inner {
@@ -87,7 +90,9 @@ impl Inner {
     }
 
     fn is_revoked(&self, tp: &Thumbprint) -> bool {
-        self.revoked_by_list.contains(tp) || self.revoked_by_command.contains(tp)
+        self.revoked_by_list.contains(tp)
+            || self.revoked_by_command.contains(tp)
+            || self.remote_withdrawn.contains(tp)
     }
 }
 
@@ -147,14 +152,33 @@ impl KeyStore {
         keys
     }
 
-    /// Number of usable keys.
+    /// Number of usable keys (remote ones included).
     pub(crate) fn usable_count(&self) -> usize {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let remote = inner
+            .remote
+            .iter()
+            .filter(|r| r.state == KeyState::Loaded)
+            .count();
         inner
             .by_thumbprint
             .keys()
             .filter(|tp| !inner.is_revoked(tp))
             .count()
+            + remote
+    }
+
+    /// What Key Vault's last checks found about the keys that stay there: their `status` rows;
+    /// a row not `loaded` withdraws that thumbprint (cached values of it are not served).
+    pub(crate) fn set_remote(&self, rows: Vec<KeyStatus>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.remote_withdrawn = rows
+            .iter()
+            .filter(|r| r.state != KeyState::Loaded)
+            .filter_map(|r| r.thumbprint.as_deref())
+            .filter_map(|t| Thumbprint::from_hex(t).ok())
+            .collect();
+        inner.remote = rows;
     }
 
     /// Count a successful open, for status.
@@ -438,6 +462,15 @@ impl KeyStore {
                 }),
             })
             .collect();
+        rows.extend(inner.remote.iter().cloned().map(|mut r| {
+            r.opened = r
+                .thumbprint
+                .as_deref()
+                .and_then(|t| Thumbprint::from_hex(t).ok())
+                .and_then(|tp| opened.get(&tp))
+                .map_or(0, |c| c.load(Ordering::Relaxed));
+            r
+        }));
         // A revoked thumbprint with no file left still deserves a row: operators look for it.
         for tp in inner
             .revoked_by_list
