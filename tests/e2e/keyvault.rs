@@ -412,3 +412,226 @@ fn docs_cert_create_for_key_vault_and_seal_against_the_downloaded_certificate() 
     assert_eq!(rows[0]["thumbprint"], thumbprint.as_str());
     assert_eq!(rows[0]["latest"], true);
 }
+
+// --- Keys that never leave Key Vault: remote unwrap through the loopback fake ---------------
+
+use nodeseal_testkit::kvfake::{FakeVersion, KeyVaultFake, FAKE_CLIENT_ID};
+
+/// The customer-managed-key bound the issue sets: withdrawn or restored within 30 s.
+const CMK_BOUND: Duration = Duration::from_secs(30);
+
+fn remote_node(fake: &KeyVaultFake, certificates: &[&str]) -> Node {
+    let node = Node::new();
+    let urls: Vec<String> = certificates
+        .iter()
+        .map(|c| fake.certificate_url(c))
+        .collect();
+    node.write_config(json!({
+        "key_sources": [],
+        "key_vault": {
+            "certificates": urls,
+            "client_id": FAKE_CLIENT_ID,
+            "imds_endpoint": fake.imds_url,
+            "ca_file": fake.ca_file,
+            "revalidate_secs": 1,
+        },
+    }));
+    node
+}
+
+fn seal_for(node: &Node, version: &FakeVersion, name: &str, value: &str) -> String {
+    let crt = node.workstation.join(format!("{}.crt", version.version));
+    fs::write(&crt, &version.cert_pem).unwrap();
+    let out = nodeseal_testkit::run_with_stdin(
+        Command::new(bin("nodeseal"))
+            .args(["seal", "--name", name, "--cert"])
+            .arg(&crt),
+        value.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn remote_row(node: &Node, v: &FakeVersion) -> Option<Value> {
+    key_rows(node)
+        .into_iter()
+        .find(|r| r["thumbprint"] == v.thumbprint.as_str())
+}
+
+fn wait_remote_usable(node: &Node, v: &FakeVersion) {
+    eventually("the Key Vault key is checked and usable", node, || {
+        remote_row(node, v).is_some_and(|r| r["state"] == "loaded")
+    });
+}
+
+#[test]
+fn keyvault_remote_unwrap_opens_rsa_2048_3072_4096_without_the_key_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let versions: Vec<FakeVersion> = [2048, 3072, 4096]
+        .iter()
+        .map(|bits| fake.add_version("poolcert", *bits))
+        .collect();
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    let env: String = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                "V{i}={}\n",
+                seal_for(&node, v, &format!("V{i}"), &format!("remote-value-{i}"))
+            )
+        })
+        .collect();
+    node.write_env(&task, &env);
+    node.start();
+    for v in &versions {
+        wait_remote_usable(&node, v);
+    }
+    for (i, bits) in [2048, 3072, 4096].iter().enumerate() {
+        let row = remote_row(&node, &versions[i]).unwrap();
+        assert_eq!(row["bits"], *bits);
+        assert_eq!(row["kind"], "keyvault_remote");
+        assert_eq!(row["source"], versions[i].kid.as_str());
+        assert_eq!(
+            node.get(&task, &format!("V{i}"))["value"],
+            format!("remote-value-{i}")
+        );
+    }
+    assert_eq!(fake.calls("unwrapkey"), 3);
+    assert_eq!(
+        remote_row(&node, &versions[2]).unwrap()["latest"],
+        true,
+        "the newest version is the latest"
+    );
+    let logs = node.logs();
+    assert!(!logs.contains(&fake.token()), "the bearer token was logged");
+    assert!(!logs.contains("remote-value-"), "a value was logged");
+}
+
+#[test]
+fn keyvault_remote_many_concurrent_opens_of_one_token_make_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let token = seal_for(&node, &v, "SHARED", "one-call");
+    let tasks: Vec<PathBuf> = (0..48)
+        .map(|i| {
+            let t = node.task("job", &format!("task-{i}"));
+            node.write_env(&t, &format!("SHARED={token}\n"));
+            t
+        })
+        .collect();
+    node.start();
+    wait_remote_usable(&node, &v);
+    eventually("every task known", &node, || {
+        node.request(json!({"op": "health"}))["info"]["tasks"] == tasks.len()
+    });
+    let node = &node;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = tasks
+            .iter()
+            .map(|t| s.spawn(move || node.get(t, "SHARED")))
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap()["value"], "one-call");
+        }
+    });
+    assert_eq!(
+        fake.calls("unwrapkey"),
+        1,
+        "{} concurrent opens of one token",
+        tasks.len()
+    );
+}
+
+#[test]
+fn keyvault_remote_disabled_key_is_unavailable_within_the_bound_cached_values_included_and_restored(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v1 = fake.add_version("poolcert", 2048);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!("A={}\n", seal_for(&node, &v1, "A", "cmk-value")),
+    );
+    node.start();
+    wait_remote_usable(&node, &v1);
+    // Served, and now cached by the agent.
+    assert_eq!(node.get(&task, "A")["value"], "cmk-value");
+
+    fake.set_enabled("poolcert", &v1.version, false);
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(CMK_BOUND, || code_of(&node.get(&task, "A"))
+            == "key_unavailable"),
+        "the disabled key's cached value still served after {CMK_BOUND:?}; log:\n{}",
+        node.logs()
+    );
+    eprintln!("disable -> key_unavailable: {:?}", t.elapsed());
+    assert!(node
+        .logs()
+        .contains("Key Vault key withdrawn; its values are unavailable"));
+
+    fake.set_enabled("poolcert", &v1.version, true);
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(CMK_BOUND, || node.get(&task, "A")["value"] == "cmk-value"),
+        "not served again within {CMK_BOUND:?} of restore; log:\n{}",
+        node.logs()
+    );
+    eprintln!("enable -> served: {:?}", t.elapsed());
+
+    // Access withdrawn for the whole vault (403 to everything), then given back.
+    fake.set_forbidden(true);
+    assert!(wait_until(CMK_BOUND, || code_of(&node.get(&task, "A"))
+        == "key_unavailable"));
+    fake.set_forbidden(false);
+    assert!(wait_until(CMK_BOUND, || node.get(&task, "A")["value"] == "cmk-value"));
+
+    // A new key version: values sealed for it open without a restart; the old one still does.
+    let pid = node.pid();
+    let v2 = fake.add_version("poolcert", 2048);
+    node.write_env(
+        &task,
+        &format!(
+            "A={}\nB={}\n",
+            seal_for(&node, &v1, "A", "cmk-value"),
+            seal_for(&node, &v2, "B", "new-version")
+        ),
+    );
+    assert!(wait_until(CMK_BOUND, || node.get(&task, "B")["value"] == "new-version"));
+    assert_eq!(node.get(&task, "A")["value"], "cmk-value");
+    assert_eq!(node.pid(), pid);
+}
+
+#[test]
+fn keyvault_remote_throttling_and_imds_410_are_waited_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    // IMDS is updating when the agent starts.
+    fake.imds_gone_next(2);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!("A={}\n", seal_for(&node, &v, "A", "after-429")),
+    );
+    node.start();
+    wait_remote_usable(&node, &v);
+    assert!(fake.calls("imds") >= 3, "IMDS asked again after its 410s");
+    // Key Vault throttles the unwrap: the agent waits Retry-After and answers.
+    fake.throttle_next(1, 1);
+    assert_eq!(node.get(&task, "A")["value"], "after-429");
+    assert!(fake.calls("429") >= 1);
+    assert_eq!(fake.calls("unwrapkey"), 1);
+}
