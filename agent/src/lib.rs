@@ -41,7 +41,7 @@ mod fsutil;
 mod handler;
 pub mod hardening;
 mod keys;
-mod keyvault;
+pub mod keyvault;
 mod lifecycle;
 pub mod logging;
 mod peer;

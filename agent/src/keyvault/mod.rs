@@ -20,6 +20,7 @@
 //! No token, wrapped or unwrapped key is ever logged.
 
 pub(crate) mod client;
+pub mod demo;
 pub(crate) mod imds;
 
 use crate::config::KeyVaultConfig;
