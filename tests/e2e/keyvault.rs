@@ -635,3 +635,41 @@ fn keyvault_remote_throttling_and_imds_410_are_waited_out() {
     assert!(fake.calls("429") >= 1);
     assert_eq!(fake.calls("unwrapkey"), 1);
 }
+
+#[test]
+fn keyvault_remote_a_forged_token_is_bad_token_and_does_not_withdraw_the_key() {
+    use nodeseal_envelope::token::{seal_with, SealOptions};
+    use nodeseal_envelope::Thumbprint;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!("A={}\n", seal_for(&node, &v, "A", "still-served")),
+    );
+    node.start();
+    wait_remote_usable(&node, &v);
+    // Anyone can name the pool key's thumbprint with bytes that do not unwrap under it.
+    let forged = seal_with(
+        b"x",
+        &[7u8; 32],
+        &[9u8; 12],
+        &[(
+            Thumbprint::from_hex(&v.thumbprint).unwrap(),
+            vec![0x42; 256],
+        )],
+        &SealOptions::default(),
+    )
+    .unwrap();
+    let r = node.request(json!({"op": "open", "token": forged}));
+    assert_eq!(code_of(&r), "bad_token", "{r}");
+    assert_eq!(
+        fake.calls("unwrapkey"),
+        1,
+        "the forged token reached Key Vault"
+    );
+    assert_eq!(node.get(&task, "A")["value"], "still-served");
+    assert_eq!(remote_row(&node, &v).unwrap()["state"], "loaded");
+}

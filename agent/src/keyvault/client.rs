@@ -19,12 +19,15 @@ const API_VERSION: &str = "7.4";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum CallError {
     /// Key Vault (or IMDS) says no for this key: disabled, deleted, access withdrawn, unknown
-    /// (401, 403, 404, or a definitive 400). Retrying the same call will not help.
+    /// (401, 403, 404). Retrying the same call will not help.
     Denied {
         status: u16,
         code: String,
         message: String,
     },
+    /// 400: this request is wrong (for `unwrapkey`: the value does not unwrap with this key,
+    /// i.e. a forged or damaged token). Says nothing about the key, which stays usable.
+    Rejected { code: String, message: String },
     /// 429: not before this long.
     Throttled(Duration),
     /// Network, 5xx, a malformed answer: try again later.
@@ -39,6 +42,7 @@ impl std::fmt::Display for CallError {
                 code,
                 message,
             } => write!(f, "HTTP {status} {code}: {message}"),
+            Self::Rejected { code, message } => write!(f, "HTTP 400 {code}: {message}"),
             Self::Throttled(d) => write!(f, "throttled (429), retry after {} s", d.as_secs()),
             Self::Transient(reason) => write!(f, "{reason}"),
         }
@@ -268,7 +272,11 @@ fn answer(result: Result<ureq::Response, ureq::Error>) -> Result<Value, CallErro
                 429 => Err(CallError::Throttled(Duration::from_secs(
                     retry_after.unwrap_or(1).clamp(1, 300),
                 ))),
-                400 | 401 | 403 | 404 => Err(CallError::Denied {
+                400 => Err(CallError::Rejected {
+                    code: field("code"),
+                    message: field("message"),
+                }),
+                401 | 403 | 404 => Err(CallError::Denied {
                     status,
                     code: field("code"),
                     message: field("message"),

@@ -62,7 +62,7 @@ impl Tokens {
                 Err(CallError::Denied { status: 404, .. }) | Err(CallError::Transient(_)) => {
                     backoff
                 }
-                Err(e @ CallError::Denied { .. }) => return Err(e),
+                Err(e @ (CallError::Denied { .. } | CallError::Rejected { .. })) => return Err(e),
             };
             if started.elapsed() + wait > RETRY_FOR {
                 return Err(CallError::Transient(format!(

@@ -266,6 +266,7 @@ impl RemoteKeys {
             Err(e) => return Some(Err(e.into())),
         };
         let mut opened_with = None;
+        let mut rejected = false;
         for (tp, wrapped) in prepared.recipients() {
             let Some(version) = self.usable(&tp) else {
                 continue;
@@ -284,12 +285,18 @@ impl RemoteKeys {
                     &tp,
                     format!("Key Vault refused unwrapkey: HTTP {status} {code}: {message}"),
                 ),
+                // Anyone who can seal can send a value that does not unwrap; it must not
+                // withdraw the key for everyone else.
+                Err(CallError::Rejected { .. }) => rejected = true,
                 Err(e) => {
                     tracing::warn!(key_id = %tp, kid = %version.kid, error = %e, "Key Vault unwrap failed; retry later");
                 }
             }
         }
         let Some((tp, content_key)) = opened_with else {
+            if rejected {
+                return Some(Err(nodeseal_envelope::TokenError::Tampered.into()));
+            }
             return Some(Err(Refusal::NoKeyAvailable {
                 recipients: recipients.to_vec(),
             }));
@@ -316,12 +323,14 @@ impl RemoteKeys {
         let id = openssl::sha::sha256(&id_input);
         let cell = {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            let reusable = flights.get(&id).is_some_and(|f| match f.cell.get() {
+            let reusable = |f: &Flight| match f.cell.get() {
                 None => true,
                 Some(Ok(_)) => f.started.elapsed() < CONTENT_KEY_REUSE,
                 Some(Err(_)) => false,
-            });
-            if !reusable {
+            };
+            if !flights.get(&id).is_some_and(reusable) {
+                // Bounded by the request rate times the reuse time: nothing stale stays.
+                flights.retain(|_, f| reusable(f));
                 flights.insert(
                     id,
                     Flight {
