@@ -730,4 +730,43 @@ mod tests {
         let err = Config::load(Path::new("/nonexistent/nodeseal.json")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/nodeseal.json"));
     }
+
+    #[test]
+    fn key_vault_needs_https_certificate_urls_and_a_revalidation_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json");
+        let load = |kv: &str| {
+            std::fs::write(&path, format!(r#"{{"key_vault": {kv}}}"#)).unwrap();
+            Config::load(&path)
+        };
+        let ok =
+            load(r#"{"certificates": ["https://v.vault.azure.net/certificates/pool"]}"#).unwrap();
+        let kv = ok.key_vault.unwrap();
+        assert_eq!(kv.imds_endpoint, KeyVaultConfig::IMDS);
+        assert_eq!((kv.revalidate_secs, kv.max_concurrent_calls), (10, 8));
+        for (bad, field) in [
+            (
+                r#"{"certificates": ["http://v.vault.azure.net/certificates/pool"]}"#,
+                "key_vault.certificates",
+            ),
+            (
+                r#"{"certificates": ["https://v.vault.azure.net/certificates/pool/0123"]}"#,
+                "key_vault.certificates",
+            ),
+            (
+                r#"{"certificates": [], "revalidate_secs": 60}"#,
+                "key_vault.revalidate_secs",
+            ),
+            (
+                r#"{"certificates": [], "max_concurrent_calls": 0}"#,
+                "key_vault.max_concurrent_calls",
+            ),
+        ] {
+            let msg = load(bad).unwrap_err().to_string();
+            assert!(msg.contains(field), "{bad}: {msg}");
+        }
+        // Absent from the defaults, so the packaged agent.json does not change.
+        let printed = serde_json::to_value(Config::default()).unwrap();
+        assert!(printed.get("key_vault").is_none());
+    }
 }
