@@ -43,7 +43,7 @@ fn tasks_with(node: &mut Node, n: usize, token: &str) -> Result<Vec<PathBuf>> {
 /// Every task's `get` at once, one thread and connection each; the wall time until all answered.
 fn open_all(node: &Node, tasks: &[PathBuf]) -> Result<f64> {
     let barrier = std::sync::Barrier::new(tasks.len() + 1);
-    let (barrier, node_ref) = (&barrier, &*node);
+    let (barrier, node_ref) = (&barrier, node);
     let elapsed = std::thread::scope(|s| -> Result<f64> {
         let handles: Vec<_> = tasks
             .iter()
