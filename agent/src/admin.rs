@@ -52,11 +52,12 @@ pub fn check(config: &Config, path: &Path) -> usize {
         let reason = r.reason.as_deref().unwrap_or("");
         match r.state {
             KeyState::Loaded | KeyState::Revoked => println!(
-                "key {} {} ({} bits) from {}",
+                "key {} {} ({} bits) from {}{}",
                 r.thumbprint.as_deref().unwrap_or("-"),
                 r.state.as_str(),
                 r.bits.unwrap_or(0),
-                r.source
+                r.source,
+                version_note(&r)
             ),
             KeyState::Pending => println!("pending {}: {reason}", r.source),
             KeyState::Broken | KeyState::Missing => {
@@ -86,6 +87,16 @@ fn fmt_time(unix: Option<i64>) -> String {
     }
 }
 
+/// ` [version V, latest]` for a Key Vault certificate version, nothing for other keys.
+fn version_note(k: &crate::report::KeyStatus) -> String {
+    match (&k.version, k.latest) {
+        (Some(v), true) => format!("  [version {v}, latest]"),
+        (Some(v), false) => format!("  [version {v}]"),
+        (None, true) => "  [latest]".into(),
+        (None, false) => String::new(),
+    }
+}
+
 /// Render the keys of a status document as a table.
 pub fn render_keys(report: &StatusReport) -> String {
     let mut out = format!(
@@ -94,13 +105,14 @@ pub fn render_keys(report: &StatusReport) -> String {
     );
     for k in &report.keys {
         out.push_str(&format!(
-            "{:<40}  {:<8}  {:>5}  {:<20}  {:>6}  {}{}\n",
+            "{:<40}  {:<8}  {:>5}  {:<20}  {:>6}  {}{}{}\n",
             k.thumbprint.as_deref().unwrap_or("-"),
             k.state.as_str(),
             k.bits.map_or("-".into(), |b| b.to_string()),
             fmt_time(k.not_after),
             k.opened,
             k.source,
+            version_note(k),
             k.reason
                 .as_deref()
                 .map_or(String::new(), |r| format!("  ({r})")),

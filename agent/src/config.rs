@@ -100,6 +100,53 @@ pub struct Config {
     pub require_audience: bool,
     /// This node's Batch pool id, matched by `pool:` selectors; `null` matches none.
     pub pool_id: Option<String>,
+    /// Keys that never leave Key Vault, opened through its `unwrapkey` operation with the
+    /// node's managed identity; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_vault: Option<KeyVaultConfig>,
+}
+
+/// Certificates whose keys stay in Key Vault (not exportable, optionally HSM-backed): tokens
+/// sealed to a version's certificate (key id: its SHA-1 thumbprint) are opened by Key Vault.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyVaultConfig {
+    /// `https://<vault>.vault.azure.net/certificates/<name>`, without a version: every version
+    /// Key Vault lists is served while Key Vault allows it.
+    pub certificates: Vec<String>,
+    /// Client id of the pool's user-assigned managed identity (`null`: the node's only one).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The managed-identity token endpoint (IMDS).
+    #[serde(default = "KeyVaultConfig::default_imds")]
+    pub imds_endpoint: String,
+    /// PEM file of CA certificates trusted for Key Vault besides the system's (tests).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How often access to every key version is re-checked and new versions looked for; a key
+    /// disabled, deleted or withdrawn stops serving within this plus one call's time.
+    #[serde(default = "KeyVaultConfig::default_revalidate")]
+    pub revalidate_secs: u64,
+    /// Key Vault calls in flight at most.
+    #[serde(default = "KeyVaultConfig::default_max_calls")]
+    pub max_concurrent_calls: usize,
+}
+
+impl KeyVaultConfig {
+    /// IMDS on every Azure VM.
+    pub const IMDS: &'static str = "http://169.254.169.254/metadata/identity/oauth2/token";
+
+    fn default_imds() -> String {
+        Self::IMDS.into()
+    }
+
+    fn default_revalidate() -> u64 {
+        10
+    }
+
+    fn default_max_calls() -> usize {
+        8
+    }
 }
 
 /// Permission bits of the host socket, written in the file as an octal string (`"0666"`).
@@ -416,6 +463,7 @@ impl Default for Config {
             open_allowed_by_key: BTreeMap::new(),
             require_audience: false,
             pool_id: None,
+            key_vault: None,
         }
     }
 }
@@ -579,6 +627,28 @@ impl Config {
         ] {
             if value < min {
                 return Err(invalid(field, format!("must be at least {min}")));
+            }
+        }
+        if let Some(kv) = &self.key_vault {
+            for (i, url) in kv.certificates.iter().enumerate() {
+                if let Err(reason) = crate::keyvault::CertificateUrl::parse(url) {
+                    return Err(invalid(
+                        "key_vault.certificates",
+                        format!("[{i}] {url:?}: {reason}"),
+                    ));
+                }
+            }
+            if !(1..=20).contains(&kv.revalidate_secs) {
+                return Err(invalid(
+                    "key_vault.revalidate_secs",
+                    "must be 1 to 20, so a withdrawn key stops serving within 30 s".into(),
+                ));
+            }
+            if kv.max_concurrent_calls == 0 {
+                return Err(invalid(
+                    "key_vault.max_concurrent_calls",
+                    "must be at least 1".into(),
+                ));
             }
         }
         Ok(())
@@ -756,5 +826,44 @@ mod tests {
     fn missing_non_default_file_is_an_error() {
         let err = Config::load(Path::new("/nonexistent/nodeseal.json")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/nodeseal.json"));
+    }
+
+    #[test]
+    fn key_vault_needs_https_certificate_urls_and_a_revalidation_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json");
+        let load = |kv: &str| {
+            std::fs::write(&path, format!(r#"{{"key_vault": {kv}}}"#)).unwrap();
+            Config::load(&path)
+        };
+        let ok =
+            load(r#"{"certificates": ["https://v.vault.azure.net/certificates/pool"]}"#).unwrap();
+        let kv = ok.key_vault.unwrap();
+        assert_eq!(kv.imds_endpoint, KeyVaultConfig::IMDS);
+        assert_eq!((kv.revalidate_secs, kv.max_concurrent_calls), (10, 8));
+        for (bad, field) in [
+            (
+                r#"{"certificates": ["http://v.vault.azure.net/certificates/pool"]}"#,
+                "key_vault.certificates",
+            ),
+            (
+                r#"{"certificates": ["https://v.vault.azure.net/certificates/pool/0123"]}"#,
+                "key_vault.certificates",
+            ),
+            (
+                r#"{"certificates": [], "revalidate_secs": 60}"#,
+                "key_vault.revalidate_secs",
+            ),
+            (
+                r#"{"certificates": [], "max_concurrent_calls": 0}"#,
+                "key_vault.max_concurrent_calls",
+            ),
+        ] {
+            let msg = load(bad).unwrap_err().to_string();
+            assert!(msg.contains(field), "{bad}: {msg}");
+        }
+        // Absent from the defaults, so the packaged agent.json does not change.
+        let printed = serde_json::to_value(Config::default()).unwrap();
+        assert!(printed.get("key_vault").is_none());
     }
 }

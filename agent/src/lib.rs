@@ -45,6 +45,7 @@ mod fsutil;
 mod handler;
 pub mod hardening;
 mod keys;
+pub mod keyvault;
 mod lifecycle;
 pub mod logging;
 mod peer;
@@ -124,6 +125,7 @@ pub async fn run(
         stop_listener.clone(),
     ));
 
+    let key_vault = tokio::spawn(keyvault::run(state.clone(), stop_listener.clone()));
     let handler = Arc::new(Handler::new(state.clone(), lifecycle.clone()));
     let ctx = ServeContext {
         handler: handler.clone(),
@@ -202,7 +204,7 @@ pub async fn run(
     }
     let _ = watcher.await;
     let _ = task_sockets.await;
-    for task in [watchdog, Some(hup)].into_iter().flatten() {
+    for task in [watchdog, Some(hup), Some(key_vault)].into_iter().flatten() {
         task.abort();
     }
     if let Some(path) = owned_socket {

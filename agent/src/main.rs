@@ -59,6 +59,10 @@ enum Command {
         /// Leave the agent running and print commands to try.
         #[arg(long)]
         keep: bool,
+        /// Show a key that never leaves Key Vault instead (against the test kit's loopback
+        /// fake, `nodeseal-kv-fake`, built next to the agent).
+        #[arg(long, conflicts_with = "keep")]
+        keyvault: bool,
     },
     /// Write man pages and shell completions under DIR (for packaging).
     #[command(hide = true)]
@@ -170,10 +174,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&info)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { keep } => {
+        Command::Demo { keep, keyvault } => {
             // The demo prints its own story; only errors from the agent would add to it.
             logging::init("error");
-            runtime()?.block_on(demo::run(*keep))?;
+            if *keyvault {
+                runtime()?.block_on(nodeseal_agent::keyvault::demo::run())?;
+            } else {
+                runtime()?.block_on(demo::run(*keep))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::GenerateDocs { out } => {

@@ -73,6 +73,12 @@ pub struct KeyStatus {
     pub reason: Option<String>,
     /// Values opened with this key since start.
     pub opened: u64,
+    /// Key Vault: the certificate version its file carries (absent elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Key Vault: the extension's latest-version link names this file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latest: bool,
 }
 
 /// One task of `status`.

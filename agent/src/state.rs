@@ -77,6 +77,8 @@ pub(crate) struct State {
     pub(crate) counters: Counters,
     /// When the agent started, for `uptime_secs`.
     pub(crate) started: Instant,
+    /// Keys that stay in Key Vault.
+    pub(crate) remote: crate::keyvault::RemoteKeys,
 }
 
 impl State {
@@ -90,6 +92,7 @@ impl State {
             memory,
             counters: Counters::default(),
             started: Instant::now(),
+            remote: crate::keyvault::RemoteKeys::default(),
         }
     }
 

@@ -8,6 +8,7 @@
 
 mod baselines;
 mod chart;
+mod keyvault;
 mod load;
 mod node;
 mod servers;
@@ -45,6 +46,9 @@ struct Cli {
     /// Directory holding nodeseal-agent and nodeseal-client (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Only the Key Vault rows (remote unwrap against the loopback fake), for a quick report.
+    #[arg(long)]
+    only_keyvault: bool,
     #[command(subcommand)]
     cmd: Option<Sub>,
 }
@@ -230,6 +234,20 @@ fn main() -> Result<()> {
         series: Vec::new(),
         notes: Vec::new(),
     };
+    if cli.only_keyvault {
+        keyvault::bench_keyvault(&scale, &agent_bin, &mut report)?;
+        let text = render(
+            &scale,
+            &report,
+            &cli.out,
+            &chart_path,
+            Some("not drawn (--only-keyvault)".into()),
+            started.elapsed(),
+        )?;
+        std::fs::write(&cli.out, text)
+            .with_context(|| format!("cannot write {}", cli.out.display()))?;
+        return Ok(());
+    }
     let keys = Keys::generate(&scale)?;
     eprintln!(
         "  keys generated ({:.1} s)",
@@ -270,6 +288,11 @@ fn main() -> Result<()> {
     bench_directory_storm(&scale, &agent_bin, &mut report)?;
     eprintln!(
         "  directory storm done ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    keyvault::bench_keyvault(&scale, &agent_bin, &mut report)?;
+    eprintln!(
+        "  Key Vault opens done ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
 

@@ -16,7 +16,7 @@ pub mod token;
 pub use audience::Selector;
 pub use error::{EnvFileError, KeyError, TokenError};
 pub use keys::{KeyPair, Recipient, Thumbprint};
-pub use token::{Format, Opened, SealOptions, TokenInfo};
+pub use token::{Format, Opened, PreparedV1, SealOptions, TokenInfo};
 
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -626,6 +626,65 @@ pub fn wrapped_keys(token: &str) -> Result<([u8; NONCE_BYTES], WrappedKeys), Tok
     Ok((p.nonce, keys))
 }
 
+/// A v1 token parsed and its claims checked, for recipient keys that unwrap elsewhere (a Key
+/// Vault key that never leaves the vault): the caller unwraps one recipient's content key
+/// however it can, then opens the value with it. Local keys go through [`open_v1`]; this is the
+/// same path split where the remote call goes.
+pub struct PreparedV1 {
+    p: Parsed,
+}
+
+impl PreparedV1 {
+    /// Parse `token` and check its name binding, expiry and audience (as [`open_v1`] does,
+    /// `audience_ok` once) before any key is asked.
+    pub fn new(
+        token: &str,
+        expected_name: Option<&str>,
+        audience_ok: &dyn Fn(&[Selector]) -> bool,
+        now: SystemTime,
+    ) -> Result<Self, TokenError> {
+        let p = parse(token)?;
+        check_claims(p.name.as_deref(), p.not_after, expected_name, now)?;
+        if !audience_ok(&p.audience) {
+            return Err(TokenError::NotInAudience {
+                audience: p.audience,
+            });
+        }
+        Ok(Self { p })
+    }
+
+    /// Each recipient's key id and wrapped content key, in token order.
+    pub fn recipients(&self) -> impl Iterator<Item = (Thumbprint, &[u8])> + '_ {
+        self.p
+            .recipients
+            .iter()
+            .map(|(id, range)| (*id, &self.p.body[range.clone()]))
+    }
+
+    /// Open with the content key recipient `key` unwrapped; `Tampered` unless it authenticates
+    /// the header and value. Claims are checked again against `now` (the unwrap took time).
+    pub fn open_with(
+        self,
+        key: Thumbprint,
+        content_key: &[u8],
+        expected_name: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Opened, TokenError> {
+        if content_key.len() != CONTENT_KEY_BYTES {
+            return Err(TokenError::Tampered);
+        }
+        let value = decrypt_value(&self.p, content_key)?;
+        check_claims(self.p.name.as_deref(), self.p.not_after, expected_name, now)?;
+        Ok(Opened {
+            value,
+            key,
+            name: self.p.name,
+            not_after: self.p.not_after,
+            audience: self.p.audience,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1760,5 +1819,24 @@ mod tests {
             serde_json::to_string_pretty(&doc).unwrap() + "\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_prepared_token_opens_with_the_content_key_its_recipient_unwraps_elsewhere() {
+        let t = seal(b"remote", &[key_a().recipient()], &SealOptions::default()).unwrap();
+        let prepared = PreparedV1::new(&t, None, &unbound_only, SystemTime::now()).unwrap();
+        let (id, wrapped) = prepared.recipients().next().unwrap();
+        assert_eq!(id, key_a().thumbprint());
+        let content_key = unwrap_key(wrapped, key_a()).unwrap();
+        let o = prepared
+            .open_with(id, &content_key, None, SystemTime::now())
+            .unwrap();
+        assert_eq!(&o.value[..], b"remote");
+        // A wrong content key (what a lying remote would return) never yields a value.
+        let prepared = PreparedV1::new(&t, None, &unbound_only, SystemTime::now()).unwrap();
+        assert!(matches!(
+            prepared.open_with(id, &[7u8; CONTENT_KEY_BYTES], None, SystemTime::now()),
+            Err(TokenError::Tampered)
+        ));
     }
 }

@@ -16,6 +16,8 @@
 
 mod agent;
 mod bins;
+#[cfg(feature = "kv-fake")]
+pub mod kvfake;
 mod layout;
 mod pids;
 mod wire;

@@ -15,6 +15,7 @@ mod hostile_trees;
 mod hygiene;
 mod identity;
 mod keys;
+mod keyvault;
 mod packaging;
 mod policy;
 mod seal;

@@ -26,6 +26,8 @@ pub(crate) struct KeyEntry {
     pub origin: PathBuf,
     /// Source kind, for status.
     pub kind: KeySourceKind,
+    /// The Key Vault certificate version its file name carries (`<vault>.<cert>.<version>`).
+    pub version: Option<String>,
 }
 
 /// What happened to one key file on its last load.
@@ -34,6 +36,8 @@ enum FileState {
     /// Not loadable yet for a reason expected to pass (e.g. the `.pw` has not arrived).
     Pending(String),
     Broken(String),
+    /// The Key Vault extension's latest-version link, naming this version file beside it.
+    Latest(PathBuf),
 }
 
 /// Cheap change detection so a rescan only re-parses files that changed; taken from the fds the
@@ -67,6 +71,9 @@ struct Inner {
     by_thumbprint: HashMap<Thumbprint, Arc<KeyEntry>>,
     revoked_by_list: HashSet<Thumbprint>,
     revoked_by_command: HashSet<Thumbprint>,
+    /// Keys that stay in Key Vault, as its last checks found them (`crate::keyvault`).
+    remote: Vec<KeyStatus>,
+    remote_withdrawn: HashSet<Thumbprint>,
 }
 
 impl Inner {
@@ -83,7 +90,9 @@ impl Inner {
     }
 
     fn is_revoked(&self, tp: &Thumbprint) -> bool {
-        self.revoked_by_list.contains(tp) || self.revoked_by_command.contains(tp)
+        self.revoked_by_list.contains(tp)
+            || self.revoked_by_command.contains(tp)
+            || self.remote_withdrawn.contains(tp)
     }
 }
 
@@ -143,14 +152,33 @@ impl KeyStore {
         keys
     }
 
-    /// Number of usable keys.
+    /// Number of usable keys (remote ones included).
     pub(crate) fn usable_count(&self) -> usize {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let remote = inner
+            .remote
+            .iter()
+            .filter(|r| r.state == KeyState::Loaded)
+            .count();
         inner
             .by_thumbprint
             .keys()
             .filter(|tp| !inner.is_revoked(tp))
             .count()
+            + remote
+    }
+
+    /// What Key Vault's last checks found about the keys that stay there: their `status` rows;
+    /// a row not `loaded` withdraws that thumbprint (cached values of it are not served).
+    pub(crate) fn set_remote(&self, rows: Vec<KeyStatus>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.remote_withdrawn = rows
+            .iter()
+            .filter(|r| r.state != KeyState::Loaded)
+            .filter_map(|r| r.thumbprint.as_deref())
+            .filter_map(|t| Thumbprint::from_hex(t).ok())
+            .collect();
+        inner.remote = rows;
     }
 
     /// Count a successful open, for status.
@@ -279,9 +307,9 @@ impl KeyStore {
         }
         let candidates = list_candidates(source);
         let mut unchanged: HashSet<PathBuf> = HashSet::new();
-        let mut changed: Vec<(&Candidate, Option<Stamp>, Probes)> = Vec::new();
+        let mut changed: Vec<(&Candidate, Option<Stamp>, Probed)> = Vec::new();
         for cand in &candidates {
-            let probes = Probes::of(cand);
+            let probes = Probed::of(&source.path, cand);
             let Some(stamp) = probes.stamp() else {
                 continue; // gone since the listing
             };
@@ -297,15 +325,27 @@ impl KeyStore {
         // envelope crate measures it), so threads would only add complexity.
         let mut fresh: Vec<(PathBuf, Tracked)> = Vec::new();
         for (cand, stamp, probes) in changed {
-            let state = load_candidate(source, cand, probes);
+            let state = match probes {
+                Probed::Key(probes) => load_candidate(source, cand, probes),
+                Probed::Link(link) => latest_link_state(&cand.path, link),
+            };
             match &state {
                 FileState::Loaded(e) => tracing::info!(
                     key_id = %e.pair.thumbprint(),
                     path = %cand.path.display(),
                     bits = e.pair.bits(),
                     kind = kind_name(e.kind),
+                    version = e.version.as_deref().unwrap_or("-"),
                     "key loaded"
                 ),
+                FileState::Latest(target) => tracing::info!(
+                    path = %cand.path.display(),
+                    target = %target.display(),
+                    "Key Vault latest-version link"
+                ),
+                FileState::Broken(reason) if cand.latest_link => {
+                    tracing::warn!(path = %cand.path.display(), %reason, "Key Vault link refused")
+                }
                 FileState::Pending(reason) => {
                     tracing::info!(path = %cand.path.display(), %reason, "key pending")
                 }
@@ -353,6 +393,7 @@ impl KeyStore {
             pair,
             origin: path.to_owned(),
             kind: source.kind,
+            version: None,
         });
         self.mutate(|inner| {
             inner.files.insert(
@@ -375,13 +416,23 @@ impl KeyStore {
     pub(crate) fn status(&self) -> Vec<KeyStatus> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let opened = self.opened.read().unwrap_or_else(|e| e.into_inner());
+        // A good latest-version link is no row of its own: it marks the version it names.
+        let latest: HashSet<&PathBuf> = inner
+            .files
+            .values()
+            .filter_map(|t| match &t.state {
+                FileState::Latest(target) => Some(target),
+                _ => None,
+            })
+            .collect();
         let mut rows: Vec<KeyStatus> = inner
             .files
             .iter()
-            .map(|(path, t)| match &t.state {
+            .filter_map(|(path, t)| match &t.state {
+                FileState::Latest(_) => None,
                 FileState::Loaded(e) => {
                     let tp = e.pair.thumbprint();
-                    KeyStatus {
+                    Some(KeyStatus {
                         thumbprint: Some(tp.to_string()),
                         source: path.display().to_string(),
                         kind: kind_name(e.kind).to_owned(),
@@ -394,9 +445,11 @@ impl KeyStore {
                         },
                         reason: None,
                         opened: opened.get(&tp).map_or(0, |c| c.load(Ordering::Relaxed)),
-                    }
+                        version: e.version.clone(),
+                        latest: latest.contains(path),
+                    })
                 }
-                FileState::Pending(reason) | FileState::Broken(reason) => KeyStatus {
+                FileState::Pending(reason) | FileState::Broken(reason) => Some(KeyStatus {
                     thumbprint: None,
                     source: path.display().to_string(),
                     kind: String::new(),
@@ -409,9 +462,20 @@ impl KeyStore {
                     },
                     reason: Some(reason.clone()),
                     opened: 0,
-                },
+                    version: None,
+                    latest: false,
+                }),
             })
             .collect();
+        rows.extend(inner.remote.iter().cloned().map(|mut r| {
+            r.opened = r
+                .thumbprint
+                .as_deref()
+                .and_then(|t| Thumbprint::from_hex(t).ok())
+                .and_then(|tp| opened.get(&tp))
+                .map_or(0, |c| c.load(Ordering::Relaxed));
+            r
+        }));
         // A revoked thumbprint with no file left still deserves a row: operators look for it.
         for tp in inner
             .revoked_by_list
@@ -432,6 +496,8 @@ impl KeyStore {
                     state: KeyState::Revoked,
                     reason: Some("revoked; no key file present".into()),
                     opened: 0,
+                    version: None,
+                    latest: false,
                 });
             }
         }
@@ -463,6 +529,10 @@ pub(crate) struct Candidate {
     pub companion: Option<PathBuf>,
     /// Thumbprint the file name claims, checked against the certificate.
     pub claimed: Option<Thumbprint>,
+    /// Key Vault: the certificate version the name carries.
+    pub version: Option<String>,
+    /// Key Vault: the extension's `<vault>.<certificate>` link to the latest version.
+    pub latest_link: bool,
 }
 
 pub(crate) fn kind_name(kind: KeySourceKind) -> &'static str {
@@ -491,17 +561,18 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
     };
     // Everything but directories is a candidate, links and FIFOs included, so that one planted
     // under a key's name shows up in `status` as refused instead of being silently skipped.
-    // Except the Key Vault extension's own `<vault>.<certificate>` link to the latest version:
-    // that version is loaded as the file it is.
+    // The Key Vault extension's own `<vault>.<certificate>` links are resolved, not opened.
+    let mut links: HashSet<String> = HashSet::new();
     let mut names: Vec<String> = dir
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_type().is_ok_and(|t| {
-                let latest_link = t.is_symlink() && source.kind == KeySourceKind::Keyvault;
-                !t.is_dir() && !latest_link
-            })
+        .filter_map(|e| {
+            let t = e.file_type().ok()?;
+            let name = e.file_name().into_string().ok()?;
+            if t.is_symlink() {
+                links.insert(name.clone());
+            }
+            (!t.is_dir()).then_some(name)
         })
-        .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| !is_temp_or_hidden(n))
         .collect();
     names.sort();
@@ -516,16 +587,24 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
                         path: dir.join(name),
                         companion: Some(dir.join(format!("{name}.pw"))),
                         claimed: Some(tp),
+                        version: None,
+                        latest_link: false,
                     });
                 }
             }
             KeySourceKind::Keyvault => {
-                // One PEM per certificate, named `<vault>.<certificate>`; skip obvious non-keys.
+                // One PEM (key + chain) per certificate version, `<vault>.<certificate>.<version>`,
+                // and `<vault>.<certificate>` linking to the latest (older layouts: the one PEM,
+                // rewritten in place). Skip obvious non-keys.
                 if !(lower.ends_with(".crt") || lower.ends_with(".cer") || lower.ends_with(".pw")) {
+                    let parts = trust::keyvault_name_parts(name);
                     out.push(Candidate {
                         path: dir.join(name),
                         companion: None,
                         claimed: None,
+                        version: parts.and_then(|(_, _, v)| v).map(str::to_owned),
+                        latest_link: links.contains(name)
+                            && parts.is_some_and(|(_, _, v)| v.is_none()),
                     });
                 }
             }
@@ -540,6 +619,8 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
                         path: dir.join(name),
                         companion: Some(dir.join(crt)),
                         claimed: Thumbprint::from_hex(stem).ok(),
+                        version: None,
+                        latest_link: false,
                     });
                 }
             }
@@ -549,18 +630,58 @@ pub(crate) fn list_candidates(source: &KeySource) -> Vec<Candidate> {
                         path: dir.join(name),
                         companion: source.passphrase_file.clone(),
                         claimed: None,
+                        version: None,
+                        latest_link: false,
                     });
                 } else if lower.ends_with(".pem") || lower.ends_with(".key") {
                     out.push(Candidate {
                         path: dir.join(name),
                         companion: None,
                         claimed: None,
+                        version: None,
+                        latest_link: false,
                     });
                 }
             }
         }
     }
     out
+}
+
+/// What one scan found at a candidate: key files, or the Key Vault latest-version link.
+enum Probed {
+    Key(Probes),
+    Link(trust::LinkProbe),
+}
+
+impl Probed {
+    fn of(dir: &Path, cand: &Candidate) -> Self {
+        match cand.path.file_name().and_then(|n| n.to_str()) {
+            Some(name) if cand.latest_link => Self::Link(trust::probe_latest_link(dir, name)),
+            _ => Self::Key(Probes::of(cand)),
+        }
+    }
+
+    fn stamp(&self) -> Option<Stamp> {
+        match self {
+            Self::Key(p) => p.stamp(),
+            Self::Link(l) => Some(Stamp {
+                file: l.stamp?,
+                companion: l.target_stamp,
+            }),
+        }
+    }
+}
+
+/// The link names the version that is served as the file it is (loaded once, under its own
+/// name); the link only marks it latest.
+fn latest_link_state(path: &Path, link: trust::LinkProbe) -> FileState {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match link.outcome {
+        trust::LinkOutcome::Version(name) => FileState::Latest(dir.join(name)),
+        trust::LinkOutcome::Dangling(reason) => FileState::Pending(reason),
+        trust::LinkOutcome::Refused(reason) => FileState::Broken(reason),
+    }
 }
 
 /// A candidate's files, opened (or refused) once per scan: stamped, then read, from these fds.
@@ -684,6 +805,7 @@ fn load_candidate(source: &KeySource, cand: &Candidate, probes: Probes) -> FileS
                 pair: Arc::new(pair),
                 origin: cand.path.clone(),
                 kind,
+                version: cand.version.clone(),
             }))
         }
         Err(reason) => FileState::Broken(reason),
@@ -949,5 +1071,120 @@ mod tests {
         let store = KeyStore::new();
         store.rescan_source(&source);
         assert_eq!(only_row(&store).source, version.display().to_string());
+    }
+
+    fn keyvault_dir() -> (tempfile::TempDir, KeySource) {
+        let dir = tempfile::tempdir().unwrap();
+        let source = KeySource {
+            kind: KeySourceKind::Keyvault,
+            path: dir.path().to_owned(),
+            ingest: None,
+            passphrase_file: None,
+        };
+        (dir, source)
+    }
+
+    /// A version file as the extension writes it: certificate chain and private key, one PEM.
+    fn write_version(dir: &Path, name: &str) -> Thumbprint {
+        let pair = KeyPair::generate(2048, 30, "kv test").unwrap();
+        let pfx = pair.to_pkcs12(b"x", false).unwrap();
+        let parsed = openssl::pkcs12::Pkcs12::from_der(&pfx)
+            .unwrap()
+            .parse2("x")
+            .unwrap();
+        let mut pem = parsed.cert.unwrap().to_pem().unwrap();
+        pem.extend(parsed.pkey.unwrap().private_key_to_pem_pkcs8().unwrap());
+        fs::write(dir.join(name), pem).unwrap();
+        pair.thumbprint()
+    }
+
+    fn point_latest(dir: &Path, link: &str, target: &str) {
+        let tmp = dir.join(".link.tmp");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        fs::rename(&tmp, dir.join(link)).unwrap();
+    }
+
+    #[test]
+    fn key_vault_versions_load_once_each_with_their_version_and_the_link_marks_the_latest() {
+        let (dir, source) = keyvault_dir();
+        let v1 = write_version(dir.path(), "vault.pool.1111");
+        point_latest(dir.path(), "vault.pool", "vault.pool.1111");
+        let store = KeyStore::new();
+        assert_eq!(store.rescan_source(&source).added, vec![v1]);
+        let row = only_row(&store);
+        assert_eq!(row.version.as_deref(), Some("1111"));
+        assert!(row.latest);
+
+        // Rotation: a new version, the link re-pointed; the old version stays while its file does.
+        let v2 = write_version(dir.path(), "vault.pool.2222");
+        point_latest(dir.path(), "vault.pool", "vault.pool.2222");
+        assert_eq!(store.rescan_source(&source).added, vec![v2]);
+        assert!(store.get(&v1).is_ok());
+        let rows = store.status();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        for r in &rows {
+            assert_eq!(r.latest, r.version.as_deref() == Some("2222"), "{r:?}");
+        }
+        fs::remove_file(dir.path().join("vault.pool.1111")).unwrap();
+        assert_eq!(store.rescan_source(&source).removed, vec![v1]);
+
+        // An absolute link into the same directory is the extension's too.
+        point_latest(
+            dir.path(),
+            "vault.pool",
+            dir.path().join("vault.pool.2222").to_str().unwrap(),
+        );
+        store.rescan_source(&source);
+        assert!(only_row(&store).latest);
+    }
+
+    #[test]
+    fn a_key_vault_link_outside_its_directory_or_to_another_certificate_is_refused() {
+        let (dir, source) = keyvault_dir();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = write_version(elsewhere.path(), "vault.pool.9999");
+        point_latest(
+            dir.path(),
+            "vault.pool",
+            elsewhere.path().join("vault.pool.9999").to_str().unwrap(),
+        );
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert!(store.get(&outside).is_err());
+        let row = only_row(&store);
+        assert_eq!(row.state, KeyState::Broken);
+        let reason = row.reason.unwrap();
+        assert!(reason.contains("points outside its directory"), "{reason}");
+
+        for target in ["../x/vault.pool.1", "vault.other.1", "vault.pool"] {
+            point_latest(dir.path(), "vault.pool", target);
+            store.rescan_source(&source);
+            let reason = only_row(&store).reason.unwrap();
+            assert!(reason.contains("refused"), "{target}: {reason}");
+        }
+        // A link to a link is not followed.
+        point_latest(dir.path(), "vault.pool.1", "/etc/passwd");
+        point_latest(dir.path(), "vault.pool", "vault.pool.1");
+        store.rescan_source(&source);
+        let rows = store.status();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().all(|r| r.state == KeyState::Broken), "{rows:?}");
+        assert!(rows
+            .iter()
+            .any(|r| r.reason.as_deref().unwrap().contains("not a regular file")));
+    }
+
+    #[test]
+    fn a_dangling_key_vault_link_waits_for_its_version() {
+        let (dir, source) = keyvault_dir();
+        point_latest(dir.path(), "vault.pool", "vault.pool.3333");
+        let store = KeyStore::new();
+        store.rescan_source(&source);
+        assert_eq!(only_row(&store).state, KeyState::Pending);
+        let tp = write_version(dir.path(), "vault.pool.3333");
+        assert_eq!(store.rescan_source(&source).added, vec![tp]);
+        let row = only_row(&store);
+        assert!(row.latest && row.state == KeyState::Loaded, "{row:?}");
     }
 }

@@ -39,6 +39,19 @@ pub(crate) struct FileStamp {
 }
 
 impl FileStamp {
+    /// From `fstatat`, for files looked at beside a directory descriptor.
+    pub(crate) fn of_stat(st: &nix::sys::stat::FileStat) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            len: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+            mode: st.st_mode,
+            uid: st.st_uid,
+        }
+    }
+
     pub(crate) fn of(m: &Metadata) -> Self {
         Self {
             dev: m.dev(),
@@ -241,6 +254,162 @@ pub(crate) fn passphrase_from(opened: Opened, path: &Path) -> Result<Zeroizing<V
         bytes.pop();
     }
     Ok(bytes)
+}
+
+/// The Key Vault VM extension's name for a certificate's files: `<vault>.<certificate>` (its
+/// latest-version link, or the one file of older layouts) and `<vault>.<certificate>.<version>`.
+/// Vault and certificate names cannot hold dots, so the parts are unambiguous.
+pub(crate) fn keyvault_name_parts(name: &str) -> Option<(&str, &str, Option<&str>)> {
+    let mut parts = name.split('.');
+    let vault = parts.next().filter(|p| !p.is_empty())?;
+    let cert = parts.next().filter(|p| !p.is_empty())?;
+    let version = match parts.next() {
+        None => None,
+        Some(v) if !v.is_empty() => Some(v),
+        Some(_) => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((vault, cert, version))
+}
+
+/// What the extension's `<vault>.<certificate>` latest-version link was found to be.
+pub(crate) struct LinkProbe {
+    /// Of the link itself (its replacement by a new link changes it).
+    pub(crate) stamp: Option<FileStamp>,
+    /// Of what it names, so a target appearing or changing is noticed.
+    pub(crate) target_stamp: Option<FileStamp>,
+    pub(crate) outcome: LinkOutcome,
+}
+
+pub(crate) enum LinkOutcome {
+    /// A trusted regular file beside the link: a version of the same certificate.
+    Version(String),
+    /// It names a version not (yet) there: the extension writes the version, then the link.
+    Dangling(String),
+    /// Not followed, with the reason.
+    Refused(String),
+}
+
+/// Resolve the latest-version link `name` of the Key Vault source `dir` without following
+/// anything but it, and only to a version of the same certificate beside it: read through a
+/// descriptor of the directory (`readlinkat`, `fstatat` without following), so neither the
+/// link nor its target is ever reached through another path.
+pub(crate) fn probe_latest_link(dir: &Path, name: &str) -> LinkProbe {
+    use nix::fcntl::{readlinkat, AtFlags};
+    use nix::sys::stat::fstatat;
+    use std::os::fd::AsRawFd;
+    let path = dir.join(name);
+    let refused = |reason: String, stamp| LinkProbe {
+        stamp,
+        target_stamp: None,
+        outcome: LinkOutcome::Refused(reason),
+    };
+    let dir_fd = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECTORY.bits())
+        .open(dir)
+    {
+        Ok(f) => f,
+        Err(e) => return refused(format!("cannot open {}: {e}", dir.display()), None),
+    };
+    let fd = Some(dir_fd.as_raw_fd());
+    let link = match fstatat(fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(e) => return refused(format!("cannot stat {}: {e}", path.display()), None),
+    };
+    let stamp = Some(FileStamp::of_stat(&link));
+    let me = nix::unistd::geteuid().as_raw();
+    if link.st_uid != 0 && link.st_uid != me {
+        return refused(
+            format!(
+                "Key Vault link {} is owned by uid {}, not root; not followed; remove it (the extension recreates its own)",
+                path.display(),
+                link.st_uid
+            ),
+            stamp,
+        );
+    }
+    let target = match readlinkat(fd, name) {
+        Ok(t) => t,
+        Err(e) => return refused(format!("cannot read link {}: {e}", path.display()), stamp),
+    };
+    let target = Path::new(&target);
+    // The extension may write the target as a bare name or as a path in the same directory.
+    let beside = match target.parent() {
+        Some(p) if p.as_os_str().is_empty() => true,
+        Some(p) => p == dir || fs::canonicalize(dir).is_ok_and(|d| d == p),
+        None => false,
+    };
+    let target_name = target.file_name().and_then(|n| n.to_str());
+    let Some(target_name) = target_name.filter(|_| beside && !target.ends_with("..")) else {
+        return refused(
+            format!(
+                "Key Vault link {} points outside its directory (to {:?}); the only link followed is the extension's latest-version link to a file beside it; refused",
+                path.display(),
+                target.display().to_string()
+            ),
+            stamp,
+        );
+    };
+    let same_cert = keyvault_name_parts(target_name).is_some_and(|(v, c, version)| {
+        version.is_some() && keyvault_name_parts(name) == Some((v, c, None))
+    });
+    if !same_cert {
+        return refused(
+            format!(
+                "Key Vault link {} points to {:?}, not to a version <vault>.<certificate>.<version> of its own certificate; refused",
+                path.display(),
+                target_name
+            ),
+            stamp,
+        );
+    }
+    let target_path = dir.join(target_name);
+    let st = match fstatat(fd, target_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => {
+            return LinkProbe {
+                stamp,
+                target_stamp: None,
+                outcome: LinkOutcome::Dangling(format!(
+                    "waiting for its latest version {}",
+                    target_path.display()
+                )),
+            }
+        }
+        Err(e) => return refused(format!("cannot stat {}: {e}", target_path.display()), stamp),
+    };
+    let target_stamp = Some(FileStamp::of_stat(&st));
+    let kind = st.st_mode & libc::S_IFMT;
+    let outcome = if kind != libc::S_IFREG {
+        LinkOutcome::Refused(format!(
+            "Key Vault link {} points to {}, which is not a regular file (a link to a link is never followed); refused",
+            path.display(),
+            target_path.display()
+        ))
+    } else if st.st_uid != 0 && st.st_uid != me {
+        LinkOutcome::Refused(format!(
+            "Key Vault link {} points to {}, owned by uid {}, not root; refused",
+            path.display(),
+            target_path.display(),
+            st.st_uid
+        ))
+    } else if st.st_mode & 0o022 != 0 {
+        LinkOutcome::Refused(format!(
+            "Key Vault link {} points to {}, writable by group or others; refused",
+            path.display(),
+            target_path.display()
+        ))
+    } else {
+        LinkOutcome::Version(target_name.to_owned())
+    };
+    LinkProbe {
+        stamp,
+        target_stamp,
+        outcome,
+    }
 }
 
 #[cfg(test)]

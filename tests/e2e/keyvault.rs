@@ -1,0 +1,675 @@
+//! The Key Vault VM extension (Linux, v3 layout) as a key source: `<vault>.<certificate>.<version>`
+//! PEM files (chain + private key) and the `<vault>.<certificate>` link to the latest version, in
+//! a directory only root writes. New versions are served without a restart, old ones while their
+//! file is there; the link is followed only to a trusted version beside it.
+
+use nodeseal_testkit::{bin, code_of, wait_until, Cert, Node};
+use serde_json::{json, Value};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const VERSION_1: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+const VERSION_2: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+fn kv_node() -> (Node, PathBuf) {
+    let node = Node::new();
+    let kv = node.root.join("Microsoft.Azure.KeyVault.Store");
+    fs::create_dir_all(&kv).unwrap();
+    node.write_config(json!({"key_sources": [{"kind": "keyvault", "path": kv}]}));
+    (node, kv)
+}
+
+/// What the extension writes for one certificate version.
+fn write_version(node: &Node, kv: &Path, cert: &Cert, version: &str) -> PathBuf {
+    let path = kv.join(format!("myvault.poolcert.{version}"));
+    let tmp = kv.join(".writing.tmp");
+    fs::write(&tmp, node.pem_bundle(cert)).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// Point `<vault>.<certificate>` at `target`, replacing the link in one rename.
+fn point_latest(kv: &Path, target: &str) {
+    let tmp = kv.join(".link.tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    fs::rename(&tmp, kv.join("myvault.poolcert")).unwrap();
+}
+
+fn key_rows(node: &Node) -> Vec<Value> {
+    node.request(json!({"op": "status"}))["info"]["keys"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn row_for<'a>(rows: &'a [Value], cert: &Cert) -> Option<&'a Value> {
+    rows.iter()
+        .find(|r| r["thumbprint"] == cert.thumbprint.as_str())
+}
+
+fn eventually(what: &str, node: &Node, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_until(Duration::from_secs(10), cond),
+        "{what}: never happened; log:\n{}",
+        node.logs()
+    );
+}
+
+#[test]
+fn keyvault_versions_rotate_without_restart_and_old_versions_stay_until_removed() {
+    let (mut node, kv) = kv_node();
+    let v1 = node.create_cert("v1");
+    let v2 = node.create_cert("v2");
+    let v1_file = write_version(&node, &kv, &v1, VERSION_1);
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_1}"));
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!(
+            "OLD={}\nNEW={}\n",
+            node.seal(&v1, Some("OLD"), "sealed-for-v1", "v1"),
+            node.seal(&v2, Some("NEW"), "sealed-for-v2", "v1")
+        ),
+    );
+    node.start();
+    let pid = node.pid();
+    assert_eq!(node.get(&task, "OLD")["value"], "sealed-for-v1");
+    assert_eq!(code_of(&node.get(&task, "NEW")), "key_unavailable");
+    let rows = key_rows(&node);
+    // The link is no key of its own: one row, the version, marked latest.
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["version"], VERSION_1);
+    assert_eq!(rows[0]["latest"], true);
+    assert_eq!(rows[0]["kind"], "keyvault");
+
+    // Rotation: the extension writes the new version, then re-points the link.
+    write_version(&node, &kv, &v2, VERSION_2);
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_2}"));
+    eventually("the new version served", &node, || {
+        node.get(&task, "NEW")["value"] == "sealed-for-v2"
+    });
+    assert_eq!(node.pid(), pid, "served by the same agent, no restart");
+    eventually("the link marks the new version", &node, || {
+        let rows = key_rows(&node);
+        row_for(&rows, &v2).is_some_and(|r| r["latest"] == true)
+            && row_for(&rows, &v1).is_some_and(|r| r.get("latest").is_none())
+    });
+    // The old version is kept while its file is there.
+    assert_eq!(node.get(&task, "OLD")["value"], "sealed-for-v1");
+    let rows = key_rows(&node);
+    assert_eq!(row_for(&rows, &v1).unwrap()["version"], VERSION_1);
+    assert_eq!(row_for(&rows, &v2).unwrap()["version"], VERSION_2);
+
+    // `nodeseal-agent keys` shows the versions for humans too.
+    let out = Command::new(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("keys")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains(&format!("[version {VERSION_2}, latest]")),
+        "{table}"
+    );
+    assert!(table.contains(&format!("[version {VERSION_1}]")), "{table}");
+
+    // The extension drops the old version: its values stop, the new ones go on.
+    fs::remove_file(&v1_file).unwrap();
+    eventually("the removed version withdrawn", &node, || {
+        code_of(&node.get(&task, "OLD")) == "key_unavailable"
+    });
+    assert_eq!(node.get(&task, "NEW")["value"], "sealed-for-v2");
+    assert_eq!(key_rows(&node).len(), 1);
+}
+
+#[test]
+fn keyvault_latest_link_outside_its_directory_is_refused_with_a_log_line() {
+    let (mut node, kv) = kv_node();
+    let outside = node.create_cert("outside");
+    // A key that would open the value, but outside the extension's directory.
+    let elsewhere = node.root.join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let target = write_version(&node, &elsewhere, &outside, VERSION_1);
+    point_latest(&kv, target.to_str().unwrap());
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!(
+            "A={}\n",
+            node.seal(&outside, Some("A"), "never-via-link", "v1")
+        ),
+    );
+    node.start();
+    assert_eq!(code_of(&node.get(&task, "A")), "key_unavailable");
+    let rows = key_rows(&node);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["state"], "broken");
+    assert_eq!(
+        rows[0]["source"],
+        kv.join("myvault.poolcert").to_str().unwrap()
+    );
+    let reason = rows[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("points outside its directory"), "{reason}");
+    let logs = node.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("Key Vault link refused"))
+        .unwrap_or_else(|| panic!("no refusal line:\n{logs}"));
+    assert!(line.contains("points outside its directory"), "{line}");
+    assert!(!logs.contains("never-via-link"));
+}
+
+#[test]
+#[ignore = "needs root: a version file owned by uid 4242"]
+fn keyvault_version_file_not_owned_by_root_is_refused_with_a_log_line() {
+    let (mut node, kv) = kv_node();
+    let good = node.create_cert("good");
+    let planted = node.create_cert("planted");
+    write_version(&node, &kv, &good, VERSION_1);
+    let planted_file = write_version(&node, &kv, &planted, VERSION_2);
+    std::os::unix::fs::chown(&planted_file, Some(4242), Some(4242)).unwrap();
+    // The link names the planted file: still refused, both as the link's target and as a file.
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_2}"));
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!(
+            "GOOD={}\nPLANTED={}\n",
+            node.seal(&good, Some("GOOD"), "good-value", "v1"),
+            node.seal(&planted, Some("PLANTED"), "planted-value", "v1")
+        ),
+    );
+    node.start();
+    assert_eq!(node.get(&task, "GOOD")["value"], "good-value");
+    assert_eq!(code_of(&node.get(&task, "PLANTED")), "key_unavailable");
+    let rows = key_rows(&node);
+    let planted_row = rows
+        .iter()
+        .find(|r| r["source"] == planted_file.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no row for the planted file: {rows:?}"));
+    assert_eq!(planted_row["state"], "broken");
+    assert!(planted_row["reason"]
+        .as_str()
+        .unwrap()
+        .contains("owned by uid 4242"));
+    let link_row = rows
+        .iter()
+        .find(|r| r["source"] == kv.join("myvault.poolcert").to_str().unwrap())
+        .unwrap_or_else(|| panic!("no row for the link: {rows:?}"));
+    assert!(link_row["reason"]
+        .as_str()
+        .unwrap()
+        .contains("owned by uid 4242, not root; refused"));
+    let logs = node.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("key file skipped")
+            && l.contains("owned by uid 4242")
+            && l.contains(&format!("poolcert.{VERSION_2}"))),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("Key Vault link refused") && l.contains("owned by uid 4242")),
+        "{logs}"
+    );
+}
+
+/// The JSON code block that follows `marker` in `doc`.
+fn json_block_after(doc: &str, marker: &str) -> Value {
+    let at = doc
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker:?} in the doc"));
+    let rest = &doc[at..];
+    let start = rest.find("```json\n").expect("a JSON block follows") + 8;
+    let end = start + rest[start..].find("```").expect("the block ends");
+    serde_json::from_str(&rest[start..end])
+        .unwrap_or_else(|e| panic!("the JSON after {marker:?} does not parse: {e}"))
+}
+
+fn repo_file(rel: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+#[test]
+fn docs_pool_definition_is_one_file_with_the_identity_the_extension_and_the_agent() {
+    let file: Value =
+        serde_json::from_str(&repo_file("packaging/batch/pool-keyvault.json")).unwrap();
+    let readme = json_block_after(&repo_file("README.md"), "`pool.json`, complete");
+    let deployment = json_block_after(
+        &repo_file("packaging/DEPLOYMENT.md"),
+        "`packaging/batch/pool-keyvault.json`:",
+    );
+    assert_eq!(readme, file, "README's pool.json differs from the file");
+    assert_eq!(
+        deployment, file,
+        "DEPLOYMENT.md's pool JSON differs from the file"
+    );
+
+    assert_eq!(file["identity"]["type"], "UserAssigned");
+    assert_eq!(
+        file["identity"]["userAssignedIdentities"]
+            .as_object()
+            .unwrap()
+            .len(),
+        1
+    );
+    let props = &file["properties"];
+    assert!(
+        props.get("certificates").is_none(),
+        "a Key Vault-era pool has no account certificates"
+    );
+    let vm = &props["deploymentConfiguration"]["virtualMachineConfiguration"];
+    let ext = &vm["extensions"][0];
+    assert_eq!(ext["type"], "KeyVaultForLinux");
+    assert_eq!(ext["publisher"], "Microsoft.Azure.KeyVault");
+    assert!(ext["typeHandlerVersion"]
+        .as_str()
+        .unwrap()
+        .starts_with("3."));
+    let sms = &ext["settings"]["secretsManagementSettings"];
+    assert!(sms["pollingIntervalInS"]
+        .as_str()
+        .unwrap()
+        .parse::<u32>()
+        .is_ok());
+    for url in sms["observedCertificates"].as_array().unwrap() {
+        let url = url.as_str().unwrap();
+        assert!(
+            url.starts_with("https://") && url.contains(".vault.azure.net/secrets/"),
+            "{url}"
+        );
+    }
+    assert!(ext["settings"]["authenticationSettings"]["msiClientId"].is_string());
+    // Where the extension writes is where the agent looks by default.
+    let out = Command::new(bin("nodeseal-agent"))
+        .arg("print-default-config")
+        .output()
+        .unwrap();
+    let defaults: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kv_default = defaults["key_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "keyvault")
+        .expect("a default keyvault source")["path"]
+        .clone();
+    assert_eq!(sms["certificateStoreLocation"], kv_default);
+    let start = &props["startTask"];
+    assert_eq!(start["waitForSuccess"], true);
+    assert!(start["userIdentity"]["autoUser"]["elevationLevel"]
+        .as_str()
+        .unwrap()
+        .eq_ignore_ascii_case("admin"));
+    assert!(start["commandLine"]
+        .as_str()
+        .unwrap()
+        .contains("install.sh"));
+
+    // The account-certificate path, where documented, is StartTask-only.
+    for doc in ["README.md", "packaging/DEPLOYMENT.md"] {
+        let text = repo_file(doc);
+        let at = text
+            .find("\"certificateReferences\"")
+            .unwrap_or_else(|| panic!("{doc} documents no certificateReferences"));
+        let end = at + text[at..].find("```").unwrap();
+        let refs: Value = serde_json::from_str(&format!("{{{}}}", &text[at..end]))
+            .unwrap_or_else(|e| panic!("{doc}: certificateReferences do not parse: {e}"));
+        for r in refs["certificateReferences"].as_array().unwrap() {
+            assert_eq!(r["visibility"], json!(["StartTask"]), "{doc}: {r}");
+        }
+    }
+}
+
+#[test]
+fn docs_cert_create_for_key_vault_and_seal_against_the_downloaded_certificate() {
+    let (mut node, kv) = kv_node();
+    let ws = node.workstation.clone();
+    let prefix = ws.join("pool");
+    // As the docs say it, but 2048 bits to keep the test quick.
+    let out = Command::new(bin("nodeseal"))
+        .args(["cert", "create", "--bits", "2048", "--prefix"])
+        .arg(&prefix)
+        .env_remove("NODESEAL_PFX_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let thumbprint = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_owned();
+    // `--password "$(cat pool.pfx.pw)"`: the shell strips the file's trailing newline; that is
+    // the passphrase Key Vault's import needs. What Key Vault then holds (and the extension
+    // writes) is the chain and the private key as PEM.
+    let pw_file = fs::read_to_string(ws.join("pool.pfx.pw")).unwrap();
+    let as_shell_passes = pw_file.trim_end_matches('\n');
+    let pem = nodeseal_testkit::openssl(&[
+        "pkcs12",
+        "-in",
+        ws.join("pool.pfx").to_str().unwrap(),
+        "-passin",
+        &format!("pass:{as_shell_passes}"),
+        "-nodes",
+    ]);
+    let version = kv.join(format!("myvault.poolcert.{VERSION_1}"));
+    fs::write(&version, &pem).unwrap();
+    point_latest(&kv, &format!("myvault.poolcert.{VERSION_1}"));
+    // `az keyvault certificate download --encoding PEM`: Key Vault's DER certificate, PEM-encoded.
+    let der = ws.join("poolcert.cer");
+    let downloaded = ws.join("poolcert.crt");
+    nodeseal_testkit::openssl(&[
+        "x509",
+        "-in",
+        ws.join("pool.crt").to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        der.to_str().unwrap(),
+    ]);
+    nodeseal_testkit::openssl(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        der.to_str().unwrap(),
+        "-out",
+        downloaded.to_str().unwrap(),
+    ]);
+    let out = Command::new(bin("nodeseal"))
+        .args(["cert", "thumbprint"])
+        .arg(&downloaded)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), thumbprint);
+    let out = nodeseal_testkit::run_with_stdin(
+        Command::new(bin("nodeseal"))
+            .args(["seal", "--name", "DB_PASSWORD", "--cert"])
+            .arg(&downloaded),
+        b"from-key-vault",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let task = node.task("job", "task");
+    node.write_env(&task, &format!("DB_PASSWORD={}\n", token.trim()));
+    node.start();
+    assert_eq!(node.get(&task, "DB_PASSWORD")["value"], "from-key-vault");
+    let rows = key_rows(&node);
+    assert_eq!(rows[0]["thumbprint"], thumbprint.as_str());
+    assert_eq!(rows[0]["latest"], true);
+}
+
+// --- Keys that never leave Key Vault: remote unwrap through the loopback fake ---------------
+
+use nodeseal_testkit::kvfake::{FakeVersion, KeyVaultFake, FAKE_CLIENT_ID};
+
+/// The customer-managed-key bound the issue sets: withdrawn or restored within 30 s.
+const CMK_BOUND: Duration = Duration::from_secs(30);
+
+fn remote_node(fake: &KeyVaultFake, certificates: &[&str]) -> Node {
+    let node = Node::new();
+    let urls: Vec<String> = certificates
+        .iter()
+        .map(|c| fake.certificate_url(c))
+        .collect();
+    node.write_config(json!({
+        "key_sources": [],
+        "key_vault": {
+            "certificates": urls,
+            "client_id": FAKE_CLIENT_ID,
+            "imds_endpoint": fake.imds_url,
+            "ca_file": fake.ca_file,
+            "revalidate_secs": 1,
+        },
+    }));
+    node
+}
+
+fn seal_for(node: &Node, version: &FakeVersion, name: &str, value: &str) -> String {
+    let crt = node.workstation.join(format!("{}.crt", version.version));
+    fs::write(&crt, &version.cert_pem).unwrap();
+    let out = nodeseal_testkit::run_with_stdin(
+        Command::new(bin("nodeseal"))
+            .args(["seal", "--name", name, "--cert"])
+            .arg(&crt),
+        value.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn remote_row(node: &Node, v: &FakeVersion) -> Option<Value> {
+    key_rows(node)
+        .into_iter()
+        .find(|r| r["thumbprint"] == v.thumbprint.as_str())
+}
+
+fn wait_remote_usable(node: &Node, v: &FakeVersion) {
+    eventually("the Key Vault key is checked and usable", node, || {
+        remote_row(node, v).is_some_and(|r| r["state"] == "loaded")
+    });
+}
+
+#[test]
+fn keyvault_remote_unwrap_opens_rsa_2048_3072_4096_without_the_key_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let versions: Vec<FakeVersion> = [2048, 3072, 4096]
+        .iter()
+        .map(|bits| fake.add_version("poolcert", *bits))
+        .collect();
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    let env: String = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                "V{i}={}\n",
+                seal_for(&node, v, &format!("V{i}"), &format!("remote-value-{i}"))
+            )
+        })
+        .collect();
+    node.write_env(&task, &env);
+    node.start();
+    for v in &versions {
+        wait_remote_usable(&node, v);
+    }
+    for (i, bits) in [2048, 3072, 4096].iter().enumerate() {
+        let row = remote_row(&node, &versions[i]).unwrap();
+        assert_eq!(row["bits"], *bits);
+        assert_eq!(row["kind"], "keyvault_remote");
+        assert_eq!(row["source"], versions[i].kid.as_str());
+        assert_eq!(
+            node.get(&task, &format!("V{i}"))["value"],
+            format!("remote-value-{i}")
+        );
+    }
+    assert_eq!(fake.calls("unwrapkey"), 3);
+    assert_eq!(
+        remote_row(&node, &versions[2]).unwrap()["latest"],
+        true,
+        "the newest version is the latest"
+    );
+    let logs = node.logs();
+    assert!(!logs.contains(&fake.token()), "the bearer token was logged");
+    assert!(!logs.contains("remote-value-"), "a value was logged");
+}
+
+#[test]
+fn keyvault_remote_many_concurrent_opens_of_one_token_make_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let token = seal_for(&node, &v, "SHARED", "one-call");
+    let tasks: Vec<PathBuf> = (0..48)
+        .map(|i| {
+            let t = node.task("job", &format!("task-{i}"));
+            node.write_env(&t, &format!("SHARED={token}\n"));
+            t
+        })
+        .collect();
+    node.start();
+    wait_remote_usable(&node, &v);
+    eventually("every task known", &node, || {
+        node.request(json!({"op": "health"}))["info"]["tasks"] == tasks.len()
+    });
+    let node = &node;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = tasks
+            .iter()
+            .map(|t| s.spawn(move || node.get(t, "SHARED")))
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap()["value"], "one-call");
+        }
+    });
+    assert_eq!(
+        fake.calls("unwrapkey"),
+        1,
+        "{} concurrent opens of one token",
+        tasks.len()
+    );
+}
+
+#[test]
+fn keyvault_remote_disabled_key_is_unavailable_within_the_bound_cached_values_included_and_restored(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v1 = fake.add_version("poolcert", 2048);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!("A={}\n", seal_for(&node, &v1, "A", "cmk-value")),
+    );
+    node.start();
+    wait_remote_usable(&node, &v1);
+    // Served, and now cached by the agent.
+    assert_eq!(node.get(&task, "A")["value"], "cmk-value");
+
+    fake.set_enabled("poolcert", &v1.version, false);
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(CMK_BOUND, || code_of(&node.get(&task, "A"))
+            == "key_unavailable"),
+        "the disabled key's cached value still served after {CMK_BOUND:?}; log:\n{}",
+        node.logs()
+    );
+    eprintln!("disable -> key_unavailable: {:?}", t.elapsed());
+    assert!(node
+        .logs()
+        .contains("Key Vault key withdrawn; its values are unavailable"));
+
+    fake.set_enabled("poolcert", &v1.version, true);
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(CMK_BOUND, || node.get(&task, "A")["value"] == "cmk-value"),
+        "not served again within {CMK_BOUND:?} of restore; log:\n{}",
+        node.logs()
+    );
+    eprintln!("enable -> served: {:?}", t.elapsed());
+
+    // Access withdrawn for the whole vault (403 to everything), then given back.
+    fake.set_forbidden(true);
+    assert!(wait_until(CMK_BOUND, || code_of(&node.get(&task, "A"))
+        == "key_unavailable"));
+    fake.set_forbidden(false);
+    assert!(wait_until(CMK_BOUND, || node.get(&task, "A")["value"] == "cmk-value"));
+
+    // A new key version: values sealed for it open without a restart; the old one still does.
+    let pid = node.pid();
+    let v2 = fake.add_version("poolcert", 2048);
+    node.write_env(
+        &task,
+        &format!(
+            "A={}\nB={}\n",
+            seal_for(&node, &v1, "A", "cmk-value"),
+            seal_for(&node, &v2, "B", "new-version")
+        ),
+    );
+    assert!(wait_until(CMK_BOUND, || node.get(&task, "B")["value"] == "new-version"));
+    assert_eq!(node.get(&task, "A")["value"], "cmk-value");
+    assert_eq!(node.pid(), pid);
+}
+
+#[test]
+fn keyvault_remote_throttling_and_imds_410_are_waited_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    // IMDS is updating when the agent starts.
+    fake.imds_gone_next(2);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!("A={}\n", seal_for(&node, &v, "A", "after-429")),
+    );
+    node.start();
+    wait_remote_usable(&node, &v);
+    assert!(fake.calls("imds") >= 3, "IMDS asked again after its 410s");
+    // Key Vault throttles the unwrap: the agent waits Retry-After and answers.
+    fake.throttle_next(1, 1);
+    assert_eq!(node.get(&task, "A")["value"], "after-429");
+    assert!(fake.calls("429") >= 1);
+    assert_eq!(fake.calls("unwrapkey"), 1);
+}
+
+#[test]
+fn keyvault_remote_a_forged_token_is_bad_token_and_does_not_withdraw_the_key() {
+    use nodeseal_envelope::token::{seal_with, SealOptions};
+    use nodeseal_envelope::Thumbprint;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    let mut node = remote_node(&fake, &["poolcert"]);
+    let task = node.task("job", "task");
+    node.write_env(
+        &task,
+        &format!("A={}\n", seal_for(&node, &v, "A", "still-served")),
+    );
+    node.start();
+    wait_remote_usable(&node, &v);
+    // Anyone can name the pool key's thumbprint with bytes that do not unwrap under it.
+    let forged = seal_with(
+        b"x",
+        &[7u8; 32],
+        &[9u8; 12],
+        &[(
+            Thumbprint::from_hex(&v.thumbprint).unwrap(),
+            vec![0x42; 256],
+        )],
+        &SealOptions::default(),
+    )
+    .unwrap();
+    let r = node.request(json!({"op": "open", "token": forged}));
+    assert_eq!(code_of(&r), "bad_token", "{r}");
+    assert_eq!(
+        fake.calls("unwrapkey"),
+        1,
+        "the forged token reached Key Vault"
+    );
+    assert_eq!(node.get(&task, "A")["value"], "still-served");
+    assert_eq!(remote_row(&node, &v).unwrap()["state"], "loaded");
+}
