@@ -57,7 +57,7 @@ pub(crate) enum Refusal {
     LegacyKeyUnavailable { key: Thumbprint },
     #[error("no {bits}-bit key is available on this node for this legacy ciphertext; retry later")]
     NoLegacyKey { bits: usize },
-    #[error("{count} keys of {bits} bits are loaded and legacy ciphertexts name none; set legacy_key in the agent config")]
+    #[error("{count} keys of {bits} bits are loaded and a legacy ciphertext names none, so the agent cannot tell which one opens it; this is a node configuration problem, retrying will not help: set legacy_key in the agent config (see `nodeseal-agent check`)")]
     AmbiguousLegacyKey { count: usize, bits: usize },
     #[error("{0}")]
     Token(#[from] TokenError),
@@ -116,8 +116,10 @@ impl Refusal {
             | Self::NotUtf8 => ErrorCode::BadToken,
             Self::NoKeyAvailable { .. }
             | Self::LegacyKeyUnavailable { .. }
-            | Self::NoLegacyKey { .. }
-            | Self::AmbiguousLegacyKey { .. } => ErrorCode::KeyUnavailable,
+            | Self::NoLegacyKey { .. } => ErrorCode::KeyUnavailable,
+            // Batch requeues retryable failures: an ambiguity only an operator can resolve must
+            // not look like a key that may still arrive.
+            Self::AmbiguousLegacyKey { .. } => ErrorCode::ConfigError,
             Self::Token(e) => match e {
                 TokenError::Expired { .. } => ErrorCode::Expired,
                 TokenError::NoMatchingKey { .. } => ErrorCode::KeyUnavailable,
@@ -160,6 +162,20 @@ mod tests {
         };
         assert_eq!(r.code(), ErrorCode::KeyUnavailable);
         assert!(r.to_string().starts_with("DB: no 4096-bit key"));
+    }
+
+    #[test]
+    fn an_ambiguous_legacy_key_is_a_configuration_error_not_a_retry() {
+        let r = Refusal::InValue {
+            name: "DB".into(),
+            inner: Box::new(Refusal::AmbiguousLegacyKey {
+                count: 2,
+                bits: 4096,
+            }),
+        };
+        assert_eq!(r.code(), ErrorCode::ConfigError);
+        assert!(!r.code().is_retryable());
+        assert!(r.to_string().contains("legacy_key"), "{r}");
     }
 
     #[test]

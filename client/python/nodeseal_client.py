@@ -158,6 +158,11 @@ class Internal(AgentError):
     """Something went wrong inside the agent."""
 
 
+class NodeMisconfigured(AgentError):
+    """The agent's configuration cannot serve this (``config_error``); an operator must fix the
+    node, retrying will not help (``nodeseal-client`` exits 78)."""
+
+
 #: Protocol error code -> exception class.
 ERROR_CLASSES: Dict[str, Type[AgentError]] = {
     "not_found": NotFound,
@@ -169,6 +174,7 @@ ERROR_CLASSES: Dict[str, Type[AgentError]] = {
     "too_large": TooLarge,
     "busy": Busy,
     "internal": Internal,
+    "config_error": NodeMisconfigured,
 }
 
 

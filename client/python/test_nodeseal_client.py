@@ -214,6 +214,7 @@ class ErrorTest(AgentTest):
         "too_large": (nc.TooLarge, False),
         "busy": (nc.Busy, True),
         "internal": (nc.Internal, False),
+        "config_error": (nc.NodeMisconfigured, False),
     }
 
     def test_each_code_maps_to_its_class(self) -> None:

@@ -268,6 +268,10 @@ pub enum ErrorCode {
     Busy,
     /// Something went wrong inside the agent.
     Internal,
+    /// The agent's configuration cannot serve this request (e.g. several loaded keys could open
+    /// a legacy ciphertext and no `legacy_key` is set). Retrying will not help: an operator must
+    /// fix the node.
+    ConfigError,
 }
 
 impl ErrorCode {
@@ -288,6 +292,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::ConfigError => "config_error",
         }
     }
 }
@@ -440,6 +445,16 @@ mod tests {
             s,
             r#"{"v":1,"ok":false,"error":{"code":"key_unavailable","message":"key abc revoked","retryable":true}}"#
         );
+    }
+
+    #[test]
+    fn config_errors_are_not_retryable() {
+        let r = Response::error(ErrorCode::ConfigError, "set legacy_key");
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains(r#""code":"config_error""#), "{s}");
+        assert!(s.contains(r#""retryable":false"#), "{s}");
+        let back: Response = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.error.unwrap().code, ErrorCode::ConfigError);
     }
 
     #[test]

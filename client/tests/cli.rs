@@ -81,6 +81,7 @@ fn exit_codes_follow_sysexits() {
         ("OLD", 65),
         ("HUGE", 65),
         ("BOOM", 70),
+        ("AMBIGUOUS", 78),
     ] {
         let o = run(cli(&agent.path).args(["get", name]));
         assert_eq!(o.status.code(), Some(code), "{name}: {}", stderr(&o));

@@ -332,3 +332,75 @@ run '{client}' --socket '{host}' --task '{mine}' get MINE
     fs::remove_dir_all(node.workitems.join("job-x")).unwrap();
     assert!(wait_until(Duration::from_secs(5), || !sock.exists()));
 }
+
+/// Two keys of one size and no `legacy_key` (every Shipyard migration that adds a second 4096-bit
+/// key): a legacy value can never be opened until an operator names the key, so the client must
+/// not exit 75 (Batch would requeue forever) but 78, and `check` must say so before any task runs.
+#[test]
+fn an_ambiguous_legacy_key_exits_78_and_check_warns_first() {
+    let mut node = Node::new();
+    let a = node.create_cert("first");
+    let b = node.create_cert("second");
+    node.drop_pfx(&a);
+    node.drop_pfx(&b);
+    let task = node.task("job-amb", "task-amb");
+    let legacy = node.seal(&a, None, "ambiguous-legacy-pw", "shipyard");
+    node.write_env(
+        &task,
+        &format!("DOCKER_LOGIN_PASSWORD={legacy}\nPLAIN=fine\n"),
+    );
+    let check = Command::new(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("check")
+        .output()
+        .unwrap();
+    let report = text(&check.stdout);
+    let warning = report
+        .lines()
+        .find(|l| l.starts_with("WARNING") && l.contains("legacy_key"))
+        .unwrap_or_else(|| panic!("no legacy_key warning in:\n{report}"));
+    assert!(
+        warning.contains(&a.thumbprint) && warning.contains(&b.thumbprint),
+        "{warning}"
+    );
+    assert!(!report.contains("(BatchCerts)"), "{report}");
+
+    node.start();
+    let socket = node.socket.clone();
+    let get = |name: &str| {
+        Command::new(bin("nodeseal-client"))
+            .env("NODESEAL_SOCKET", &socket)
+            .env("NODESEAL_RETRY_SECS", "1")
+            .arg("--task")
+            .arg(&task)
+            .args(["get", name])
+            .output()
+            .unwrap()
+    };
+    let out = get("DOCKER_LOGIN_PASSWORD");
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("config_error"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("legacy_key"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&get("PLAIN").stdout), "fine\n");
+    let wire = node
+        .request(serde_json::json!({"op": "get", "name": "DOCKER_LOGIN_PASSWORD", "task": task}));
+    assert_eq!(wire["error"]["code"], "config_error", "{wire}");
+    assert_eq!(wire["error"]["retryable"], false, "{wire}");
+
+    // Naming the key resolves it, and check is quiet about it.
+    node.write_config(serde_json::json!({"legacy_key": a.thumbprint}));
+    node.reload();
+    assert_eq!(
+        text(&get("DOCKER_LOGIN_PASSWORD").stdout),
+        "ambiguous-legacy-pw\n"
+    );
+}
