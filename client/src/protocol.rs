@@ -152,6 +152,19 @@ impl<'de> Deserialize<'de> for Request {
     }
 }
 
+/// The correlation id of a request line that is not a valid [`Request`] (unknown op or field,
+/// wrong type, bad version), so its error answer can still echo it. `None` when the line is not
+/// a JSON object or has no `id`. Only the error path pays for this second pass.
+pub fn request_id(line: &[u8]) -> Option<serde_json::Value> {
+    // Other fields are skipped without being kept: only `id` is materialized.
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default, deserialize_with = "present")]
+        id: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<IdOnly>(line).ok()?.id
+}
+
 impl Request {
     /// A version-1 request without a correlation id.
     pub fn new(op: Operation) -> Self {
@@ -428,6 +441,28 @@ mod tests {
         let r: Request = serde_json::from_str(line).unwrap();
         let again: Request = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn the_id_of_an_invalid_request_is_still_found() {
+        for (line, id) in [
+            (r#"{"op":"steal","id":7}"#, Some(serde_json::json!(7))),
+            (r#"{"id":"a","op":"get"}"#, Some(serde_json::json!("a"))),
+            (
+                r#"{"v":"x","id":{"k":[1]},"op":"health"}"#,
+                Some(serde_json::json!({"k":[1]})),
+            ),
+            (
+                r#"{"id":null,"op":"get","name":1}"#,
+                Some(serde_json::Value::Null),
+            ),
+            (r#"{"op":"steal"}"#, None),
+            (r#"[1,2]"#, None),
+            (r#"{"id":1,"#, None),
+        ] {
+            assert!(serde_json::from_str::<Request>(line).is_err(), "{line}");
+            assert_eq!(request_id(line.as_bytes()), id, "{line}");
+        }
     }
 
     #[test]

@@ -10,11 +10,8 @@ use nodeseal_envelope::token::{self, Format, SealOptions};
 use nodeseal_envelope::{legacy, KeyPair, Recipient, Thumbprint, TokenError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use zeroize::Zeroizing;
-
-/// Largest unix time humantime formats (9999-12-31T23:59:59Z).
-const MAX_RFC3339: u64 = 253_402_300_799;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum SealFormat {
@@ -299,11 +296,7 @@ fn emit(text: &str, output: Option<&Path>, force: bool) -> Result<()> {
 }
 
 fn rfc3339(t: u64) -> serde_json::Value {
-    if t > MAX_RFC3339 {
-        return serde_json::Value::Null;
-    }
-    let st = UNIX_EPOCH + Duration::from_secs(t);
-    serde_json::Value::String(humantime::format_rfc3339_seconds(st).to_string())
+    serde_json::Value::String(crate::util::format_utc(t))
 }
 
 pub(crate) fn inspect(a: InspectArgs) -> Result<()> {
@@ -460,6 +453,9 @@ mod tests {
         assert!(e(None, Some("forever")).resolve().is_err());
         assert_eq!(e(None, None).resolve().unwrap(), None);
         assert_eq!(rfc3339(0), serde_json::json!("1970-01-01T00:00:00Z"));
-        assert_eq!(rfc3339(u64::MAX), serde_json::Value::Null);
+        assert_eq!(
+            rfc3339(253_402_300_800),
+            serde_json::json!("+10000-01-01T00:00:00Z")
+        );
     }
 }

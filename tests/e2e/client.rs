@@ -404,3 +404,29 @@ fn an_ambiguous_legacy_key_exits_78_and_check_warns_first() {
         "ambiguous-legacy-pw\n"
     );
 }
+
+/// A client matching answers to requests by `id` must get its id back on every error answer,
+/// including lines the agent cannot parse as a request.
+#[test]
+fn every_error_answer_echoes_the_request_id() {
+    let mut node = Node::new();
+    node.start();
+    let cases = [
+        serde_json::json!({"op": "steal", "id": 42}),
+        serde_json::json!({"id": "corr-1", "op": "get", "name": 7}),
+        serde_json::json!({"id": {"n": [1, 2]}, "op": "get"}),
+        serde_json::json!({"id": null, "op": "list", "surprise": true}),
+        serde_json::json!({"id": 9, "v": "one", "op": "health"}),
+        serde_json::json!({"id": 10, "v": 2, "op": "health"}),
+        serde_json::json!({"id": 11, "op": "get", "name": "NOPE", "task": "/nowhere"}),
+    ];
+    for req in cases {
+        let answer = node.request(req.clone());
+        assert_eq!(answer["ok"], false, "{req} -> {answer}");
+        let echoed = answer.as_object().unwrap().get("id");
+        assert_eq!(echoed, req.get("id"), "{req} -> {answer}");
+    }
+    // Without an id, none is invented.
+    let answer = node.request(serde_json::json!({"op": "steal"}));
+    assert!(answer.get("id").is_none(), "{answer}");
+}

@@ -461,6 +461,37 @@ fn seal_open_inspect_and_errors() {
     assert_eq!(ok(other.open(both.trim(), &[])).stdout, "grüße".as_bytes());
 }
 
+/// An expiry past year 9999 (RFC 3339's last) still prints as a date, in ISO 8601's expanded
+/// form, never as null.
+#[test]
+fn inspect_prints_an_expiry_beyond_year_9999() {
+    let pool = Pool::new();
+    let crt = s(&pool.crt()).to_owned();
+    let tok = stdout(&ok(ns(
+        &["seal", "--cert", &crt, "--ttl", "10000y"],
+        b"far",
+    )));
+    let info: serde_json::Value =
+        serde_json::from_slice(&ok(ns(&["inspect", tok.trim()], b"")).stdout).unwrap();
+    let unix = info["not_after_unix"].as_u64().unwrap();
+    assert!(unix > 253_402_300_799, "{info}");
+    let shown = info["not_after"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{info}"));
+    let year: u64 = shown
+        .strip_prefix('+')
+        .and_then(|r| r.split('-').next())
+        .and_then(|y| y.parse().ok())
+        .unwrap_or_else(|| panic!("{shown}"));
+    // Gregorian years average 31 556 952 s; the calendar strays from that by a day or two.
+    assert!(
+        year.abs_diff(1970 + unix / 31_556_952) <= 1,
+        "{shown} for {unix}"
+    );
+    assert!(year > 10_000, "{shown}");
+    assert!(shown.ends_with('Z') && shown.contains('T'), "{shown}");
+}
+
 #[test]
 fn seal_env_and_rewrap() {
     let pool = Pool::new();

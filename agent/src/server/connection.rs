@@ -6,7 +6,7 @@ use crate::authz::Scope;
 use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
-use nodeseal_client::protocol::{Request, Response};
+use nodeseal_client::protocol::{request_id, Request, Response};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -78,20 +78,26 @@ async fn read_line(
 }
 
 /// A client broke a limit: count it, log it, tell it why, and (by returning) disconnect it.
-async fn cut_off(ctx: &ServeContext, peer: &Peer, write_half: &mut OwnedWriteHalf, why: Refusal) {
+async fn cut_off(
+    ctx: &ServeContext,
+    peer: &Peer,
+    write_half: &mut OwnedWriteHalf,
+    answer: Response,
+) {
     ctx.handler
         .state()
         .counters
         .limited
         .fetch_add(1, Ordering::Relaxed);
+    let error = answer.error.as_ref();
     tracing::warn!(
         peer_uid = peer.uid,
         peer_pid = peer.pid,
-        outcome = %why.code(),
-        reason = why.to_string().as_str(),
+        outcome = error.map_or("", |e| e.code.as_str()),
+        reason = error.map_or("", |e| e.message.as_str()),
         "limit broken; disconnecting"
     );
-    let _ = write_half.write_all(&why.to_line()).await;
+    let _ = write_response(write_half, answer).await;
 }
 
 /// Serve one admitted connection until it ends, breaks a limit, or the agent stops.
@@ -113,14 +119,15 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
                 let why = Refusal::RequestIncomplete {
                     secs: limits.idle_timeout_secs,
                 };
-                cut_off(ctx, &peer, &mut write_half, why).await;
+                cut_off(ctx, &peer, &mut write_half, why.to_response()).await;
                 return;
             }
+            // The line was never read whole, so there is no id to echo.
             Line::TooLong => {
                 let why = Refusal::RequestTooLong {
                     max: limits.max_request_bytes,
                 };
-                cut_off(ctx, &peer, &mut write_half, why).await;
+                cut_off(ctx, &peer, &mut write_half, why.to_response()).await;
                 return;
             }
         };
@@ -131,14 +138,18 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
             .admission
             .take_rate_token(peer.uid, &limits, Instant::now())
         {
-            cut_off(ctx, &peer, &mut write_half, Refusal::RateLimited).await;
+            let mut answer = Refusal::RateLimited.to_response();
+            answer.id = request_id(&bytes);
+            cut_off(ctx, &peer, &mut write_half, answer).await;
             return;
         }
         let response = match serde_json::from_slice::<Request>(&bytes) {
             Ok(request) => ctx.handler.handle(&peer, &scope, request).await,
             Err(e) => {
                 tracing::warn!(peer_uid = peer.uid, peer_pid = peer.pid, outcome = "bad_request", error = %e, "malformed request");
-                Refusal::Malformed(e.to_string()).to_response()
+                let mut answer = Refusal::Malformed(e.to_string()).to_response();
+                answer.id = request_id(&bytes);
+                answer
             }
         };
         if write_response(&mut write_half, response).await.is_err() {
