@@ -204,6 +204,22 @@ fn docker_credential_helper_serves_registry_logins() {
         text(&out.stdout).trim(),
         "credentials not found in native keychain"
     );
+    // `docker login` with the sealed login is kept (nothing written); another password is not.
+    let store = |secret: &str| {
+        let mut helper = Command::new(bin("docker-credential-nodeseal"));
+        helper
+            .env("NODESEAL_SOCKET", &f.node.socket)
+            .env("AZ_BATCH_TASK_DIR", &f.task)
+            .arg("store");
+        let creds = serde_json::json!({"ServerURL": "myregistry.azurecr.io", "Username": "puller", "Secret": secret});
+        run_with_stdin(&mut helper, creds.to_string().as_bytes())
+    };
+    let kept = store(REG_PW);
+    assert_eq!(kept.status.code(), Some(0), "{}", text(&kept.stdout));
+    let refused = store("not-the-sealed-one");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stdout).contains("not the one nodeseal serves"));
+    assert!(!text(&refused.stdout).contains(REG_PW) && !text(&refused.stderr).contains(REG_PW));
 }
 
 #[test]
