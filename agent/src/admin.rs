@@ -17,12 +17,28 @@ pub fn call(socket: &Path, op: Operation) -> Result<serde_json::Value> {
         .socket(socket)
         .retry_for(Duration::from_secs(5))
         .connect()
-        .context("is the agent running? (systemctl status nodeseal-agent)")?;
+        .context(
+            "is the agent running? (systemctl status nodeseal-agent); the socket is --socket, \
+             else $NODESEAL_SOCKET, else socket_path of the config (--config)",
+        )?;
     let response = client.request(op)?;
     if let Some(err) = &response.error {
         bail!("agent refused: {} ({})", err.message, err.code);
     }
     Ok(response.info.clone().unwrap_or(serde_json::Value::Null))
+}
+
+/// What an operator should know about a `revoke` answer beyond its JSON: a revocation of a key
+/// the agent does not hold is kept, but is more often a mistyped thumbprint than foresight.
+pub fn revoke_note(info: &serde_json::Value) -> Option<String> {
+    (info["known"] == serde_json::Value::Bool(false)).then(|| {
+        format!(
+            "no key with thumbprint {} is loaded on this node; the revocation is recorded and \
+             applies if that key arrives. Check the thumbprint with `nodeseal-agent keys`, and \
+             `nodeseal-agent restore` it if it was a mistake",
+            info["thumbprint"].as_str().unwrap_or("?")
+        )
+    })
 }
 
 /// Read an `info` document as the report type it is.
@@ -70,7 +86,7 @@ pub fn check(config: &Config, path: &Path) -> usize {
     }
     if let Err(e) = keys::check_store_dir(&config.key_store_dir()) {
         problems += 1;
-        println!("PROBLEM key store: {e:#}");
+        println!("PROBLEM key store: {}", nodeseal_cli_docs::error_chain(&e));
     }
     println!(
         "{} usable key(s), {problems} problem(s)",

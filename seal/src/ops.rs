@@ -91,6 +91,9 @@ pub(crate) struct SealArgs {
     /// Keep a trailing newline of stdin (by default one "\n" or "\r\n" is stripped).
     #[arg(long)]
     raw: bool,
+    /// Seal an empty value (by default empty stdin is refused: it is more often a failed pipe).
+    #[arg(long)]
+    allow_empty: bool,
     #[command(flatten)]
     pass: PassArgs,
 }
@@ -212,6 +215,12 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
     if !a.raw {
         strip_newline(&mut value);
     }
+    if value.is_empty() && !a.allow_empty {
+        return Err(usage(
+            "the value on stdin is empty (did the command feeding it fail?); pass --allow-empty \
+             to seal an empty value",
+        ));
+    }
     utf8_value(&value)?;
     let token = match a.format {
         SealFormat::V1 => {
@@ -244,6 +253,7 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
 }
 
 pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
+    refuse_existing(a.output.as_deref(), a.force)?;
     let pass = Passphrase::new(&a.pass);
     let not_after = a.expiry.resolve()?;
     let (text, label) = if a.input.as_os_str() == "-" {
@@ -280,8 +290,21 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         *value = Zeroizing::new(t);
         sealed += 1;
     }
+    emit(&file.render(), a.output.as_deref(), a.force)?;
     eprintln!("nodeseal: sealed {sealed} value(s)");
-    emit(&file.render(), a.output.as_deref(), a.force)
+    Ok(())
+}
+
+/// Refuse an existing `-o` file before any work (and any passphrase prompt); `write_atomic`
+/// still refuses atomically if one appears meanwhile.
+fn refuse_existing(output: Option<&Path>, force: bool) -> Result<()> {
+    match output {
+        Some(p) if !force && std::fs::symlink_metadata(p).is_ok() => Err(usage(format!(
+            "{} already exists; pass --force to replace it",
+            p.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn emit(text: &str, output: Option<&Path>, force: bool) -> Result<()> {
@@ -370,6 +393,7 @@ fn single_token(text: &str) -> Option<&str> {
 }
 
 pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
+    refuse_existing(a.output.as_deref(), a.force)?;
     let pass = Passphrase::new(&a.pass);
     let input = read_stdin()?;
     let text = std::str::from_utf8(&input)
@@ -416,8 +440,9 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         *value = Zeroizing::new(t);
         count += 1;
     }
+    emit(&file.render(), a.output.as_deref(), a.force)?;
     eprintln!("nodeseal: re-sealed {count} value(s)");
-    emit(&file.render(), a.output.as_deref(), a.force)
+    Ok(())
 }
 
 #[cfg(test)]

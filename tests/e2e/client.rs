@@ -446,3 +446,140 @@ fn every_error_answer_echoes_the_request_id() {
     let answer = node.request(serde_json::json!({"op": "steal"}));
     assert!(answer.get("id").is_none(), "{answer}");
 }
+
+fn agent_cli(node: &Node, args: &[&str]) -> Output {
+    Command::new(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Operator rough edges: `status` honours the `--socket`/`NODESEAL_SOCKET` its error message
+/// names, `revoke` of a key the node does not hold says so, `check` names source kinds as the
+/// config spells them, and `demo --keep` prints how to look at the running agent.
+#[test]
+#[ignore = "needs root: status and revoke answer host root only"]
+fn operator_commands_do_what_their_messages_say() {
+    let mut node = Node::new();
+    let cert = node.create_cert("ops");
+    node.drop_pfx(&cert);
+    node.start();
+    let elsewhere = node.root.join("not-the-agent.sock");
+    // A config pointing nowhere: only --socket or NODESEAL_SOCKET can find the agent.
+    let bogus_config = node.root.join("bogus.json");
+    fs::write(
+        &bogus_config,
+        serde_json::json!({"socket_path": elsewhere}).to_string(),
+    )
+    .unwrap();
+    let status = |extra_env: Option<&Path>, args: &[&str]| {
+        let mut c = Command::new(bin("nodeseal-agent"));
+        c.arg("--config").arg(&bogus_config).args(args);
+        match extra_env {
+            Some(s) => c.env("NODESEAL_SOCKET", s),
+            None => c.env_remove("NODESEAL_SOCKET"),
+        };
+        c.output().unwrap()
+    };
+    let unreachable = status(None, &["keys"]);
+    assert!(!unreachable.status.success());
+    let why = text(&unreachable.stderr);
+    assert!(
+        why.contains("--socket") && why.contains("NODESEAL_SOCKET"),
+        "{why}"
+    );
+    let by_flag = status(None, &["keys", "--socket", node.socket.to_str().unwrap()]);
+    assert!(by_flag.status.success(), "{}", text(&by_flag.stderr));
+    assert!(text(&by_flag.stdout).contains(&cert.thumbprint));
+    let by_env = status(Some(&node.socket), &["keys"]);
+    assert!(by_env.status.success(), "{}", text(&by_env.stderr));
+    assert!(text(&by_env.stdout).contains(&cert.thumbprint));
+
+    // Revoking a thumbprint the node has never seen is kept, but not reported as if it were
+    // a loaded key.
+    let unknown = "ab".repeat(20);
+    let revoked = agent_cli(&node, &["revoke", &unknown]);
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(info["known"], false, "{info}");
+    assert!(
+        text(&revoked.stderr).contains("no key with thumbprint"),
+        "{}",
+        text(&revoked.stderr)
+    );
+    let known = agent_cli(&node, &["revoke", &cert.thumbprint]);
+    let info: serde_json::Value = serde_json::from_slice(&known.stdout).unwrap();
+    assert_eq!(info["known"], true, "{info}");
+    assert!(text(&known.stderr).is_empty(), "{}", text(&known.stderr));
+    assert!(agent_cli(&node, &["restore", &cert.thumbprint])
+        .status
+        .success());
+    assert!(agent_cli(&node, &["restore", &unknown]).status.success());
+
+    // A key source whose directory is missing is named by its config kind.
+    node.write_config(serde_json::json!({
+        "key_sources": [{"kind": "batch_certs", "path": node.root.join("no-such-dir"), "ingest": true}]
+    }));
+    let check = agent_cli(&node, &["check"]);
+    let report = text(&check.stdout);
+    assert!(
+        report.contains("(batch_certs): directory does not exist"),
+        "{report}"
+    );
+    assert!(!report.contains("BatchCerts"), "{report}");
+}
+
+#[test]
+#[ignore = "needs root: the commands `demo --keep` prints for status and keys answer host root only"]
+fn demo_keep_prints_commands_that_work() {
+    use std::io::{BufRead, BufReader};
+    let mut demo = Command::new(bin("nodeseal-agent"))
+        .args(["demo", "--keep"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut commands = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let line = line.trim();
+        if let Some(cmd) = line.strip_prefix("nodeseal-agent ") {
+            commands.push(cmd.to_owned());
+            if commands.len() == 2 {
+                break;
+            }
+        }
+    }
+    let outputs: Vec<Output> = commands
+        .iter()
+        .map(|c| {
+            Command::new(bin("nodeseal-agent"))
+                .args(c.split_whitespace())
+                .output()
+                .unwrap()
+        })
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = nodeseal_testkit::wait_child(&mut demo, Duration::from_secs(10));
+    assert_eq!(commands.len(), 2, "demo --keep printed {commands:?}");
+    assert!(
+        commands[0].ends_with(" status") && commands[1].ends_with(" keys"),
+        "{commands:?}"
+    );
+    for (cmd, out) in commands.iter().zip(&outputs) {
+        assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
+    }
+    assert!(
+        text(&outputs[0].stdout).contains("Keys:"),
+        "{}",
+        text(&outputs[0].stdout)
+    );
+    assert!(status.success(), "demo exit {status:?}");
+}

@@ -342,7 +342,18 @@ fn seal_open_inspect_and_errors() {
     // --raw keeps the newline; empty values are fine.
     let raw = stdout(&ok(ns(&["seal", "--cert", &crt, "--raw"], b"x\r\n")));
     assert_eq!(ok(pool.open(raw.trim(), &[])).stdout, b"x\r\n");
-    let empty = stdout(&ok(ns(&["seal", "--cert", &crt], b"")));
+    // Empty stdin is refused unless asked for: a failed `cmd | nodeseal seal` would seal "".
+    for nothing in [&b""[..], b"\n"] {
+        let refused = ns(&["seal", "--cert", &crt], nothing);
+        assert_eq!(code(&refused), 64, "{}", stderr(&refused));
+        assert!(
+            stderr(&refused).contains("--allow-empty"),
+            "{}",
+            stderr(&refused)
+        );
+        assert!(refused.stdout.is_empty());
+    }
+    let empty = stdout(&ok(ns(&["seal", "--cert", &crt, "--allow-empty"], b"")));
     assert_eq!(ok(pool.open(empty.trim(), &[])).stdout, b"");
 
     // Distinct errors and exit codes.
@@ -570,6 +581,10 @@ fn seal_env_and_rewrap() {
         b"",
     );
     assert_eq!(code(&again), 64);
+    // Refused before any work: no success line ahead of the error, the file untouched.
+    assert!(!stderr(&again).contains("value(s)"), "{}", stderr(&again));
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+    assert_eq!(fs::read_to_string(&out_path).unwrap(), sealed);
     assert_eq!(
         code(&ns(
             &[
@@ -961,4 +976,29 @@ fn passphrase_is_never_in_argv_and_never_prompted_without_tty() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Rough edges a new user hits on the submit side: an OS error printed once, not twice, and
+/// `cert create` promising no prompt it never shows.
+#[test]
+fn errors_say_things_once_and_help_promises_only_what_happens() {
+    let missing = ns(&["seal", "--cert", "/nonexistent/pool.crt"], b"value");
+    assert_eq!(code(&missing), 66);
+    let text = stderr(&missing);
+    let os = std::io::Error::from_raw_os_error(2).to_string();
+    assert_eq!(text.matches(&os).count(), 1, "{text}");
+    assert!(text.contains("/nonexistent/pool.crt"), "{text}");
+
+    let help = stdout(&ok(ns(&["cert", "create", "--help"], b"")));
+    let line = help
+        .lines()
+        .skip_while(|l| !l.contains("--passphrase-file"))
+        .take_while(|l| !l.trim_start().starts_with("--legacy-pfx"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!line.contains("terminal prompt"), "{line}");
+    assert!(line.contains("generated"), "{line}");
+    // Commands that read an existing PFX do prompt on a terminal, and say so.
+    let open_help = stdout(&ok(ns(&["open", "--help"], b"")));
+    assert!(open_help.contains("terminal prompt"), "{open_help}");
 }
