@@ -264,6 +264,7 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         (Zeroizing::new(t), a.input.display().to_string())
     };
     let mut file = EnvFile::parse_bytes(&text).with_context(|| format!("parsing {label}"))?;
+    report_skipped(&file, &label);
     for n in &a.only {
         if !file.vars().any(|(name, _)| name == n) {
             return Err(usage(format!("--only {n}: no such variable in {label}")));
@@ -281,8 +282,17 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         {
             continue;
         }
+        // Docker accepts names (`my-var`, `a.b`) a token cannot be bound to: seal those
+        // unbound rather than leave them in cleartext.
+        let bound = token::is_valid_name(name);
+        if !bound {
+            eprintln!(
+                "nodeseal: {name:?} sealed without a name binding: a token binds only names of \
+                 letters, digits and '_'"
+            );
+        }
         let opts = SealOptions {
-            name: Some(name.clone()),
+            name: bound.then(|| name.clone()),
             not_after,
         };
         let t = token::seal(value.as_bytes(), &recipients, &opts)
@@ -290,7 +300,7 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         *value = Zeroizing::new(t);
         sealed += 1;
     }
-    emit(&file.render(), a.output.as_deref(), a.force)?;
+    emit(&file.render_bytes(), a.output.as_deref(), a.force)?;
     eprintln!("nodeseal: sealed {sealed} value(s)");
     Ok(())
 }
@@ -307,12 +317,19 @@ fn refuse_existing(output: Option<&Path>, force: bool) -> Result<()> {
     }
 }
 
-fn emit(text: &str, output: Option<&Path>, force: bool) -> Result<()> {
+/// Lines `seal-env` and `rewrap` pass through untouched because nothing on them can be served.
+fn report_skipped(file: &EnvFile, label: &str) {
+    for (line, _, why) in file.skipped() {
+        eprintln!("nodeseal: {label} line {line} kept as it is (not sealed): {why}");
+    }
+}
+
+fn emit(text: &[u8], output: Option<&Path>, force: bool) -> Result<()> {
     match output {
-        Some(p) => write_atomic(p, text.as_bytes(), true, force),
+        Some(p) => write_atomic(p, text, true, force),
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes()).context("writing stdout")?;
+            out.write_all(text).context("writing stdout")?;
             out.flush().context("writing stdout")
         }
     }
@@ -396,8 +413,8 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
     refuse_existing(a.output.as_deref(), a.force)?;
     let pass = Passphrase::new(&a.pass);
     let input = read_stdin()?;
-    let text = std::str::from_utf8(&input)
-        .map_err(|_| data_error("stdin is not UTF-8: expected a token or an env file"))?;
+    // An env file may hold lines that are not UTF-8 (kept as they are); a token never does.
+    let text = std::str::from_utf8(&input).ok();
     let old = load_key(&a.pfx, &pass)?;
     let mut recipients = load_recipients(&a.cert, &pass)?;
     if a.keep_old {
@@ -407,7 +424,9 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         let (value, bound, not_after) = open_token(tok, &old, var, OpenFormat::Auto)?;
         // A Shipyard value in an env file gains the binding to its variable it never had.
         let name = match (token::detect(tok), bound) {
-            (Some(Format::Shipyard), _) => var.map(str::to_owned),
+            (Some(Format::Shipyard), _) => {
+                var.filter(|v| token::is_valid_name(v)).map(str::to_owned)
+            }
             (_, bound) => bound,
         };
         Ok(token::seal(
@@ -416,13 +435,14 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
             &SealOptions { name, not_after },
         )?)
     };
-    if let Some(tok) = single_token(text) {
+    if let Some(tok) = text.and_then(single_token) {
         let t = reseal(tok, None).context("re-sealing the token on stdin")?;
         let mut line = Zeroizing::new(t);
         line.push('\n');
-        return emit(&line, a.output.as_deref(), a.force);
+        return emit(line.as_bytes(), a.output.as_deref(), a.force);
     }
-    let mut file = EnvFile::parse(text).context("parsing stdin as an env file")?;
+    let mut file = EnvFile::parse_bytes(&input).context("parsing stdin as an env file")?;
+    report_skipped(&file, "stdin");
     if file.vars().next().is_none() {
         return Err(data_error(
             "stdin holds neither a token nor an env file with NAME=VALUE lines",
@@ -440,7 +460,7 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         *value = Zeroizing::new(t);
         count += 1;
     }
-    emit(&file.render(), a.output.as_deref(), a.force)?;
+    emit(&file.render_bytes(), a.output.as_deref(), a.force)?;
     eprintln!("nodeseal: re-sealed {count} value(s)");
     Ok(())
 }

@@ -599,11 +599,30 @@ fn seal_env_and_rewrap() {
         )),
         64
     );
+    // Lines nothing can be served from (not UTF-8, Docker-refused names, an exported bash
+    // function with its body) are kept byte for byte and named on stderr; the rest is sealed.
     let bad = dir.join("bad.env");
-    fs::write(&bad, b"A=1\nB=\xff\n").unwrap();
-    let bad_out = ns(&["seal-env", "--cert", s(&pool.crt()), s(&bad)], b"");
-    assert_eq!(code(&bad_out), 65);
-    assert!(stderr(&bad_out).contains("line 2"), "{}", stderr(&bad_out));
+    let odd: &[u8] = b"A=1\nB=\xff\nA B=spaced\nBASH_FUNC_module%%=() {  eval x\n}\nmy-var=dash\n";
+    fs::write(&bad, odd).unwrap();
+    let bad_out = ok(ns(&["seal-env", "--cert", s(&pool.crt()), s(&bad)], b""));
+    for line in ["line 2", "line 3", "line 4", "line 5"] {
+        assert!(
+            stderr(&bad_out).contains(line),
+            "{line}: {}",
+            stderr(&bad_out)
+        );
+    }
+    let out_lines: Vec<&[u8]> = bad_out.stdout.split(|&b| b == b'\n').collect();
+    assert!(out_lines[0].starts_with(b"A=nodeseal.v1."));
+    assert_eq!(
+        out_lines[1..5],
+        odd.split(|&b| b == b'\n').collect::<Vec<_>>()[1..5]
+    );
+    assert!(
+        out_lines[5].starts_with(b"my-var=nodeseal.v1."),
+        "{:?}",
+        out_lines[5]
+    );
 
     // Rewrap the env file for the new key: the shipyard value becomes v1 bound to LEGACY.
     let (old_pfx, new_crt) = (pool.pfx(), new.crt());
