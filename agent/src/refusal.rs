@@ -36,6 +36,13 @@ pub(crate) enum Refusal {
     NotOwner { uid: u32, task_dir: PathBuf },
     #[error("no variable {name} in this task's env files")]
     NoSuchVariable { name: String },
+    #[error("{name} is on line {line} of {file}, which is not served: {reason}")]
+    SkippedLine {
+        name: String,
+        file: String,
+        line: u64,
+        reason: String,
+    },
     #[error("uid {uid} may not open tokens of key {key} (see open_allowed_uids and open_allowed_by_key in the agent config)")]
     OpenNotAllowed { uid: u32, key: Thumbprint },
     #[error("the stored token is invalid: {reason}")]
@@ -65,9 +72,6 @@ pub(crate) enum Refusal {
     NotUtf8,
     #[error("{0}")]
     BadThumbprint(String),
-    /// One value of an `env` answer failed: the whole answer fails with its name.
-    #[error("{name}: {inner}")]
-    InValue { name: String, inner: Box<Refusal> },
     #[error("the agent is shutting down; retry shortly")]
     ShuttingDown,
     #[error("request line longer than {max} bytes")]
@@ -107,9 +111,10 @@ impl Refusal {
             | Self::ContainerRoot
             | Self::NotOwner { .. }
             | Self::OpenNotAllowed { .. } => ErrorCode::Forbidden,
-            Self::NoTaskOwned { .. } | Self::UnknownTask { .. } | Self::NoSuchVariable { .. } => {
-                ErrorCode::NotFound
-            }
+            Self::NoTaskOwned { .. }
+            | Self::UnknownTask { .. }
+            | Self::NoSuchVariable { .. }
+            | Self::SkippedLine { .. } => ErrorCode::NotFound,
             Self::InvalidStoredToken { .. }
             | Self::NotAToken
             | Self::LegacyKeySizeMismatch { .. }
@@ -127,7 +132,6 @@ impl Refusal {
                 TokenError::Crypto { .. } => ErrorCode::Internal,
                 _ => ErrorCode::BadToken,
             },
-            Self::InValue { inner, .. } => inner.code(),
             Self::ShuttingDown
             | Self::RateLimited
             | Self::TooManyConnections
@@ -155,23 +159,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failed_value_keeps_its_code_and_names_the_variable() {
-        let r = Refusal::InValue {
-            name: "DB".into(),
-            inner: Box::new(Refusal::NoLegacyKey { bits: 4096 }),
-        };
-        assert_eq!(r.code(), ErrorCode::KeyUnavailable);
-        assert!(r.to_string().starts_with("DB: no 4096-bit key"));
-    }
-
-    #[test]
     fn an_ambiguous_legacy_key_is_a_configuration_error_not_a_retry() {
-        let r = Refusal::InValue {
-            name: "DB".into(),
-            inner: Box::new(Refusal::AmbiguousLegacyKey {
-                count: 2,
-                bits: 4096,
-            }),
+        let r = Refusal::AmbiguousLegacyKey {
+            count: 2,
+            bits: 4096,
         };
         assert_eq!(r.code(), ErrorCode::ConfigError);
         assert!(!r.code().is_retryable());

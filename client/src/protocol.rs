@@ -345,6 +345,29 @@ impl fmt::Debug for NamedValue {
     }
 }
 
+/// One value of an `env` answer that could not be opened: the others are still answered.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct NamedError {
+    /// Variable name.
+    pub name: String,
+    /// Why, as an error answer would say it.
+    pub error: ErrorBody,
+}
+
+/// A line of the task's env files that serves nothing (`env`, `list`), and why.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct SkippedLine {
+    /// The env file.
+    pub file: String,
+    /// 1-based line number.
+    pub line: u64,
+    /// The variable name, where the line has a usable one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Why the line is skipped.
+    pub reason: String,
+}
+
 /// One response line. Exactly one of the optional payload fields is set on success.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
 pub struct Response {
@@ -364,6 +387,13 @@ pub struct Response {
     /// `list`: names only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub names: Option<Vec<String>>,
+    /// `env`: the values that could not be opened (the others are in `values`). Absent when
+    /// every value opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<NamedError>>,
+    /// `env`, `list`: env-file lines that serve nothing, and why. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<Vec<SkippedLine>>,
     /// `health`, `status`, `revoke`, `restore`: a JSON object described in `docs/protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<serde_json::Value>,
@@ -405,6 +435,8 @@ impl fmt::Debug for Response {
             .field("value", &self.value.as_ref().map(|_| "[REDACTED]"))
             .field("values", &self.values)
             .field("names", &self.names)
+            .field("errors", &self.errors)
+            .field("skipped", &self.skipped)
             .field("info", &self.info)
             .field("error", &self.error)
             .finish()

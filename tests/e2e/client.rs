@@ -583,3 +583,115 @@ fn demo_keep_prints_commands_that_work() {
     );
     assert!(status.success(), "demo exit {status:?}");
 }
+
+/// An env file as a real HPC task writes it (`env | grep -v …` with an exported bash function, a
+/// byte-order mark, names Docker accepts but a shell does not, a plain value that only looks like
+/// a legacy ciphertext): every servable value is served, each skipped line is reported with its
+/// line and reason, and the one value that cannot be opened is reported by name without failing
+/// `env` for the others.
+#[test]
+fn docker_env_file_grammar_and_one_bad_value_hides_nothing() {
+    let mut node = Node::new();
+    let cert = node.create_cert("grammar");
+    node.drop_pfx(&cert);
+    let task = node.task("job-g", "task-g");
+    let db = node.seal(&cert, Some("DB_PASSWORD"), "grammar-db-Secret", "v1");
+    // 256 bytes in base64: legacy_by_length takes it for a 2048-bit ciphertext, but it is not
+    // one (all ones is above any 2048-bit modulus, so it fails the same way on every run).
+    let fake_legacy =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0xffu8; 256]);
+    let body = format!(
+        "\u{feff}FIRST=bom-ok\nBASH_FUNC_module%%=() {{  eval `modulecmd bash $*`\n  x=1\n}}\nmy-var=dash\na.b=dot\n1ABC=digit\nNÄME=umlaut\nA B=spaced\nLOOKS_LEGACY={fake_legacy}\nDB_PASSWORD={db}\n"
+    );
+    node.write_env(&task, &body);
+    node.start();
+    let socket = node.socket.clone();
+    let client = |args: &[&str]| {
+        Command::new(bin("nodeseal-client"))
+            .env("NODESEAL_SOCKET", &socket)
+            .env("NODESEAL_RETRY_SECS", "1")
+            .arg("--task")
+            .arg(&task)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = client(&["list"]);
+    assert_eq!(list.status.code(), Some(0), "{}", text(&list.stderr));
+    let names: Vec<String> = text(&list.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        names,
+        [
+            "FIRST",
+            "my-var",
+            "a.b",
+            "1ABC",
+            "NÄME",
+            "LOOKS_LEGACY",
+            "DB_PASSWORD"
+        ],
+        "{}",
+        node.logs()
+    );
+    let why = text(&list.stderr);
+    for (line, reason) in [
+        (2, "exported bash function"),
+        (3, "body of the exported bash function on line 2"),
+        (4, "body of the exported bash function on line 2"),
+        (9, "whitespace"),
+    ] {
+        assert!(
+            why.lines()
+                .any(|l| l.contains(&format!("line {line} skipped")) && l.contains(reason)),
+            "line {line}: {why}"
+        );
+    }
+    let wire = node.request(serde_json::json!({"op": "list", "task": task}));
+    assert_eq!(wire["skipped"][0]["line"], 2, "{wire}");
+    assert_eq!(wire["skipped"][0]["name"], "BASH_FUNC_module%%", "{wire}");
+
+    for (name, value) in [("FIRST", "bom-ok"), ("my-var", "dash"), ("NÄME", "umlaut")] {
+        assert_eq!(text(&client(&["get", "-n", name]).stdout), value, "{name}");
+    }
+    let func = client(&["get", "BASH_FUNC_module%%"]);
+    assert_eq!(func.status.code(), Some(66));
+    assert!(
+        text(&func.stderr).contains("line 2") && text(&func.stderr).contains("bash function"),
+        "{}",
+        text(&func.stderr)
+    );
+
+    // `env` on the wire: every value that opens, and the one that does not by name.
+    let env = node.request(serde_json::json!({"op": "env", "task": task}));
+    assert_eq!(env["ok"], true, "{env}");
+    let served: Vec<&str> = env["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        served.contains(&"DB_PASSWORD") && served.contains(&"my-var"),
+        "{env}"
+    );
+    assert!(!served.contains(&"LOOKS_LEGACY"), "{env}");
+    assert_eq!(env["errors"][0]["name"], "LOOKS_LEGACY", "{env}");
+    assert_eq!(env["errors"][0]["error"]["code"], "bad_token", "{env}");
+    // The CLI's `env` stays all or nothing (a job never starts with a value silently missing)
+    // and names what failed; `exec --only` runs with the values it asked for.
+    let all = client(&["env"]);
+    assert_eq!(all.status.code(), Some(65), "{}", text(&all.stderr));
+    assert!(
+        text(&all.stderr).contains("LOOKS_LEGACY"),
+        "{}",
+        text(&all.stderr)
+    );
+    assert!(all.stdout.is_empty());
+    let exec = client(&["exec", "--only", "DB_PASSWORD,my-var", "--", "/usr/bin/env"]);
+    assert_eq!(exec.status.code(), Some(0), "{}", text(&exec.stderr));
+    assert!(text(&exec.stdout)
+        .lines()
+        .any(|l| l == "DB_PASSWORD=grammar-db-Secret"));
+    assert!(text(&exec.stdout).lines().any(|l| l == "my-var=dash"));
+    assert!(!node.logs().contains("grammar-db-Secret"));
+}

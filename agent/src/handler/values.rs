@@ -7,7 +7,7 @@ use super::{Answer, Context, Handler};
 use crate::authz;
 use crate::refusal::Refusal;
 use crate::tasks::EnvEntry;
-use nodeseal_client::protocol::NamedValue;
+use nodeseal_client::protocol::{NamedError, NamedValue, SkippedLine};
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
@@ -22,7 +22,15 @@ impl Handler {
         audit.secret_name = Some(name.clone());
         let entries = self.readable_entries(cx, task, audit)?;
         let Some((entry, index)) = find_var(&entries, &name) else {
-            return Err(Refusal::NoSuchVariable { name });
+            return Err(match skipped_line_named(&entries, &name) {
+                Some(s) => Refusal::SkippedLine {
+                    name,
+                    file: s.file.clone(),
+                    line: s.line,
+                    reason: s.reason.clone(),
+                },
+                None => Refusal::NoSuchVariable { name },
+            });
         };
         let (value, key) = self.resolve(&cx.config, &entry, index).await?;
         audit.key_id = key;
@@ -52,19 +60,26 @@ impl Handler {
             });
         }
         let mut opened = Vec::with_capacity(jobs.len());
+        // One value that cannot be opened (e.g. plain base64 that only looks like a legacy
+        // ciphertext) is reported by name; it does not hide the others.
+        let mut failed = Vec::new();
         while let Some(done) = jobs.join_next().await {
             let (position, name, result) =
                 done.map_err(|_| Refusal::Internal("a decryption task failed".into()))?;
-            let (value, _) = result.map_err(|inner| {
-                audit.secret_name = Some(name.clone());
-                Refusal::InValue {
-                    name: name.clone(),
-                    inner: Box::new(inner),
+            match result {
+                Ok((value, _)) => opened.push((position, name, value)),
+                Err(inner) => {
+                    if let Some(error) = inner.to_response().error {
+                        failed.push((position, NamedError { name, error }));
+                    }
                 }
-            })?;
-            opened.push((position, name, value));
+            }
         }
         opened.sort_by_key(|(position, _, _)| *position);
+        failed.sort_by_key(|(position, _)| *position);
+        if let Some((_, first)) = failed.first() {
+            audit.secret_name = Some(first.name.clone());
+        }
         Ok(Answer::Values(
             opened
                 .into_iter()
@@ -73,6 +88,8 @@ impl Handler {
                     value: Zeroizing::new(value.as_str().to_owned()),
                 })
                 .collect(),
+            failed.into_iter().map(|(_, e)| e).collect(),
+            skipped_lines(&entries),
         ))
     }
 
@@ -83,7 +100,10 @@ impl Handler {
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
         let entries = self.readable_entries(cx, task, audit)?;
-        Ok(Answer::Names(names_in_order(&entries)))
+        Ok(Answer::Names(
+            names_in_order(&entries),
+            skipped_lines(&entries),
+        ))
     }
 
     /// The env files of the task the caller names (or owns) that the caller may read.
@@ -119,6 +139,19 @@ fn names_in_order(entries: &[Arc<EnvEntry>]) -> Vec<String> {
         }
     }
     names
+}
+
+/// Every skipped line of the task's files, file by file.
+fn skipped_lines(entries: &[Arc<EnvEntry>]) -> Vec<SkippedLine> {
+    entries.iter().flat_map(|e| e.skipped.clone()).collect()
+}
+
+/// The last skipped line that names `name` (an exported function), for a `get` that misses.
+fn skipped_line_named<'a>(entries: &'a [Arc<EnvEntry>], name: &str) -> Option<&'a SkippedLine> {
+    entries
+        .iter()
+        .flat_map(|e| e.skipped.iter())
+        .rfind(|s| s.name.as_deref() == Some(name))
 }
 
 /// The last definition of `name` across the task's files.

@@ -5,6 +5,7 @@
 use super::envfile::{read_env_file, Classifier, ValueKind};
 use super::layout::FoundFile;
 use super::settle;
+use nodeseal_client::protocol::SkippedLine;
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::Thumbprint;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -51,6 +52,8 @@ pub(crate) struct EnvEntry {
     pub task_owner: u32,
     /// Variables in file order.
     pub vars: Vec<Var>,
+    /// Lines that serve nothing, reported to the callers who may read the file.
+    pub skipped: Vec<SkippedLine>,
     /// What the file looked like when read, so an unchanged file keeps its cached values.
     stamp: FileStamp,
 }
@@ -215,6 +218,15 @@ impl Tasks {
                 cache: Mutex::new(None),
             })
             .collect();
+        let skipped = parsed
+            .skipped()
+            .map(|(line, name, why)| SkippedLine {
+                file: path.display().to_string(),
+                line: line as u64,
+                name: name.map(str::to_owned),
+                reason: why.to_string(),
+            })
+            .collect();
         let n = vars.len();
         let entry = Arc::new(EnvEntry {
             path,
@@ -224,6 +236,7 @@ impl Tasks {
             owner_uid: meta.uid(),
             task_owner: task.owner,
             vars,
+            skipped,
             stamp: FileStamp::of(&meta),
         });
         self.write().insert(entry);

@@ -210,8 +210,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write_stdout(&text)
         }
         Cmd::List => {
+            let (names, skipped) = client.list_report()?;
+            for s in &skipped {
+                eprintln!(
+                    "nodeseal-client: {} line {} skipped: {}",
+                    s.file, s.line, s.reason
+                );
+            }
             let mut text = String::new();
-            for name in client.list()? {
+            for name in names {
                 text.push_str(&name);
                 text.push('\n');
             }
@@ -331,13 +338,24 @@ fn exec(client: &mut Client, only: &[String], command: &[OsString]) -> anyhow::R
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
 
-    let values = match client.env() {
+    let (values, failed) = match client.env_partial() {
         Ok(v) => v,
         // A task may carry tokens in its environment and have no env file with the agent.
-        Err(e) if e.code() == Some(ErrorCode::NotFound) && !tokens.is_empty() => Vec::new(),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) && !tokens.is_empty() => {
+            (Vec::new(), Vec::new())
+        }
         Err(e) => return Err(e.into()),
     };
     let wanted: BTreeSet<&str> = only.iter().map(String::as_str).collect();
+    // A value the command would get failed: it does not start without it. Values it would
+    // not get (outside --only) do not stop it.
+    let failed: Vec<_> = failed
+        .into_iter()
+        .filter(|f| wanted.is_empty() || wanted.contains(f.name.as_str()))
+        .collect();
+    if let Some(e) = nodeseal_client::first_failure(&failed) {
+        return Err(e.into());
+    }
     let values: Vec<(String, Secret)> = values
         .into_iter()
         .filter(|(n, _)| wanted.is_empty() || wanted.contains(n.as_str()))
