@@ -461,10 +461,14 @@ mod tests {
             if what != "leading whitespace" {
                 assert_eq!(&f.render_bytes()[..], &text[..], "{what}");
             }
-            if let Sets(n, v) = docker {
-                if !matches!(expected, Ours::Skips(_)) {
+            match docker {
+                Sets(n, v) if !matches!(expected, Ours::Skips(_)) => {
                     assert_eq!(expected, serves(n, v), "{what}: as Docker");
                 }
+                FromHost(n) => assert_eq!(expected, Ours::NameOnly(n.into()), "{what}"),
+                Ignores => assert_eq!(expected, Ours::Keeps, "{what}"),
+                RefusesFile => assert!(matches!(expected, Ours::Skips(_)), "{what}"),
+                Sets(..) => {}
             }
         }
     }
