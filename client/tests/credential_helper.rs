@@ -441,3 +441,33 @@ fn an_unreachable_agent_is_an_error_not_anonymous_access() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err_text(&o).contains("cannot reach the nodeseal agent"));
 }
+
+#[test]
+fn a_task_value_that_does_not_open_fails_only_the_registry_that_needs_it() {
+    let agent = FakeAgent::start(|req: &Value| match req["op"].as_str() {
+        Some("env") => ok(json!({
+            "values": [
+                {"name": "NODESEAL_REGISTRY_GH_SERVER", "value": "ghcr.io"},
+                {"name": "NODESEAL_REGISTRY_GH_USERNAME", "value": "octo"},
+                {"name": "NODESEAL_REGISTRY_GH_PASSWORD", "value": "ghp_secret"},
+                {"name": "NODESEAL_REGISTRY_Q_SERVER", "value": "quay.io"},
+                {"name": "NODESEAL_REGISTRY_Q_USERNAME", "value": "robot"},
+            ],
+            "errors": [
+                {"name": "NODESEAL_REGISTRY_Q_PASSWORD", "error": {"code": "key_unavailable", "message": "key gone", "retryable": true}},
+                {"name": "UNRELATED", "error": {"code": "bad_token", "message": "not UTF-8", "retryable": false}},
+            ],
+        })),
+        _ => err("bad_request", "unexpected op", false),
+    });
+    let o = helper(&agent.path, "get", b"ghcr.io\n");
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("ghp_secret"));
+    let o = helper(&agent.path, "get", b"quay.io\n");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("NODESEAL_REGISTRY_Q_PASSWORD cannot be opened (key_unavailable)"),
+        "{}",
+        out(&o)
+    );
+}

@@ -218,15 +218,7 @@ impl Tasks {
                 cache: Mutex::new(None),
             })
             .collect();
-        let skipped = parsed
-            .skipped()
-            .map(|(line, name, why)| SkippedLine {
-                file: path.display().to_string(),
-                line: line as u64,
-                name: name.map(str::to_owned),
-                reason: why.to_string(),
-            })
-            .collect();
+        let skipped = skipped_report(&parsed, &path);
         let n = vars.len();
         let entry = Arc::new(EnvEntry {
             path,
@@ -333,10 +325,61 @@ impl Tasks {
     }
 }
 
+/// Skipped lines reported per file: a file of a million bad lines must not cost the agent a
+/// million reports (the file's owner chooses its content).
+const MAX_REPORTED_SKIPPED: usize = 32;
+
+/// The skipped lines of `parsed` as reported to callers: the first [`MAX_REPORTED_SKIPPED`],
+/// then one line saying how many more there are.
+fn skipped_report(parsed: &EnvFile, path: &Path) -> Vec<SkippedLine> {
+    let file = path.display().to_string();
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    let mut first_more = 0usize;
+    for (line, name, why) in parsed.skipped() {
+        if out.len() < MAX_REPORTED_SKIPPED {
+            out.push(SkippedLine {
+                file: file.clone(),
+                line: line as u64,
+                name: name.map(str::to_owned),
+                reason: why.to_string(),
+            });
+        } else {
+            if more == 0 {
+                first_more = line;
+            }
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(SkippedLine {
+            file,
+            line: first_more as u64,
+            name: None,
+            reason: format!("and {more} more lines from here on are not served"),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tasks::layout::TaskIdentity;
+
+    #[test]
+    fn skipped_lines_are_reported_up_to_a_bound_then_counted() {
+        let text: String = (0..100).map(|i| format!("BAD {i}=x\n")).collect::<String>() + "OK=1\n";
+        let parsed = EnvFile::parse(&text).unwrap();
+        let report = skipped_report(&parsed, Path::new("/t/nodeseal.env"));
+        assert_eq!(report.len(), MAX_REPORTED_SKIPPED + 1);
+        assert_eq!(report[0].line, 1);
+        assert!(report[0].reason.contains("whitespace"));
+        let last = report.last().unwrap();
+        assert_eq!(last.line, MAX_REPORTED_SKIPPED as u64 + 1);
+        assert!(last.reason.contains("68 more"), "{}", last.reason);
+        assert_eq!(parsed.vars().collect::<Vec<_>>(), [("OK", "1")]);
+    }
     use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
     use std::time::Duration;
 

@@ -21,7 +21,7 @@
 //! pull.
 #![forbid(unsafe_code)]
 
-use nodeseal_client::protocol::ErrorCode;
+use nodeseal_client::protocol::{ErrorCode, NamedError};
 use nodeseal_client::{Client, Secret};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -284,20 +284,23 @@ struct Registry {
 /// The task's values plus this process's environment.
 struct Sources {
     values: Vec<(String, Secret)>,
+    /// Task values that could not be opened: an error only if a registry needs one.
+    failed: Vec<NamedError>,
     client: Option<Client>,
 }
 
 impl Sources {
     fn load() -> Result<Self, String> {
         let mut client = Client::connect().map_err(|e| e.to_string())?;
-        let values = match client.env() {
+        let (values, failed) = match client.env_partial() {
             Ok(v) => v,
             // No env file for this task: the process environment may still have tokens.
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => Vec::new(),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => (Vec::new(), Vec::new()),
             Err(e) => return Err(e.to_string()),
         };
         Ok(Self {
             values,
+            failed,
             client: Some(client),
         })
     }
@@ -319,6 +322,12 @@ impl Sources {
     fn lookup(&mut self, name: &str) -> Result<Option<Secret>, String> {
         if let Some((_, v)) = self.values.iter().find(|(n, _)| n == name) {
             return Ok(Some(Secret::from(v.expose().to_string())));
+        }
+        if let Some(f) = self.failed.iter().find(|f| f.name == name) {
+            return Err(format!(
+                "the task's value {name} cannot be opened ({}): {}",
+                f.error.code, f.error.message
+            ));
         }
         let Some(raw) = std::env::var_os(name) else {
             return Ok(None);
