@@ -77,9 +77,6 @@ impl Handler {
         }
         opened.sort_by_key(|(position, _, _)| *position);
         failed.sort_by_key(|(position, _)| *position);
-        if let Some((_, first)) = failed.first() {
-            audit.secret_name = Some(first.name.clone());
-        }
         Ok(Answer::Values(
             opened
                 .into_iter()
