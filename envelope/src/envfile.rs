@@ -123,8 +123,10 @@ fn is_bash_function(name: &str, value: &str) -> bool {
 }
 
 /// Whether a line is the closing brace `env` prints at the end of an exported function.
+/// Whitespace around it does not matter, so a rendered file (which drops indentation before
+/// names) parses into the same lines again.
 fn is_function_end(raw: &[u8]) -> bool {
-    raw.strip_suffix(b"\r").unwrap_or(raw).trim_ascii_end() == b"}"
+    raw.strip_suffix(b"\r").unwrap_or(raw).trim_ascii() == b"}"
 }
 
 impl EnvFile {
@@ -543,7 +545,38 @@ mod tests {
         ]
     }
 
+    /// Lines that exercise skipping: functions, closing braces, odd names, raw bytes.
+    fn odd_line() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            valid_line().prop_map(String::into_bytes),
+            "BASH_FUNC_[a-z]{1,3}%%=\\(\\) \\{[a-z ;]{0,6}".prop_map(String::into_bytes),
+            "[ \t]{0,2}\\}[ ]{0,1}".prop_map(String::into_bytes),
+            "[ ]{0,2}[a-z .\\-]{1,6}(=[a-z ]{0,4})?".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..6),
+        ]
+    }
+
     proptest! {
+        /// What the fuzz target checks, on env-like lines: render is a normal form, keeping
+        /// every variable and every skipped line.
+        #[test]
+        fn render_is_a_normal_form(lines in proptest::collection::vec(odd_line(), 0..14), bom in any::<bool>()) {
+            let mut data = if bom { BOM.to_vec() } else { Vec::new() };
+            for l in &lines {
+                data.extend_from_slice(l);
+                data.push(b'\n');
+            }
+            let f = EnvFile::parse_bytes(&data).unwrap();
+            if f.vars().any(|(_, v)| v.ends_with('\r')) {
+                return Ok(());
+            }
+            let rendered = f.render_bytes();
+            let again = EnvFile::parse_bytes(&rendered).unwrap();
+            prop_assert!(f.vars().eq(again.vars()));
+            prop_assert!(f.skipped().eq(again.skipped()));
+            prop_assert_eq!(&again.render_bytes()[..], &rendered[..]);
+        }
+
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = EnvFile::parse_bytes(&bytes);
