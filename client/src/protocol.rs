@@ -368,7 +368,8 @@ pub struct SkippedLine {
     pub reason: String,
 }
 
-/// One response line. Exactly one of the optional payload fields is set on success.
+/// One response line. Exactly one of the optional payload fields is set on success (`env` may
+/// add `errors` and `skipped`, `list` `skipped`).
 #[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
 pub struct Response {
     /// Protocol version of the agent.
