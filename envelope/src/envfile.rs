@@ -28,7 +28,7 @@ pub enum Skip {
     /// The name holds a space or tab (Docker refuses the whole file for this).
     Whitespace,
     /// The name holds a control character (NUL, escape, ...), which no environment can carry
-    /// safely.
+    /// safely, or a byte-order mark not at the start of the file.
     ControlChar,
     /// The first line of an exported bash function.
     BashFunction,
@@ -45,7 +45,9 @@ impl fmt::Display for Skip {
             Skip::NotUtf8 => f.write_str("not UTF-8 text"),
             Skip::NoName => f.write_str("no variable name before '='"),
             Skip::Whitespace => f.write_str("the variable name contains whitespace"),
-            Skip::ControlChar => f.write_str("the variable name contains a control character"),
+            Skip::ControlChar => f.write_str(
+                "the variable name contains a control character or a stray byte-order mark",
+            ),
             Skip::BashFunction => {
                 f.write_str("an exported bash function (as `env` prints it), not a value")
             }
@@ -110,7 +112,7 @@ fn name_problem(name: &str) -> Option<Skip> {
         Some(Skip::NoName)
     } else if name.contains([' ', '\t']) {
         Some(Skip::Whitespace)
-    } else if name.chars().any(char::is_control) {
+    } else if name.chars().any(|c| c.is_control() || c == '\u{feff}') {
         Some(Skip::ControlChar)
     } else {
         None
@@ -441,6 +443,12 @@ mod tests {
                 "control char in name",
                 b"A\x1bB=1",
                 Sets("A\x1bB", "1"),
+                Ours::Skips(Skip::ControlChar),
+            ),
+            (
+                "byte-order mark after indentation",
+                b"\t\xEF\xBB\xBFN=1",
+                Sets("\u{feff}N", "1"),
                 Ours::Skips(Skip::ControlChar),
             ),
             (
