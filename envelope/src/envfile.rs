@@ -128,7 +128,8 @@ fn is_bash_function(name: &str, value: &str) -> bool {
 /// Whitespace around it does not matter, so a rendered file (which drops indentation before
 /// names) parses into the same lines again.
 fn is_function_end(raw: &[u8]) -> bool {
-    raw.strip_suffix(b"\r").unwrap_or(raw).trim_ascii() == b"}"
+    // The same (Unicode) whitespace the parser trims before a name.
+    std::str::from_utf8(raw).is_ok_and(|t| t.trim() == "}")
 }
 
 impl EnvFile {
@@ -558,7 +559,7 @@ mod tests {
         prop_oneof![
             valid_line().prop_map(String::into_bytes),
             "BASH_FUNC_[a-z]{1,3}%%=\\(\\) \\{[a-z ;]{0,6}".prop_map(String::into_bytes),
-            "[ \t]{0,2}\\}[ ]{0,1}".prop_map(String::into_bytes),
+            "[ \t\u{b}\u{a0}]{0,2}\\}[ ]{0,1}".prop_map(String::into_bytes),
             "[ ]{0,2}[a-z .\\-]{1,6}(=[a-z ]{0,4})?".prop_map(String::into_bytes),
             proptest::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..6),
         ]
