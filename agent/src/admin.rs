@@ -17,12 +17,28 @@ pub fn call(socket: &Path, op: Operation) -> Result<serde_json::Value> {
         .socket(socket)
         .retry_for(Duration::from_secs(5))
         .connect()
-        .context("is the agent running? (systemctl status nodeseal-agent)")?;
+        .context(
+            "is the agent running? (systemctl status nodeseal-agent); the socket is --socket, \
+             else $NODESEAL_SOCKET, else socket_path of the config (--config)",
+        )?;
     let response = client.request(op)?;
     if let Some(err) = &response.error {
         bail!("agent refused: {} ({})", err.message, err.code);
     }
     Ok(response.info.clone().unwrap_or(serde_json::Value::Null))
+}
+
+/// What an operator should know about a `revoke` answer beyond its JSON: a revocation of a key
+/// the agent does not hold is kept, but is more often a mistyped thumbprint than foresight.
+pub fn revoke_note(info: &serde_json::Value) -> Option<String> {
+    (info["known"] == serde_json::Value::Bool(false)).then(|| {
+        format!(
+            "no key with thumbprint {} is loaded on this node; the revocation is recorded and \
+             applies if that key arrives. Check the thumbprint with `nodeseal-agent keys`, and \
+             `nodeseal-agent restore` it if it was a mistake",
+            info["thumbprint"].as_str().unwrap_or("?")
+        )
+    })
 }
 
 /// Read an `info` document as the report type it is.
@@ -39,9 +55,9 @@ pub fn check(config: &Config, path: &Path) -> usize {
     for s in keys::key_sources(config) {
         if !s.path.is_dir() {
             println!(
-                "key source {} ({:?}): directory does not exist (yet)",
+                "key source {} ({}): directory does not exist (yet)",
                 s.path.display(),
-                s.kind
+                keys::store::kind_name(s.kind)
             );
             continue;
         }
@@ -66,15 +82,58 @@ pub fn check(config: &Config, path: &Path) -> usize {
             }
         }
     }
+    for warning in legacy_key_warnings(config, &store) {
+        println!("WARNING {warning}");
+    }
     if let Err(e) = keys::check_store_dir(&config.key_store_dir()) {
         problems += 1;
-        println!("PROBLEM key store: {e:#}");
+        println!("PROBLEM key store: {}", nodeseal_cli_docs::error_chain(&e));
     }
     println!(
         "{} usable key(s), {problems} problem(s)",
         store.usable_count()
     );
     problems
+}
+
+/// What would make a legacy (Batch Shipyard) ciphertext fail for every task: several usable keys
+/// of one size and no `legacy_key` to say which opens it, or a `legacy_key` that is not loaded.
+/// Warnings, not problems: a node serving only v1 tokens may rotate between keys of one size.
+fn legacy_key_warnings(config: &Config, store: &KeyStore) -> Vec<String> {
+    if let Some(tp) = config.legacy_key {
+        return match store.get(&tp) {
+            Ok(_) => Vec::new(),
+            Err(_) => vec![format!(
+                "legacy_key {tp} is not loaded: every legacy ciphertext will fail with \
+                 key_unavailable until it is"
+            )],
+        };
+    }
+    let mut sizes: Vec<usize> = store
+        .loaded_entries()
+        .iter()
+        .map(|e| e.pair.modulus_len())
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+        .into_iter()
+        .filter_map(|len| {
+            let keys = store.with_modulus_len(len);
+            (keys.len() > 1).then(|| {
+                let tps: Vec<String> = keys.iter().map(|k| k.thumbprint().to_string()).collect();
+                format!(
+                    "{} usable keys of {} bits ({}) and no legacy_key: a legacy (Batch Shipyard) \
+                     ciphertext of that size names no key, so every one will fail with \
+                     config_error (exit 78); set \"legacy_key\" in the agent config to the \
+                     thumbprint of the key it was sealed to",
+                    keys.len(),
+                    len * 8,
+                    tps.join(", ")
+                )
+            })
+        })
+        .collect()
 }
 
 fn fmt_time(unix: Option<i64>) -> String {

@@ -238,6 +238,18 @@ pub async fn run(keep: bool) -> Result<()> {
             "    NODESEAL_SOCKET={} AZ_BATCH_TASK_DIR={task} nodeseal-client env",
             socket.display()
         );
+        // status and keys answer host root only.
+        let sudo = if nix::unistd::geteuid().is_root() {
+            ""
+        } else {
+            "sudo "
+        };
+        for op in ["status", "keys"] {
+            println!(
+                "    {sudo}nodeseal-agent --config {} {op}",
+                node.config_path.display()
+            );
+        }
         crate::termination().await;
     }
     let _ = stop_tx.send(());

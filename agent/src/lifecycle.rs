@@ -351,6 +351,11 @@ impl Owner {
     fn revoke(&self, tp: Thumbprint, purge: bool) -> Result<KeyChange> {
         let state = &self.state;
         let config = state.config();
+        let known = state
+            .keys
+            .loaded_entries()
+            .iter()
+            .any(|e| e.pair.thumbprint() == tp);
         let changes = state.keys.set_revoked_by_command(tp, true);
         let evicted = state.tasks.evict_key(&tp);
         tracing::warn!(key_id = %tp, evicted, purge, "key revoked by command");
@@ -365,6 +370,7 @@ impl Owner {
             thumbprint: tp.to_string(),
             state: KeyState::Revoked,
             purged: Some(purge),
+            known: Some(known),
         })
     }
 
@@ -383,6 +389,7 @@ impl Owner {
                 KeyState::Missing
             },
             purged: None,
+            known: None,
         })
     }
 

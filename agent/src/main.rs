@@ -17,6 +17,9 @@ struct Cli {
     /// Config file (JSON). Defaults to /etc/nodeseal/agent.json; missing there means defaults.
     #[arg(long, global = true, env = "NODESEAL_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Agent socket for status, keys, revoke and restore (default: socket_path of the config).
+    #[arg(long, global = true, env = "NODESEAL_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -78,7 +81,10 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nodeseal-agent: error: {e:#}");
+            eprintln!(
+                "nodeseal-agent: error: {}",
+                nodeseal_cli_docs::error_chain(&e)
+            );
             ExitCode::FAILURE
         }
     }
@@ -90,6 +96,14 @@ fn load_config(cli: &Cli) -> Result<(Config, PathBuf)> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     Ok((Config::load(&path)?, path))
+}
+
+/// The running agent's socket, for the commands that talk to it.
+fn admin_socket(cli: &Cli) -> Result<PathBuf> {
+    match &cli.socket {
+        Some(s) => Ok(s.clone()),
+        None => Ok(load_config(cli)?.0.socket_path),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -134,8 +148,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } | Command::Keys { json } => {
-            let (config, _) = load_config(&cli)?;
-            let info = admin::call(&config.socket_path, Operation::Status)?;
+            let info = admin::call(&admin_socket(&cli)?, Operation::Status)?;
             let keys_only = matches!(cli.command, Some(Command::Keys { .. }));
             if *json {
                 // As the agent sent it: a newer agent's extra fields are not lost.
@@ -152,21 +165,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { thumbprint, purge } => {
-            let (config, _) = load_config(&cli)?;
             let info = admin::call(
-                &config.socket_path,
+                &admin_socket(&cli)?,
                 Operation::Revoke {
                     thumbprint: thumbprint.clone(),
                     purge: *purge,
                 },
             )?;
             println!("{}", serde_json::to_string(&info)?);
+            if let Some(note) = admin::revoke_note(&info) {
+                eprintln!("nodeseal-agent: {note}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore { thumbprint } => {
-            let (config, _) = load_config(&cli)?;
             let info = admin::call(
-                &config.socket_path,
+                &admin_socket(&cli)?,
                 Operation::Restore {
                     thumbprint: thumbprint.clone(),
                 },

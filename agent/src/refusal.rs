@@ -56,6 +56,13 @@ pub(crate) enum Refusal {
     AudienceRequired,
     #[error("no variable {name} in this task's env files")]
     NoSuchVariable { name: String },
+    #[error("{name} is on line {line} of {file}, which is not served: {reason}")]
+    SkippedLine {
+        name: String,
+        file: String,
+        line: u64,
+        reason: String,
+    },
     #[error("uid {uid} may not open unbound tokens of key {key}: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids, or a rule in open_allowed_by_key) in the agent config")]
     OpenNotAllowed { uid: u32, key: Thumbprint },
     #[error("uid {uid} may not open unbound tokens: seal the value with --audience, or name the uid in open_allowed_uids (or its group in open_allowed_gids) in the agent config")]
@@ -85,7 +92,7 @@ pub(crate) enum Refusal {
     LegacyKeyUnavailable { key: Thumbprint },
     #[error("no {bits}-bit key is available on this node for this legacy ciphertext; retry later")]
     NoLegacyKey { bits: usize },
-    #[error("{count} keys of {bits} bits are loaded and legacy ciphertexts name none; set legacy_key in the agent config")]
+    #[error("{count} keys of {bits} bits are loaded and a legacy ciphertext names none, so the agent cannot tell which one opens it; this is a node configuration problem, retrying will not help: set legacy_key in the agent config (see `nodeseal-agent check`)")]
     AmbiguousLegacyKey { count: usize, bits: usize },
     #[error("{0}")]
     Token(#[from] TokenError),
@@ -93,9 +100,6 @@ pub(crate) enum Refusal {
     NotUtf8,
     #[error("{0}")]
     BadThumbprint(String),
-    /// One value of an `env` answer failed: the whole answer fails with its name.
-    #[error("{name}: {inner}")]
-    InValue { name: String, inner: Box<Refusal> },
     #[error("the agent is shutting down; retry shortly")]
     ShuttingDown,
     #[error("request line longer than {max} bytes")]
@@ -176,15 +180,18 @@ impl Refusal {
             Self::NoTaskOwned { .. }
             | Self::UnknownTask { .. }
             | Self::NoReadableTask { .. }
-            | Self::NoSuchVariable { .. } => ErrorCode::NotFound,
+            | Self::NoSuchVariable { .. }
+            | Self::SkippedLine { .. } => ErrorCode::NotFound,
             Self::InvalidStoredToken { .. }
             | Self::NotAToken
             | Self::LegacyKeySizeMismatch { .. }
             | Self::NotUtf8 => ErrorCode::BadToken,
             Self::NoKeyAvailable { .. }
             | Self::LegacyKeyUnavailable { .. }
-            | Self::NoLegacyKey { .. }
-            | Self::AmbiguousLegacyKey { .. } => ErrorCode::KeyUnavailable,
+            | Self::NoLegacyKey { .. } => ErrorCode::KeyUnavailable,
+            // Batch requeues retryable failures: an ambiguity only an operator can resolve must
+            // not look like a key that may still arrive.
+            Self::AmbiguousLegacyKey { .. } => ErrorCode::ConfigError,
             Self::Token(e) => match e {
                 TokenError::Expired { .. } => ErrorCode::Expired,
                 TokenError::NotInAudience { .. } => ErrorCode::Forbidden,
@@ -193,7 +200,6 @@ impl Refusal {
                 TokenError::Crypto { .. } => ErrorCode::Internal,
                 _ => ErrorCode::BadToken,
             },
-            Self::InValue { inner, .. } => inner.code(),
             Self::ShuttingDown
             | Self::RateLimited
             | Self::TooManyConnections
@@ -225,13 +231,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failed_value_keeps_its_code_and_names_the_variable() {
-        let r = Refusal::InValue {
-            name: "DB".into(),
-            inner: Box::new(Refusal::NoLegacyKey { bits: 4096 }),
+    fn an_ambiguous_legacy_key_is_a_configuration_error_not_a_retry() {
+        let r = Refusal::AmbiguousLegacyKey {
+            count: 2,
+            bits: 4096,
         };
-        assert_eq!(r.code(), ErrorCode::KeyUnavailable);
-        assert!(r.to_string().starts_with("DB: no 4096-bit key"));
+        assert_eq!(r.code(), ErrorCode::ConfigError);
+        assert!(!r.code().is_retryable());
+        assert!(r.to_string().contains("legacy_key"), "{r}");
     }
 
     #[test]

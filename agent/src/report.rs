@@ -150,6 +150,10 @@ pub struct KeyChange {
     /// `revoke` only: whether its ingested copy was deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purged: Option<bool>,
+    /// `revoke` only: whether a key with this thumbprint was loaded. A revocation of a key the
+    /// agent has not seen is kept (it applies if the key arrives), but may be a typo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<bool>,
 }
 
 #[cfg(test)]

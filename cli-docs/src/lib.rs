@@ -183,3 +183,62 @@ mod tests {
         }
     }
 }
+
+/// An error and its causes on one line, like anyhow's `{:#}` but without repeats: many errors
+/// (`thiserror` ones with `{source}` in their message, e.g. "cannot read FILE: OS ERROR") already
+/// end with their cause's text, which `{:#}` would print a second time.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.is_empty() && out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    use super::error_chain;
+    use std::fmt;
+
+    /// Like a `thiserror` error whose message includes its source.
+    #[derive(Debug)]
+    struct CannotRead(std::io::Error);
+
+    impl fmt::Display for CannotRead {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "cannot read /x: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for CannotRead {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let io_text = io.to_string();
+        let e = anyhow::Error::new(CannotRead(io)).context("loading certificate /x");
+        assert_eq!(
+            format!("{e:#}").matches(&io_text).count(),
+            2,
+            "anyhow repeats it"
+        );
+        let shown = error_chain(&e);
+        assert_eq!(
+            shown,
+            format!("loading certificate /x: cannot read /x: {io_text}")
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
+    }
+}

@@ -158,6 +158,11 @@ class Internal(AgentError):
     """Something went wrong inside the agent."""
 
 
+class NodeMisconfigured(AgentError):
+    """The agent's configuration cannot serve this (``config_error``); an operator must fix the
+    node, retrying will not help (``nodeseal-client`` exits 78)."""
+
+
 #: Protocol error code -> exception class.
 ERROR_CLASSES: Dict[str, Type[AgentError]] = {
     "not_found": NotFound,
@@ -169,6 +174,7 @@ ERROR_CLASSES: Dict[str, Type[AgentError]] = {
     "too_large": TooLarge,
     "busy": Busy,
     "internal": Internal,
+    "config_error": NodeMisconfigured,
 }
 
 
@@ -326,8 +332,35 @@ class Client:
         return Secret(self._field(self.request(self._scoped("get", name=name)), "value", str))
 
     def env(self) -> List[Tuple[str, Secret]]:
-        """Every value of the task, in env-file order."""
-        values = self._field(self.request(self._scoped("env")), "values", list)
+        """Every value of the task, in env-file order; raises the first failed value's error
+        (naming every failed one) rather than return some values silently missing."""
+        values, failed = self.env_partial()
+        if failed:
+            first = failed[0]
+            others = ", ".join("%s (%s)" % (e.name, e.code) for e in failed[1:])
+            message = "%s: %s" % (first.name, first.message)
+            if others:
+                message += "; also failed: " + others
+            exc = type(first)(first.code, message)
+            exc.retryable = first.retryable
+            raise exc
+        return values
+
+    def env_partial(self) -> Tuple[List[Tuple[str, Secret]], List[AgentError]]:
+        """The values that opened, and one error per value that did not (its ``name`` set):
+        one bad value does not hide the others."""
+        resp = self.request(self._scoped("env"))
+        failed: List[AgentError] = []
+        for item in resp.get("errors") or []:
+            err = item.get("error") if isinstance(item, dict) else None
+            if not (isinstance(err, dict) and isinstance(item.get("name"), str)):
+                raise ProtocolError("`env` response with a malformed error entry")
+            code = str(err.get("code"))
+            exc = ERROR_CLASSES.get(code, AgentError)(code, str(err.get("message", "")))
+            exc.retryable = bool(err.get("retryable"))
+            exc.name = item["name"]  # type: ignore[attr-defined]
+            failed.append(exc)
+        values = self._field(resp, "values", list)
         out = []
         for item in values:
             if not (
@@ -337,7 +370,7 @@ class Client:
             ):
                 raise ProtocolError("`env` response with a malformed entry")
             out.append((item["name"], Secret(item["value"])))
-        return out
+        return out, failed
 
     def list(self) -> List[str]:
         """The task's variable names, never values."""

@@ -203,6 +203,35 @@ class OperationsTest(AgentTest):
         self.assertEqual(c.get("PW").reveal(), "hunter2")
 
 
+class PartialEnvTest(AgentTest):
+    def test_one_bad_value_does_not_hide_the_others(self) -> None:
+        def handler(req: Dict[str, Any]) -> bytes:
+            return ok(
+                req,
+                values=[{"name": "A", "value": "1"}, {"name": "C", "value": "3"}],
+                errors=[
+                    {
+                        "name": "B",
+                        "error": {"code": "bad_token", "message": "not UTF-8", "retryable": False},
+                    },
+                    {
+                        "name": "D",
+                        "error": {"code": "key_unavailable", "message": "gone", "retryable": True},
+                    },
+                ],
+            )
+
+        c = self.client(self.agent(handler), retry_secs=0)
+        values, failed = c.env_partial()
+        self.assertEqual([(n, v.reveal()) for n, v in values], [("A", "1"), ("C", "3")])
+        self.assertEqual([(e.name, type(e)) for e in failed], [("B", nc.BadToken), ("D", nc.KeyUnavailable)])  # type: ignore[attr-defined]
+        # The all-or-nothing form raises the first failure and names every failed value.
+        with self.assertRaises(nc.BadToken) as cm:
+            c.env()
+        self.assertIn("B: not UTF-8", str(cm.exception))
+        self.assertIn("D (key_unavailable)", str(cm.exception))
+
+
 class ErrorTest(AgentTest):
     CODES = {
         "not_found": (nc.NotFound, False),
@@ -214,6 +243,7 @@ class ErrorTest(AgentTest):
         "too_large": (nc.TooLarge, False),
         "busy": (nc.Busy, True),
         "internal": (nc.Internal, False),
+        "config_error": (nc.NodeMisconfigured, False),
     }
 
     def test_each_code_maps_to_its_class(self) -> None:

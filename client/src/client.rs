@@ -116,6 +116,21 @@ impl Client {
         self.call(ops::env(self.task()))
     }
 
+    /// Every value of the task that opened, and the names that did not with why: one bad
+    /// value does not hide the others. [`Client::env`] is the all-or-nothing form.
+    ///
+    /// ```no_run
+    /// let mut client = nodeseal_client::Client::connect()?;
+    /// let (values, failed) = client.env_partial()?;
+    /// for f in &failed {
+    ///     eprintln!("{}: {} ({})", f.name, f.error.message, f.error.code);
+    /// }
+    /// # Ok::<(), nodeseal_client::Error>(())
+    /// ```
+    pub fn env_partial(&mut self) -> Result<ops::PartialEnv> {
+        self.call(ops::env_partial(self.task()))
+    }
+
     /// The task's variable names (never values).
     ///
     /// ```no_run
@@ -125,6 +140,11 @@ impl Client {
     /// ```
     pub fn list(&mut self) -> Result<Vec<String>> {
         self.call(ops::list(self.task()))
+    }
+
+    /// The task's variable names, and the env-file lines that serve nothing with why.
+    pub fn list_report(&mut self) -> Result<(Vec<String>, Vec<crate::protocol::SkippedLine>)> {
+        self.call(ops::list_report(self.task()))
     }
 
     /// Decrypt a token the caller holds (a `nodeseal.v1.` token or a legacy Batch Shipyard

@@ -110,7 +110,8 @@ impl Error {
     ///
     /// 66 not found, 69 agent unreachable, 75 retryable (`key_unavailable`, `busy`, broken
     /// connection), 77 forbidden, 65 bad token/expired/bad request/too large, 70 internal or
-    /// protocol error, 78 configuration error.
+    /// protocol error, 78 configuration error (the agent's `config_error`, or this client's own
+    /// configuration).
     ///
     /// ```
     /// use nodeseal_client::{Error, protocol::ErrorCode};
@@ -127,6 +128,7 @@ impl Error {
                 | ErrorCode::Expired
                 | ErrorCode::BadRequest
                 | ErrorCode::TooLarge => exit::DATAERR,
+                ErrorCode::ConfigError => exit::CONFIG,
                 _ => exit::SOFTWARE,
             },
             Error::Unreachable { .. } => exit::UNAVAILABLE,
@@ -157,7 +159,7 @@ pub mod exit {
     pub const TEMPFAIL: u8 = 75;
     /// Permission denied.
     pub const NOPERM: u8 = 77;
-    /// Configuration error.
+    /// Configuration error: the agent's (`config_error`) or this client's own.
     pub const CONFIG: u8 = 78;
 }
 
@@ -187,6 +189,8 @@ mod tests {
             assert_eq!(agent(c).exit_code(), 65, "{c}");
         }
         assert_eq!(agent(ErrorCode::Internal).exit_code(), 70);
+        assert_eq!(agent(ErrorCode::ConfigError).exit_code(), 78);
+        assert!(!agent(ErrorCode::ConfigError).is_retryable());
         let unreachable = Error::Unreachable {
             path: "/x".into(),
             source: io::ErrorKind::NotFound.into(),

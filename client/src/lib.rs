@@ -42,6 +42,7 @@ pub use config::{
     DEFAULT_WRITE_TIMEOUT, RETRY_SECS_ENV, SOCKET_ENV, TASK_SOCKET_NAME,
 };
 pub use error::{exit, Error, Result};
+pub use ops::{first_failure, PartialEnv};
 /// Re-exported so callers can name [`secrecy::ExposeSecret`] without their own dependency.
 pub use secrecy;
 pub use secret::Secret;

@@ -2,7 +2,7 @@
 //! successful response becomes the typed result.
 
 use crate::error::{Error, Result};
-use crate::protocol::{Operation, Response};
+use crate::protocol::{NamedError, Operation, Response, SkippedLine};
 use crate::Secret;
 
 /// One typed operation: send `op`, read the answer with `parse`.
@@ -93,12 +93,65 @@ fn take_value(resp: Response, op: &str) -> Result<Secret> {
         .ok_or_else(|| missing("value", op))
 }
 
-fn take_values(resp: Response) -> Result<Vec<(String, Secret)>> {
+pub(crate) fn env_partial(task: Option<&str>) -> Call<PartialEnv> {
+    Call {
+        op: Operation::Env {
+            task: task.map(str::to_string),
+        },
+        parse: take_partial,
+    }
+}
+
+/// An `env` answer with the values that opened and those that did not.
+pub type PartialEnv = (Vec<(String, Secret)>, Vec<NamedError>);
+
+fn take_partial(resp: Response) -> Result<PartialEnv> {
+    let errors = resp.errors.unwrap_or_default();
     let values = resp.values.ok_or_else(|| missing("values", "env"))?;
-    Ok(values
+    let values = values
         .into_iter()
         .map(|nv| (nv.name, Secret::from(nv.value)))
-        .collect())
+        .collect();
+    Ok((values, errors))
+}
+
+/// The error an all-or-nothing caller gets for the values that did not open: the first one's
+/// code, every failed name in the message.
+pub fn first_failure(errors: &[NamedError]) -> Option<Error> {
+    let first = errors.first()?;
+    let mut message = format!("{}: {}", first.name, first.error.message);
+    if errors.len() > 1 {
+        let others: Vec<String> = errors[1..]
+            .iter()
+            .map(|e| format!("{} ({})", e.name, e.error.code))
+            .collect();
+        message.push_str(&format!("; also failed: {}", others.join(", ")));
+    }
+    Some(Error::Agent {
+        code: first.error.code,
+        message,
+    })
+}
+
+/// All or nothing: a task never starts with some of its values silently missing.
+fn take_values(resp: Response) -> Result<Vec<(String, Secret)>> {
+    let (values, errors) = take_partial(resp)?;
+    match first_failure(&errors) {
+        Some(e) => Err(e),
+        None => Ok(values),
+    }
+}
+
+pub(crate) fn list_report(task: Option<&str>) -> Call<(Vec<String>, Vec<SkippedLine>)> {
+    Call {
+        op: Operation::List {
+            task: task.map(str::to_string),
+        },
+        parse: |resp| {
+            let skipped = resp.skipped.clone().unwrap_or_default();
+            Ok((take_names(resp)?, skipped))
+        },
+    }
 }
 
 fn take_names(resp: Response) -> Result<Vec<String>> {

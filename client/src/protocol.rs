@@ -153,6 +153,19 @@ impl<'de> Deserialize<'de> for Request {
     }
 }
 
+/// The correlation id of a request line that is not a valid [`Request`] (unknown op or field,
+/// wrong type, bad version), so its error answer can still echo it. `None` when the line is not
+/// a JSON object or has no `id`. Only the error path pays for this second pass.
+pub fn request_id(line: &[u8]) -> Option<serde_json::Value> {
+    // Other fields are skipped without being kept: only `id` is materialized.
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default, deserialize_with = "present")]
+        id: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<IdOnly>(line).ok()?.id
+}
+
 impl Request {
     /// A version-1 request without a correlation id.
     pub fn new(op: Operation) -> Self {
@@ -275,6 +288,10 @@ pub enum ErrorCode {
     Busy,
     /// Something went wrong inside the agent.
     Internal,
+    /// The agent's configuration cannot serve this request (e.g. several loaded keys could open
+    /// a legacy ciphertext and no `legacy_key` is set). Retrying will not help: an operator must
+    /// fix the node.
+    ConfigError,
 }
 
 impl ErrorCode {
@@ -295,6 +312,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::ConfigError => "config_error",
         }
     }
 }
@@ -334,7 +352,31 @@ impl fmt::Debug for NamedValue {
     }
 }
 
-/// One response line. Exactly one of the optional payload fields is set on success.
+/// One value of an `env` answer that could not be opened: the others are still answered.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct NamedError {
+    /// Variable name.
+    pub name: String,
+    /// Why, as an error answer would say it.
+    pub error: ErrorBody,
+}
+
+/// A line of the task's env files that serves nothing (`env`, `list`), and why.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+pub struct SkippedLine {
+    /// The env file.
+    pub file: String,
+    /// 1-based line number.
+    pub line: u64,
+    /// The variable name, where the line has a usable one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Why the line is skipped.
+    pub reason: String,
+}
+
+/// One response line. Exactly one of the optional payload fields is set on success (`env` may
+/// add `errors` and `skipped`, `list` `skipped`).
 #[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
 pub struct Response {
     /// Protocol version of the agent.
@@ -353,6 +395,13 @@ pub struct Response {
     /// `list`: names only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub names: Option<Vec<String>>,
+    /// `env`: the values that could not be opened (the others are in `values`). Absent when
+    /// every value opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<NamedError>>,
+    /// `env`, `list`: env-file lines that serve nothing, and why. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<Vec<SkippedLine>>,
     /// `health`, `status`, `revoke`, `restore`: a JSON object described in `docs/protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<serde_json::Value>,
@@ -394,6 +443,8 @@ impl fmt::Debug for Response {
             .field("value", &self.value.as_ref().map(|_| "[REDACTED]"))
             .field("values", &self.values)
             .field("names", &self.names)
+            .field("errors", &self.errors)
+            .field("skipped", &self.skipped)
             .field("info", &self.info)
             .field("error", &self.error)
             .finish()
@@ -452,6 +503,28 @@ mod tests {
     }
 
     #[test]
+    fn the_id_of_an_invalid_request_is_still_found() {
+        for (line, id) in [
+            (r#"{"op":"steal","id":7}"#, Some(serde_json::json!(7))),
+            (r#"{"id":"a","op":"get"}"#, Some(serde_json::json!("a"))),
+            (
+                r#"{"v":"x","id":{"k":[1]},"op":"health"}"#,
+                Some(serde_json::json!({"k":[1]})),
+            ),
+            (
+                r#"{"id":null,"op":"get","name":1}"#,
+                Some(serde_json::Value::Null),
+            ),
+            (r#"{"op":"steal"}"#, None),
+            (r#"[1,2]"#, None),
+            (r#"{"id":1,"#, None),
+        ] {
+            assert!(serde_json::from_str::<Request>(line).is_err(), "{line}");
+            assert_eq!(request_id(line.as_bytes()), id, "{line}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_and_ops_are_rejected() {
         assert!(serde_json::from_str::<Request>(r#"{"op":"get","name":"A","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"steal"}"#).is_err());
@@ -466,6 +539,16 @@ mod tests {
             s,
             r#"{"v":1,"ok":false,"error":{"code":"key_unavailable","message":"key abc revoked","retryable":true}}"#
         );
+    }
+
+    #[test]
+    fn config_errors_are_not_retryable() {
+        let r = Response::error(ErrorCode::ConfigError, "set legacy_key");
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains(r#""code":"config_error""#), "{s}");
+        assert!(s.contains(r#""retryable":false"#), "{s}");
+        let back: Response = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.error.unwrap().code, ErrorCode::ConfigError);
     }
 
     #[test]

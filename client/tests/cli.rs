@@ -81,6 +81,7 @@ fn exit_codes_follow_sysexits() {
         ("OLD", 65),
         ("HUGE", 65),
         ("BOOM", 70),
+        ("AMBIGUOUS", 78),
     ] {
         let o = run(cli(&agent.path).args(["get", name]));
         assert_eq!(o.status.code(), Some(code), "{name}: {}", stderr(&o));
@@ -109,6 +110,16 @@ fn usage_errors_exit_64_and_help_exits_0() {
     let o = run(cli(&agent.path).arg("--help"));
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("exec"));
+    // The exit statuses a job definition acts on are in the help, each one.
+    for status in [
+        "64", "65", "66", "69", "70", "74", "75", "77", "78", "126", "127",
+    ] {
+        assert!(
+            stdout(&o).contains(status),
+            "--help lacks {status}: {}",
+            stdout(&o)
+        );
+    }
     let o = run(cli(&agent.path).arg("--version"));
     assert_eq!(o.status.code(), Some(0));
     assert!(

@@ -95,6 +95,7 @@ fn error_codes_map_and_never_carry_values() {
         ("HUGE", ErrorCode::TooLarge, false, 65),
         ("BOOM", ErrorCode::Internal, false, 70),
         ("BUSY", ErrorCode::Busy, true, 75),
+        ("AMBIGUOUS", ErrorCode::ConfigError, false, 78),
     ];
     for (name, code, retryable, exit) in cases {
         let e = c.get(name).unwrap_err();

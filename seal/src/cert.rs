@@ -40,6 +40,13 @@ pub(crate) enum CertCommand {
 }
 
 #[derive(Args)]
+// `create` never prompts: without a passphrase source it generates one (the shared help says
+// "otherwise a terminal prompt", true only where an existing PFX is read).
+#[command(mut_arg("passphrase_file", |a| a
+    .help("File holding the passphrase for the new PFX (one trailing newline is ignored). \
+           Otherwise the NODESEAL_PFX_PASSPHRASE environment variable, otherwise a random one \
+           is generated and written to PREFIX.pfx.pw (0600); never prompted")
+    .long_help(None::<&str>)))]
 pub(crate) struct CreateArgs {
     /// Output path prefix (PREFIX.pfx, PREFIX.crt, PREFIX.pem).
     #[arg(long)]

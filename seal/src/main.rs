@@ -161,7 +161,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("nodeseal: error: {e:#}");
+            eprintln!("nodeseal: error: {}", nodeseal_cli_docs::error_chain(&e));
             ExitCode::from(exit_code(&e))
         }
     }

@@ -10,11 +10,8 @@ use nodeseal_envelope::token::{self, Format, SealOptions};
 use nodeseal_envelope::{audience, legacy, KeyPair, Recipient, Selector, Thumbprint, TokenError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use zeroize::Zeroizing;
-
-/// Largest unix time humantime formats (9999-12-31T23:59:59Z).
-const MAX_RFC3339: u64 = 253_402_300_799;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum SealFormat {
@@ -121,6 +118,9 @@ pub(crate) struct SealArgs {
     /// Keep a trailing newline of stdin (by default one "\n" or "\r\n" is stripped).
     #[arg(long)]
     raw: bool,
+    /// Seal an empty value (by default empty stdin is refused: it is more often a failed pipe).
+    #[arg(long)]
+    allow_empty: bool,
     #[command(flatten)]
     pass: PassArgs,
 }
@@ -253,6 +253,12 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
     if !a.raw {
         strip_newline(&mut value);
     }
+    if value.is_empty() && !a.allow_empty {
+        return Err(usage(
+            "the value on stdin is empty (did the command feeding it fail?); pass --allow-empty \
+             to seal an empty value",
+        ));
+    }
     utf8_value(&value)?;
     let token = match a.format {
         SealFormat::V1 => {
@@ -286,6 +292,7 @@ pub(crate) fn seal(a: SealArgs) -> Result<()> {
 }
 
 pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
+    refuse_existing(a.output.as_deref(), a.force)?;
     let pass = Passphrase::new(&a.pass);
     let not_after = a.expiry.resolve()?;
     let audience = a.audience.resolve()?;
@@ -297,6 +304,7 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         (Zeroizing::new(t), a.input.display().to_string())
     };
     let mut file = EnvFile::parse_bytes(&text).with_context(|| format!("parsing {label}"))?;
+    report_skipped(&file, &label);
     for n in &a.only {
         if !file.vars().any(|(name, _)| name == n) {
             return Err(usage(format!("--only {n}: no such variable in {label}")));
@@ -314,8 +322,17 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         {
             continue;
         }
+        // Docker accepts names (`my-var`, `a.b`) a token cannot be bound to: seal those
+        // unbound rather than leave them in cleartext.
+        let bound = token::is_valid_name(name);
+        if !bound {
+            eprintln!(
+                "nodeseal: {name:?} sealed without a name binding: a token binds only names of \
+                 letters, digits and '_'"
+            );
+        }
         let opts = SealOptions {
-            name: Some(name.clone()),
+            name: bound.then(|| name.clone()),
             not_after,
             audience: audience.clone(),
         };
@@ -324,27 +341,43 @@ pub(crate) fn seal_env(a: SealEnvArgs) -> Result<()> {
         *value = Zeroizing::new(t);
         sealed += 1;
     }
+    emit(&file.render_bytes(), a.output.as_deref(), a.force)?;
     eprintln!("nodeseal: sealed {sealed} value(s)");
-    emit(&file.render(), a.output.as_deref(), a.force)
+    Ok(())
 }
 
-fn emit(text: &str, output: Option<&Path>, force: bool) -> Result<()> {
+/// Refuse an existing `-o` file before any work (and any passphrase prompt); `write_atomic`
+/// still refuses atomically if one appears meanwhile.
+fn refuse_existing(output: Option<&Path>, force: bool) -> Result<()> {
     match output {
-        Some(p) => write_atomic(p, text.as_bytes(), true, force),
+        Some(p) if !force && std::fs::symlink_metadata(p).is_ok() => Err(usage(format!(
+            "{} already exists; pass --force to replace it",
+            p.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Lines `seal-env` and `rewrap` pass through untouched because nothing on them can be served.
+fn report_skipped(file: &EnvFile, label: &str) {
+    for (line, _, why) in file.skipped() {
+        eprintln!("nodeseal: {label} line {line} kept as it is (not sealed): {why}");
+    }
+}
+
+fn emit(text: &[u8], output: Option<&Path>, force: bool) -> Result<()> {
+    match output {
+        Some(p) => write_atomic(p, text, true, force),
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes()).context("writing stdout")?;
+            out.write_all(text).context("writing stdout")?;
             out.flush().context("writing stdout")
         }
     }
 }
 
 fn rfc3339(t: u64) -> serde_json::Value {
-    if t > MAX_RFC3339 {
-        return serde_json::Value::Null;
-    }
-    let st = UNIX_EPOCH + Duration::from_secs(t);
-    serde_json::Value::String(humantime::format_rfc3339_seconds(st).to_string())
+    serde_json::Value::String(crate::util::format_utc(t))
 }
 
 pub(crate) fn inspect(a: InspectArgs) -> Result<()> {
@@ -432,10 +465,11 @@ fn single_token(text: &str) -> Option<&str> {
 }
 
 pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
+    refuse_existing(a.output.as_deref(), a.force)?;
     let pass = Passphrase::new(&a.pass);
     let input = read_stdin()?;
-    let text = std::str::from_utf8(&input)
-        .map_err(|_| data_error("stdin is not UTF-8: expected a token or an env file"))?;
+    // An env file may hold lines that are not UTF-8 (kept as they are); a token never does.
+    let text = std::str::from_utf8(&input).ok();
     let old = load_key(&a.pfx, &pass)?;
     let mut recipients = load_recipients(&a.cert, &pass)?;
     if a.keep_old {
@@ -445,7 +479,9 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         let (value, bound, not_after, audience) = open_token(tok, &old, var, OpenFormat::Auto)?;
         // A Shipyard value in an env file gains the binding to its variable it never had.
         let name = match (token::detect(tok), bound) {
-            (Some(Format::Shipyard), _) => var.map(str::to_owned),
+            (Some(Format::Shipyard), _) => {
+                var.filter(|v| token::is_valid_name(v)).map(str::to_owned)
+            }
             (_, bound) => bound,
         };
         Ok(token::seal(
@@ -458,13 +494,14 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
             },
         )?)
     };
-    if let Some(tok) = single_token(text) {
+    if let Some(tok) = text.and_then(single_token) {
         let t = reseal(tok, None).context("re-sealing the token on stdin")?;
         let mut line = Zeroizing::new(t);
         line.push('\n');
-        return emit(&line, a.output.as_deref(), a.force);
+        return emit(line.as_bytes(), a.output.as_deref(), a.force);
     }
-    let mut file = EnvFile::parse(text).context("parsing stdin as an env file")?;
+    let mut file = EnvFile::parse_bytes(&input).context("parsing stdin as an env file")?;
+    report_skipped(&file, "stdin");
     if file.vars().next().is_none() {
         return Err(data_error(
             "stdin holds neither a token nor an env file with NAME=VALUE lines",
@@ -482,8 +519,9 @@ pub(crate) fn rewrap(a: RewrapArgs) -> Result<()> {
         *value = Zeroizing::new(t);
         count += 1;
     }
+    emit(&file.render_bytes(), a.output.as_deref(), a.force)?;
     eprintln!("nodeseal: re-sealed {count} value(s)");
-    emit(&file.render(), a.output.as_deref(), a.force)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -519,6 +557,9 @@ mod tests {
         assert!(e(None, Some("forever")).resolve().is_err());
         assert_eq!(e(None, None).resolve().unwrap(), None);
         assert_eq!(rfc3339(0), serde_json::json!("1970-01-01T00:00:00Z"));
-        assert_eq!(rfc3339(u64::MAX), serde_json::Value::Null);
+        assert_eq!(
+            rfc3339(253_402_300_800),
+            serde_json::json!("+10000-01-01T00:00:00Z")
+        );
     }
 }

@@ -188,6 +188,41 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool, force: bool) 
     Ok(())
 }
 
+/// A unix time as UTC `YYYY-MM-DDTHH:MM:SSZ`, for every `u64` a token can carry. RFC 3339 stops
+/// at year 9999; later years use ISO 8601's expanded form with a sign (`+10000-01-01T00:00:00Z`),
+/// so a far expiry prints as a date rather than nothing. Proleptic Gregorian calendar.
+pub(crate) fn format_utc(unix: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    let year = if year > 9999 {
+        format!("+{year}")
+    } else {
+        format!("{year:04}")
+    };
+    format!(
+        "{year}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's `civil_from_days`, for
+/// non-negative day counts (eras of 400 years, 146 097 days each).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +256,28 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
         write_atomic(&p, b"two", false, true).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+    }
+
+    #[test]
+    fn utc_times_match_humantime_and_go_past_year_9999() {
+        use super::format_utc;
+        use std::time::{Duration, UNIX_EPOCH};
+        let mut t = 0u64;
+        // Every ~11.6 days from 1970 to 9999, leap days and century rules included.
+        while t <= 253_402_300_799 {
+            let st = UNIX_EPOCH + Duration::from_secs(t);
+            assert_eq!(
+                format_utc(t),
+                humantime::format_rfc3339_seconds(st).to_string(),
+                "{t}"
+            );
+            t += 1_000_003;
+        }
+        assert_eq!(format_utc(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert_eq!(format_utc(253_402_300_800), "+10000-01-01T00:00:00Z");
+        // 2000 was a leap year and 2100 is not: the 400-year era rule, past 9999 too.
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(4_107_542_400), "2100-03-01T00:00:00Z");
+        assert_eq!(format_utc(u64::MAX), "+584554051223-11-09T07:00:15Z");
     }
 }

@@ -277,6 +277,22 @@ fn docker_credential_helper_serves_registry_logins() {
         text(&out.stdout).trim(),
         "credentials not found in native keychain"
     );
+    // `docker login` with the sealed login is kept (nothing written); another password is not.
+    let store = |secret: &str| {
+        let mut helper = Command::new(bin("docker-credential-nodeseal"));
+        helper
+            .env("NODESEAL_SOCKET", &f.node.socket)
+            .env("AZ_BATCH_TASK_DIR", &f.task)
+            .arg("store");
+        let creds = serde_json::json!({"ServerURL": "myregistry.azurecr.io", "Username": "puller", "Secret": secret});
+        run_with_stdin(&mut helper, creds.to_string().as_bytes())
+    };
+    let kept = store(REG_PW);
+    assert_eq!(kept.status.code(), Some(0), "{}", text(&kept.stdout));
+    let refused = store("not-the-sealed-one");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stdout).contains("not the one nodeseal serves"));
+    assert!(!text(&refused.stdout).contains(REG_PW) && !text(&refused.stderr).contains(REG_PW));
 }
 
 #[test]
@@ -433,4 +449,351 @@ run '{client}' --socket '{host}' --task '{mine}' get MINE
     // The task ends: its socket goes away with it.
     fs::remove_dir_all(node.workitems.join("job-x")).unwrap();
     assert!(wait_until(Duration::from_secs(5), || !sock.exists()));
+}
+
+/// Two keys of one size and no `legacy_key` (every Shipyard migration that adds a second 4096-bit
+/// key): a legacy value can never be opened until an operator names the key, so the client must
+/// not exit 75 (Batch would requeue forever) but 78, and `check` must say so before any task runs.
+#[test]
+fn an_ambiguous_legacy_key_exits_78_and_check_warns_first() {
+    let mut node = Node::new();
+    let a = node.create_cert("first");
+    let b = node.create_cert("second");
+    node.drop_pfx(&a);
+    node.drop_pfx(&b);
+    let task = node.task("job-amb", "task-amb");
+    let legacy = node.seal(&a, None, "ambiguous-legacy-pw", "shipyard");
+    node.write_env(
+        &task,
+        &format!("DOCKER_LOGIN_PASSWORD={legacy}\nPLAIN=fine\n"),
+    );
+    let check = Command::new(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("check")
+        .output()
+        .unwrap();
+    let report = text(&check.stdout);
+    let warning = report
+        .lines()
+        .find(|l| l.starts_with("WARNING") && l.contains("legacy_key"))
+        .unwrap_or_else(|| panic!("no legacy_key warning in:\n{report}"));
+    assert!(
+        warning.contains(&a.thumbprint) && warning.contains(&b.thumbprint),
+        "{warning}"
+    );
+    assert!(!report.contains("(BatchCerts)"), "{report}");
+
+    node.start();
+    let socket = node.socket.clone();
+    let get = |name: &str| {
+        Command::new(bin("nodeseal-client"))
+            .env("NODESEAL_SOCKET", &socket)
+            .env("NODESEAL_RETRY_SECS", "1")
+            .arg("--task")
+            .arg(&task)
+            .args(["get", name])
+            .output()
+            .unwrap()
+    };
+    let out = get("DOCKER_LOGIN_PASSWORD");
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("config_error"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("legacy_key"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&get("PLAIN").stdout), "fine\n");
+    let wire = node
+        .request(serde_json::json!({"op": "get", "name": "DOCKER_LOGIN_PASSWORD", "task": task}));
+    assert_eq!(wire["error"]["code"], "config_error", "{wire}");
+    assert_eq!(wire["error"]["retryable"], false, "{wire}");
+
+    // Naming the key resolves it, and check is quiet about it.
+    node.write_config(serde_json::json!({"legacy_key": a.thumbprint}));
+    node.reload();
+    assert_eq!(
+        text(&get("DOCKER_LOGIN_PASSWORD").stdout),
+        "ambiguous-legacy-pw\n"
+    );
+}
+
+/// A client matching answers to requests by `id` must get its id back on every error answer,
+/// including lines the agent cannot parse as a request.
+#[test]
+fn every_error_answer_echoes_the_request_id() {
+    let mut node = Node::new();
+    node.start();
+    let cases = [
+        serde_json::json!({"op": "steal", "id": 42}),
+        serde_json::json!({"id": "corr-1", "op": "get", "name": 7}),
+        serde_json::json!({"id": {"n": [1, 2]}, "op": "get"}),
+        serde_json::json!({"id": null, "op": "list", "surprise": true}),
+        serde_json::json!({"id": 9, "v": "one", "op": "health"}),
+        serde_json::json!({"id": 10, "v": 2, "op": "health"}),
+        serde_json::json!({"id": 11, "op": "get", "name": "NOPE", "task": "/nowhere"}),
+    ];
+    for req in cases {
+        let answer = node.request(req.clone());
+        assert_eq!(answer["ok"], false, "{req} -> {answer}");
+        let echoed = answer.as_object().unwrap().get("id");
+        assert_eq!(echoed, req.get("id"), "{req} -> {answer}");
+    }
+    // Without an id, none is invented.
+    let answer = node.request(serde_json::json!({"op": "steal"}));
+    assert!(answer.get("id").is_none(), "{answer}");
+}
+
+fn agent_cli(node: &Node, args: &[&str]) -> Output {
+    Command::new(bin("nodeseal-agent"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Operator rough edges: `status` honours the `--socket`/`NODESEAL_SOCKET` its error message
+/// names, `revoke` of a key the node does not hold says so, `check` names source kinds as the
+/// config spells them, and `demo --keep` prints how to look at the running agent.
+#[test]
+#[ignore = "needs root: status and revoke answer host root only"]
+fn operator_commands_do_what_their_messages_say() {
+    let mut node = Node::new();
+    let cert = node.create_cert("ops");
+    node.drop_pfx(&cert);
+    node.start();
+    let elsewhere = node.root.join("not-the-agent.sock");
+    // A config pointing nowhere: only --socket or NODESEAL_SOCKET can find the agent.
+    let bogus_config = node.root.join("bogus.json");
+    fs::write(
+        &bogus_config,
+        serde_json::json!({"socket_path": elsewhere}).to_string(),
+    )
+    .unwrap();
+    let status = |extra_env: Option<&Path>, args: &[&str]| {
+        let mut c = Command::new(bin("nodeseal-agent"));
+        c.arg("--config").arg(&bogus_config).args(args);
+        match extra_env {
+            Some(s) => c.env("NODESEAL_SOCKET", s),
+            None => c.env_remove("NODESEAL_SOCKET"),
+        };
+        c.output().unwrap()
+    };
+    let unreachable = status(None, &["keys"]);
+    assert!(!unreachable.status.success());
+    let why = text(&unreachable.stderr);
+    assert!(
+        why.contains("--socket") && why.contains("NODESEAL_SOCKET"),
+        "{why}"
+    );
+    let by_flag = status(None, &["keys", "--socket", node.socket.to_str().unwrap()]);
+    assert!(by_flag.status.success(), "{}", text(&by_flag.stderr));
+    assert!(text(&by_flag.stdout).contains(&cert.thumbprint));
+    let by_env = status(Some(&node.socket), &["keys"]);
+    assert!(by_env.status.success(), "{}", text(&by_env.stderr));
+    assert!(text(&by_env.stdout).contains(&cert.thumbprint));
+
+    // Revoking a thumbprint the node has never seen is kept, but not reported as if it were
+    // a loaded key.
+    let unknown = "ab".repeat(20);
+    let revoked = agent_cli(&node, &["revoke", &unknown]);
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(info["known"], false, "{info}");
+    assert!(
+        text(&revoked.stderr).contains("no key with thumbprint"),
+        "{}",
+        text(&revoked.stderr)
+    );
+    let known = agent_cli(&node, &["revoke", &cert.thumbprint]);
+    let info: serde_json::Value = serde_json::from_slice(&known.stdout).unwrap();
+    assert_eq!(info["known"], true, "{info}");
+    assert!(text(&known.stderr).is_empty(), "{}", text(&known.stderr));
+    assert!(agent_cli(&node, &["restore", &cert.thumbprint])
+        .status
+        .success());
+    assert!(agent_cli(&node, &["restore", &unknown]).status.success());
+
+    // A key source whose directory is missing is named by its config kind.
+    node.write_config(serde_json::json!({
+        "key_sources": [{"kind": "batch_certs", "path": node.root.join("no-such-dir"), "ingest": true}]
+    }));
+    let check = agent_cli(&node, &["check"]);
+    let report = text(&check.stdout);
+    assert!(
+        report.contains("(batch_certs): directory does not exist"),
+        "{report}"
+    );
+    assert!(!report.contains("BatchCerts"), "{report}");
+}
+
+#[test]
+#[ignore = "needs root: the commands `demo --keep` prints for status and keys answer host root only"]
+fn demo_keep_prints_commands_that_work() {
+    use std::io::{BufRead, BufReader};
+    let mut demo = Command::new(bin("nodeseal-agent"))
+        .args(["demo", "--keep"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut commands = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let line = line.trim();
+        if let Some(cmd) = line.strip_prefix("nodeseal-agent ") {
+            commands.push(cmd.to_owned());
+            if commands.len() == 2 {
+                break;
+            }
+        }
+    }
+    let outputs: Vec<Output> = commands
+        .iter()
+        .map(|c| {
+            Command::new(bin("nodeseal-agent"))
+                .args(c.split_whitespace())
+                .output()
+                .unwrap()
+        })
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = nodeseal_testkit::wait_child(&mut demo, Duration::from_secs(10));
+    assert_eq!(commands.len(), 2, "demo --keep printed {commands:?}");
+    assert!(
+        commands[0].ends_with(" status") && commands[1].ends_with(" keys"),
+        "{commands:?}"
+    );
+    for (cmd, out) in commands.iter().zip(&outputs) {
+        assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
+    }
+    assert!(
+        text(&outputs[0].stdout).contains("Keys:"),
+        "{}",
+        text(&outputs[0].stdout)
+    );
+    assert!(status.success(), "demo exit {status:?}");
+}
+
+/// An env file as a real HPC task writes it (`env | grep -v …` with an exported bash function, a
+/// byte-order mark, names Docker accepts but a shell does not, a plain value that only looks like
+/// a legacy ciphertext): every servable value is served, each skipped line is reported with its
+/// line and reason, and the one value that cannot be opened is reported by name without failing
+/// `env` for the others.
+#[test]
+fn docker_env_file_grammar_and_one_bad_value_hides_nothing() {
+    let mut node = Node::new();
+    let cert = node.create_cert("grammar");
+    node.drop_pfx(&cert);
+    let task = node.task("job-g", "task-g");
+    let db = node.seal(&cert, Some("DB_PASSWORD"), "grammar-db-Secret", "v1");
+    // 256 bytes in base64: legacy_by_length takes it for a 2048-bit ciphertext, but it is not
+    // one (all ones is above any 2048-bit modulus, so it fails the same way on every run).
+    let fake_legacy =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0xffu8; 256]);
+    let body = format!(
+        "\u{feff}FIRST=bom-ok\nBASH_FUNC_module%%=() {{  eval `modulecmd bash $*`\n  x=1\n}}\nmy-var=dash\na.b=dot\n1ABC=digit\nNÄME=umlaut\nA B=spaced\nLOOKS_LEGACY={fake_legacy}\nDB_PASSWORD={db}\n"
+    );
+    node.write_env(&task, &body);
+    node.start();
+    let socket = node.socket.clone();
+    let client = |args: &[&str]| {
+        Command::new(bin("nodeseal-client"))
+            .env("NODESEAL_SOCKET", &socket)
+            .env("NODESEAL_RETRY_SECS", "1")
+            .arg("--task")
+            .arg(&task)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = client(&["list"]);
+    assert_eq!(list.status.code(), Some(0), "{}", text(&list.stderr));
+    let names: Vec<String> = text(&list.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        names,
+        [
+            "FIRST",
+            "my-var",
+            "a.b",
+            "1ABC",
+            "NÄME",
+            "LOOKS_LEGACY",
+            "DB_PASSWORD"
+        ],
+        "{}",
+        node.logs()
+    );
+    let why = text(&list.stderr);
+    for (line, reason) in [
+        (2, "exported bash function"),
+        (3, "body of the exported bash function on line 2"),
+        (4, "body of the exported bash function on line 2"),
+        (9, "whitespace"),
+    ] {
+        assert!(
+            why.lines()
+                .any(|l| l.contains(&format!("line {line} skipped")) && l.contains(reason)),
+            "line {line}: {why}"
+        );
+    }
+    let wire = node.request(serde_json::json!({"op": "list", "task": task}));
+    assert_eq!(wire["skipped"][0]["line"], 2, "{wire}");
+    assert_eq!(wire["skipped"][0]["name"], "BASH_FUNC_module%%", "{wire}");
+
+    for (name, value) in [("FIRST", "bom-ok"), ("my-var", "dash"), ("NÄME", "umlaut")] {
+        assert_eq!(text(&client(&["get", "-n", name]).stdout), value, "{name}");
+    }
+    let func = client(&["get", "BASH_FUNC_module%%"]);
+    assert_eq!(func.status.code(), Some(66));
+    assert!(
+        text(&func.stderr).contains("line 2") && text(&func.stderr).contains("bash function"),
+        "{}",
+        text(&func.stderr)
+    );
+
+    // `env` on the wire: every value that opens, and the one that does not by name.
+    let env = node.request(serde_json::json!({"op": "env", "task": task}));
+    assert_eq!(env["ok"], true, "{env}");
+    let served: Vec<&str> = env["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        served.contains(&"DB_PASSWORD") && served.contains(&"my-var"),
+        "{env}"
+    );
+    assert!(!served.contains(&"LOOKS_LEGACY"), "{env}");
+    assert_eq!(env["errors"][0]["name"], "LOOKS_LEGACY", "{env}");
+    assert_eq!(env["errors"][0]["error"]["code"], "bad_token", "{env}");
+    // The CLI's `env` stays all or nothing (a job never starts with a value silently missing)
+    // and names what failed; `exec --only` runs with the values it asked for.
+    let all = client(&["env"]);
+    assert_eq!(all.status.code(), Some(65), "{}", text(&all.stderr));
+    assert!(
+        text(&all.stderr).contains("LOOKS_LEGACY"),
+        "{}",
+        text(&all.stderr)
+    );
+    assert!(all.stdout.is_empty());
+    let exec = client(&["exec", "--only", "DB_PASSWORD,my-var", "--", "/usr/bin/env"]);
+    assert_eq!(exec.status.code(), Some(0), "{}", text(&exec.stderr));
+    assert!(text(&exec.stdout)
+        .lines()
+        .any(|l| l == "DB_PASSWORD=grammar-db-Secret"));
+    assert!(text(&exec.stdout).lines().any(|l| l == "my-var=dash"));
+    assert!(!node.logs().contains("grammar-db-Secret"));
 }

@@ -342,7 +342,18 @@ fn seal_open_inspect_and_errors() {
     // --raw keeps the newline; empty values are fine.
     let raw = stdout(&ok(ns(&["seal", "--cert", &crt, "--raw"], b"x\r\n")));
     assert_eq!(ok(pool.open(raw.trim(), &[])).stdout, b"x\r\n");
-    let empty = stdout(&ok(ns(&["seal", "--cert", &crt], b"")));
+    // Empty stdin is refused unless asked for: a failed `cmd | nodeseal seal` would seal "".
+    for nothing in [&b""[..], b"\n"] {
+        let refused = ns(&["seal", "--cert", &crt], nothing);
+        assert_eq!(code(&refused), 64, "{}", stderr(&refused));
+        assert!(
+            stderr(&refused).contains("--allow-empty"),
+            "{}",
+            stderr(&refused)
+        );
+        assert!(refused.stdout.is_empty());
+    }
+    let empty = stdout(&ok(ns(&["seal", "--cert", &crt, "--allow-empty"], b"")));
     assert_eq!(ok(pool.open(empty.trim(), &[])).stdout, b"");
 
     // Distinct errors and exit codes.
@@ -462,6 +473,37 @@ fn seal_open_inspect_and_errors() {
     assert_eq!(ok(other.open(both.trim(), &[])).stdout, "grüße".as_bytes());
 }
 
+/// An expiry past year 9999 (RFC 3339's last) still prints as a date, in ISO 8601's expanded
+/// form, never as null.
+#[test]
+fn inspect_prints_an_expiry_beyond_year_9999() {
+    let pool = Pool::new();
+    let crt = s(&pool.crt()).to_owned();
+    let tok = stdout(&ok(ns(
+        &["seal", "--cert", &crt, "--ttl", "10000y"],
+        b"far",
+    )));
+    let info: serde_json::Value =
+        serde_json::from_slice(&ok(ns(&["inspect", tok.trim()], b"")).stdout).unwrap();
+    let unix = info["not_after_unix"].as_u64().unwrap();
+    assert!(unix > 253_402_300_799, "{info}");
+    let shown = info["not_after"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{info}"));
+    let year: u64 = shown
+        .strip_prefix('+')
+        .and_then(|r| r.split('-').next())
+        .and_then(|y| y.parse().ok())
+        .unwrap_or_else(|| panic!("{shown}"));
+    // Gregorian years average 31 556 952 s; the calendar strays from that by a day or two.
+    assert!(
+        year.abs_diff(1970 + unix / 31_556_952) <= 1,
+        "{shown} for {unix}"
+    );
+    assert!(year > 10_000, "{shown}");
+    assert!(shown.ends_with('Z') && shown.contains('T'), "{shown}");
+}
+
 #[test]
 fn seal_env_and_rewrap() {
     let pool = Pool::new();
@@ -540,6 +582,10 @@ fn seal_env_and_rewrap() {
         b"",
     );
     assert_eq!(code(&again), 64);
+    // Refused before any work: no success line ahead of the error, the file untouched.
+    assert!(!stderr(&again).contains("value(s)"), "{}", stderr(&again));
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+    assert_eq!(fs::read_to_string(&out_path).unwrap(), sealed);
     assert_eq!(
         code(&ns(
             &[
@@ -554,11 +600,30 @@ fn seal_env_and_rewrap() {
         )),
         64
     );
+    // Lines nothing can be served from (not UTF-8, Docker-refused names, an exported bash
+    // function with its body) are kept byte for byte and named on stderr; the rest is sealed.
     let bad = dir.join("bad.env");
-    fs::write(&bad, b"A=1\nB=\xff\n").unwrap();
-    let bad_out = ns(&["seal-env", "--cert", s(&pool.crt()), s(&bad)], b"");
-    assert_eq!(code(&bad_out), 65);
-    assert!(stderr(&bad_out).contains("line 2"), "{}", stderr(&bad_out));
+    let odd: &[u8] = b"A=1\nB=\xff\nA B=spaced\nBASH_FUNC_module%%=() {  eval x\n}\nmy-var=dash\n";
+    fs::write(&bad, odd).unwrap();
+    let bad_out = ok(ns(&["seal-env", "--cert", s(&pool.crt()), s(&bad)], b""));
+    for line in ["line 2", "line 3", "line 4", "line 5"] {
+        assert!(
+            stderr(&bad_out).contains(line),
+            "{line}: {}",
+            stderr(&bad_out)
+        );
+    }
+    let out_lines: Vec<&[u8]> = bad_out.stdout.split(|&b| b == b'\n').collect();
+    assert!(out_lines[0].starts_with(b"A=nodeseal.v1."));
+    assert_eq!(
+        out_lines[1..5],
+        odd.split(|&b| b == b'\n').collect::<Vec<_>>()[1..5]
+    );
+    assert!(
+        out_lines[5].starts_with(b"my-var=nodeseal.v1."),
+        "{:?}",
+        out_lines[5]
+    );
 
     // Rewrap the env file for the new key: the shipyard value becomes v1 bound to LEGACY.
     let (old_pfx, new_crt) = (pool.pfx(), new.crt());
@@ -1184,4 +1249,29 @@ fn the_agent_refuses_a_value_bound_to_another_audience() {
     );
     assert!(!refused.to_string().contains(SECRET));
     assert!(!node.logs().contains(SECRET));
+}
+
+/// Rough edges a new user hits on the submit side: an OS error printed once, not twice, and
+/// `cert create` promising no prompt it never shows.
+#[test]
+fn errors_say_things_once_and_help_promises_only_what_happens() {
+    let missing = ns(&["seal", "--cert", "/nonexistent/pool.crt"], b"value");
+    assert_eq!(code(&missing), 66);
+    let text = stderr(&missing);
+    let os = std::io::Error::from_raw_os_error(2).to_string();
+    assert_eq!(text.matches(&os).count(), 1, "{text}");
+    assert!(text.contains("/nonexistent/pool.crt"), "{text}");
+
+    let help = stdout(&ok(ns(&["cert", "create", "--help"], b"")));
+    let line = help
+        .lines()
+        .skip_while(|l| !l.contains("--passphrase-file"))
+        .take_while(|l| !l.trim_start().starts_with("--legacy-pfx"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!line.contains("terminal prompt"), "{line}");
+    assert!(line.contains("generated"), "{line}");
+    // Commands that read an existing PFX do prompt on a terminal, and say so.
+    let open_help = stdout(&ok(ns(&["open", "--help"], b"")));
+    assert!(open_help.contains("terminal prompt"), "{open_help}");
 }

@@ -19,7 +19,9 @@ use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::state::State;
 use audit::Audit;
-use nodeseal_client::protocol::{NamedValue, Operation, Request, Response, PROTOCOL_VERSION};
+use nodeseal_client::protocol::{
+    NamedError, NamedValue, Operation, Request, Response, SkippedLine, PROTOCOL_VERSION,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -46,10 +48,10 @@ struct Context<'a> {
 enum Answer {
     /// `get`, `open`.
     Value(Zeroizing<String>),
-    /// `env`.
-    Values(Vec<NamedValue>),
-    /// `list`.
-    Names(Vec<String>),
+    /// `env`: the values that opened, those that did not, and lines that serve nothing.
+    Values(Vec<NamedValue>, Vec<NamedError>, Vec<SkippedLine>),
+    /// `list`, and lines that serve nothing.
+    Names(Vec<String>, Vec<SkippedLine>),
     /// `health`, `status`, `revoke`, `restore`.
     Info(serde_json::Value),
 }
@@ -65,8 +67,15 @@ impl Answer {
         let mut r = Response::ok();
         match self {
             Self::Value(v) => r.value = Some(v),
-            Self::Values(v) => r.values = Some(v),
-            Self::Names(n) => r.names = Some(n),
+            Self::Values(v, errors, skipped) => {
+                r.values = Some(v);
+                r.errors = (!errors.is_empty()).then_some(errors);
+                r.skipped = (!skipped.is_empty()).then_some(skipped);
+            }
+            Self::Names(n, skipped) => {
+                r.names = Some(n);
+                r.skipped = (!skipped.is_empty()).then_some(skipped);
+            }
             Self::Info(i) => r.info = Some(i),
         }
         r

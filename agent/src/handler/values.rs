@@ -8,7 +8,7 @@ use super::{Answer, Context, Handler};
 use crate::authz;
 use crate::refusal::Refusal;
 use crate::tasks::{EnvEntry, ValueKind};
-use nodeseal_client::protocol::NamedValue;
+use nodeseal_client::protocol::{NamedError, NamedValue, SkippedLine};
 use std::collections::HashMap;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -24,7 +24,15 @@ impl Handler {
         audit.secret_name = Some(name.clone());
         let entries = self.readable_entries(cx, task, audit)?;
         let Some((entry, index)) = Merged::last_definition(&entries, &name)? else {
-            return Err(Refusal::NoSuchVariable { name });
+            return Err(match skipped_line_named(&entries, &name) {
+                Some(s) => Refusal::SkippedLine {
+                    name,
+                    file: s.file.clone(),
+                    line: s.line,
+                    reason: s.reason.clone(),
+                },
+                None => Refusal::NoSuchVariable { name },
+            });
         };
         let approved = self.authorize(cx, &entry, index)?;
         let (value, key) = self.resolve(&cx.config, &entry, index, approved).await?;
@@ -32,6 +40,10 @@ impl Handler {
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
     }
 
+    /// Every value of the task the caller may read. One value that cannot be opened (not for
+    /// this caller, or plain base64 that only looks like a legacy ciphertext) is reported by
+    /// name in the answer's errors; it does not hide the others. Clients fail the whole answer
+    /// unless asked for a partial one, so a job never starts with a secret silently missing.
     pub(super) async fn env(
         self: &Arc<Self>,
         cx: &Context<'_>,
@@ -39,26 +51,25 @@ impl Handler {
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
         let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
-        // Every value is authorized before any is opened: a value not for this caller fails the
-        // whole answer (a job never starts with a secret silently missing) and costs no RSA.
-        let mut chosen = Vec::with_capacity(merged.slots.len());
-        for (position, (name, entry, index)) in merged.iter().enumerate() {
-            match self.authorize(cx, entry, index) {
-                Ok(approved) => chosen.push((position, name, entry, index, approved)),
-                Err(inner) => {
-                    audit.secret_name = Some(name.to_owned());
-                    return Err(Refusal::InValue {
-                        name: name.to_owned(),
-                        inner: Box::new(inner),
-                    });
-                }
-            }
-        }
-        // Open every value at once: decryptions spread over the decrypt pool's threads instead
-        // of running one after another.
+        let mut opened = Vec::with_capacity(merged.slots.len());
+        let mut failed = Vec::new();
+        let refused = |position: usize, name: String, inner: Refusal| {
+            inner
+                .to_response()
+                .error
+                .map(|error| (position, NamedError { name, error }))
+        };
+        // Every value is authorized before any is opened, so a refused one costs no RSA.
+        // Decryptions then run at once, spread over the decrypt pool's threads.
         let mut jobs = tokio::task::JoinSet::new();
-        let mut opened = Vec::with_capacity(chosen.len());
-        for (position, name, entry, index, approved) in chosen {
+        for (position, (name, entry, index)) in merged.iter().enumerate() {
+            let approved = match self.authorize(cx, entry, index) {
+                Ok(approved) => approved,
+                Err(inner) => {
+                    failed.extend(refused(position, name.to_owned(), inner));
+                    continue;
+                }
+            };
             if let ValueKind::Plain(value) = &entry.vars[index].kind {
                 // Served as stored: nothing to wait for, so no task per value.
                 opened.push((position, name.to_owned(), value.clone()));
@@ -75,19 +86,18 @@ impl Handler {
         while let Some(done) = jobs.join_next().await {
             let (position, name, result) =
                 done.map_err(|_| Refusal::Internal("a decryption task failed".into()))?;
-            let (value, key) = result.map_err(|inner| {
-                audit.secret_name = Some(name.clone());
-                Refusal::InValue {
-                    name: name.clone(),
-                    inner: Box::new(inner),
+            match result {
+                Ok((value, key)) => {
+                    if let Some(key) = key {
+                        audit.used_key(key);
+                    }
+                    opened.push((position, name, value));
                 }
-            })?;
-            if let Some(key) = key {
-                audit.used_key(key);
+                Err(inner) => failed.extend(refused(position, name, inner)),
             }
-            opened.push((position, name, value));
         }
         opened.sort_by_key(|(position, _, _)| *position);
+        failed.sort_by_key(|(position, _)| *position);
         Ok(Answer::Values(
             opened
                 .into_iter()
@@ -96,6 +106,8 @@ impl Handler {
                     value: Zeroizing::new(value.as_str().to_owned()),
                 })
                 .collect(),
+            failed.into_iter().map(|(_, e)| e).collect(),
+            skipped_lines(&merged.entries),
         ))
     }
 
@@ -109,7 +121,10 @@ impl Handler {
         audit: &mut Audit,
     ) -> Result<Answer, Refusal> {
         let merged = Merged::new(self.readable_entries(cx, task, audit)?)?;
-        Ok(Answer::Names(merged.names()))
+        Ok(Answer::Names(
+            merged.names(),
+            skipped_lines(&merged.entries),
+        ))
     }
 
     /// The env files of the task the caller names (or owns) that the caller may read.
@@ -132,6 +147,19 @@ impl Handler {
         let readable = authz::readable_files(&cx.caller, cx.scope, &task_dir, &owners)?;
         Ok(readable.into_iter().map(|i| entries[i].clone()).collect())
     }
+}
+
+/// Every skipped line of the task's files, file by file.
+fn skipped_lines(entries: &[Arc<EnvEntry>]) -> Vec<SkippedLine> {
+    entries.iter().flat_map(|e| e.skipped.clone()).collect()
+}
+
+/// The last skipped line that names `name` (an exported function), for a `get` that misses.
+fn skipped_line_named<'a>(entries: &'a [Arc<EnvEntry>], name: &str) -> Option<&'a SkippedLine> {
+    entries
+        .iter()
+        .flat_map(|e| e.skipped.iter())
+        .rfind(|s| s.name.as_deref() == Some(name))
 }
 
 /// A task's variables as its caller sees them: every name once, in order of first appearance

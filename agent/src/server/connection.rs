@@ -9,7 +9,7 @@ use crate::config::Limits;
 use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
-use nodeseal_client::protocol::{Request, Response};
+use nodeseal_client::protocol::{request_id, Request, Response};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -81,21 +81,30 @@ async fn read_line(
 }
 
 /// A client broke a limit: count it, log it, tell it why, and (by returning) disconnect it.
-async fn cut_off(ctx: &ServeContext, peer: &Peer, write_half: &mut OwnedWriteHalf, why: Refusal) {
+async fn cut_off(
+    ctx: &ServeContext,
+    peer: &Peer,
+    write_half: &mut OwnedWriteHalf,
+    answer: Response,
+) {
     ctx.handler
         .state()
         .counters
         .limited
         .fetch_add(1, Ordering::Relaxed);
+    let error = answer.error.as_ref();
     tracing::warn!(
         peer_uid = peer.uid,
         peer_pid = peer.pid,
-        outcome = %why.code(),
-        reason = why.to_string().as_str(),
+        outcome = error.map_or("", |e| e.code.as_str()),
+        reason = error.map_or("", |e| e.message.as_str()),
         "limit broken; disconnecting"
     );
     let write_timeout = Duration::from_secs(ctx.handler.state().config().limits.write_timeout_secs);
-    let _ = tokio::time::timeout(write_timeout, write_half.write_all(&why.to_line())).await;
+    // An error line holds no secret, so no wiping; the id (when the request had one) is echoed.
+    let mut line = serde_json::to_vec(&answer).unwrap_or_default();
+    line.push(b'\n');
+    let _ = tokio::time::timeout(write_timeout, write_half.write_all(&line)).await;
 }
 
 /// Serve one admitted connection until it ends, breaks a limit, or the agent stops.
@@ -117,14 +126,15 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
                 let why = Refusal::RequestIncomplete {
                     secs: limits.idle_timeout_secs,
                 };
-                cut_off(ctx, &peer, &mut write_half, why).await;
+                cut_off(ctx, &peer, &mut write_half, why.to_response()).await;
                 return;
             }
+            // The line was never read whole, so there is no id to echo.
             Line::TooLong => {
                 let why = Refusal::RequestTooLong {
                     max: limits.max_request_bytes,
                 };
-                cut_off(ctx, &peer, &mut write_half, why).await;
+                cut_off(ctx, &peer, &mut write_half, why.to_response()).await;
                 return;
             }
         };
@@ -135,14 +145,18 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
             .admission
             .take_rate_token(peer.principal(), &limits, Instant::now())
         {
-            cut_off(ctx, &peer, &mut write_half, Refusal::RateLimited).await;
+            let mut answer = Refusal::RateLimited.to_response();
+            answer.id = request_id(&bytes);
+            cut_off(ctx, &peer, &mut write_half, answer).await;
             return;
         }
         let response = match serde_json::from_slice::<Request>(&bytes) {
             Ok(request) => ctx.handler.handle(&peer, &scope, request).await,
             Err(e) => {
                 tracing::warn!(peer_uid = peer.uid, peer_pid = peer.pid, outcome = "bad_request", error = %e, "malformed request");
-                Refusal::Malformed(e.to_string()).to_response()
+                let mut answer = Refusal::Malformed(e.to_string()).to_response();
+                answer.id = request_id(&bytes);
+                answer
             }
         };
         if write_response(ctx, &peer, &mut write_half, response, &limits)

@@ -14,6 +14,7 @@ use super::envfile::{
 use super::layout::FoundFile;
 use super::settle;
 use crate::budget::{Charge, Ledger};
+use nodeseal_client::protocol::SkippedLine;
 use nodeseal_envelope::envfile::EnvFile;
 use nodeseal_envelope::Thumbprint;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -75,6 +76,8 @@ pub(crate) struct EnvEntry {
     pub vars: Vec<Var>,
     /// Set when the file broke a cap: the task answers this instead of any of its values.
     pub refused: Option<OverCap>,
+    /// Lines that serve nothing, reported to the callers who may read the file.
+    pub skipped: Vec<SkippedLine>,
     /// What the file looked like when read, so an unchanged file keeps its cached values.
     stamp: FileStamp,
     /// The caps it was read under: a reload that changes them reads it again.
@@ -142,6 +145,7 @@ impl EnvEntry {
                 })
                 .collect(),
             refused: None,
+            skipped: Vec::new(),
             stamp: FileStamp {
                 len: 0,
                 ino: 0,
@@ -307,6 +311,7 @@ impl Tasks {
             task_owner: task.owner,
             vars: Vec::new(),
             refused: Some(why.clone()),
+            skipped: Vec::new(),
             stamp: FileStamp::of(meta),
             caps: *caps,
             bytes: self.env_bytes.free_charge(),
@@ -414,6 +419,7 @@ impl Tasks {
             kind: classifier.classify(name, value),
             cache: Mutex::new(None),
         }));
+        let skipped = skipped_report(&parsed, &path);
         drop(parsed);
         drop(bytes);
         // The candidate count bounds this for the grammar as it is; checked again on what the
@@ -454,6 +460,7 @@ impl Tasks {
             task_owner: task.owner,
             vars,
             refused: None,
+            skipped,
             stamp: FileStamp::of(&meta),
             caps: *caps,
             bytes: bytes_charge,
@@ -549,10 +556,61 @@ impl Tasks {
     }
 }
 
+/// Skipped lines reported per file: a file of a million bad lines must not cost the agent a
+/// million reports (the file's owner chooses its content).
+const MAX_REPORTED_SKIPPED: usize = 32;
+
+/// The skipped lines of `parsed` as reported to callers: the first [`MAX_REPORTED_SKIPPED`],
+/// then one line saying how many more there are.
+fn skipped_report(parsed: &EnvFile, path: &Path) -> Vec<SkippedLine> {
+    let file = path.display().to_string();
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    let mut first_more = 0usize;
+    for (line, name, why) in parsed.skipped() {
+        if out.len() < MAX_REPORTED_SKIPPED {
+            out.push(SkippedLine {
+                file: file.clone(),
+                line: line as u64,
+                name: name.map(str::to_owned),
+                reason: why.to_string(),
+            });
+        } else {
+            if more == 0 {
+                first_more = line;
+            }
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(SkippedLine {
+            file,
+            line: first_more as u64,
+            name: None,
+            reason: format!("and {more} more lines from here on are not served"),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tasks::layout::TaskIdentity;
+
+    #[test]
+    fn skipped_lines_are_reported_up_to_a_bound_then_counted() {
+        let text: String = (0..100).map(|i| format!("BAD {i}=x\n")).collect::<String>() + "OK=1\n";
+        let parsed = EnvFile::parse(&text).unwrap();
+        let report = skipped_report(&parsed, Path::new("/t/nodeseal.env"));
+        assert_eq!(report.len(), MAX_REPORTED_SKIPPED + 1);
+        assert_eq!(report[0].line, 1);
+        assert!(report[0].reason.contains("whitespace"));
+        let last = report.last().unwrap();
+        assert_eq!(last.line, MAX_REPORTED_SKIPPED as u64 + 1);
+        assert!(last.reason.contains("68 more"), "{}", last.reason);
+        assert_eq!(parsed.vars().collect::<Vec<_>>(), [("OK", "1")]);
+    }
     use crate::tasks::settle::{SETTLE, UNTERMINATED_GRACE};
     use std::os::unix::fs::MetadataExt;
     use std::time::Duration;

@@ -13,10 +13,17 @@
 //! - Batch Shipyard's `DOCKER_LOGIN_SERVER`, `DOCKER_LOGIN_USERNAME` (comma-separated, same
 //!   order; an empty server means Docker Hub) and `DOCKER_LOGIN_PASSWORD` (one sealed value
 //!   whose cleartext is the passwords joined by commas).
+//!
+//! `store` (what `docker login` calls after the registry accepted the login) writes nothing: it
+//! succeeds when the username and secret are the ones this helper serves for that registry, and
+//! fails saying which differs otherwise. Every failure but "not found" is also written to stderr,
+//! which Docker passes through, so an unreachable agent is seen rather than becoming an anonymous
+//! pull.
 #![forbid(unsafe_code)]
 
-use nodeseal_client::protocol::ErrorCode;
+use nodeseal_client::protocol::{ErrorCode, NamedError};
 use nodeseal_client::{Client, Secret};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
@@ -24,7 +31,7 @@ use zeroize::Zeroizing;
 
 /// Docker recognises exactly this message as "no credentials" (it then pulls anonymously).
 const NOT_FOUND: &str = "credentials not found in native keychain";
-const READ_ONLY: &str = "nodeseal credentials are read-only; seal them into the task env instead \
+const SEAL_HINT: &str = "nodeseal credentials are read-only; seal them into the task env instead \
                          (NODESEAL_REGISTRY_<ID>_SERVER/_USERNAME/_PASSWORD or DOCKER_LOGIN_*)";
 const DOCKER_HUB_URL: &str = "https://index.docker.io/v1/";
 const REGISTRY_PREFIX: &str = "NODESEAL_REGISTRY_";
@@ -32,23 +39,45 @@ const TOKEN_PREFIX: &str = "nodeseal.v1.";
 /// Longer stdin than this is not a server URL or a credential.
 const MAX_STDIN: u64 = 64 * 1024;
 const USAGE: &str = "Usage: docker-credential-nodeseal <get|list|store|erase|version>";
+const HELP: &str = "Docker credential helper serving registry logins sealed into the task's values \
+(via the nodeseal agent).
+
+Actions (Docker's credential-helper protocol; input on stdin, output on stdout):
+  get      server URL in, {\"ServerURL\",\"Username\",\"Secret\"} out
+  list     {\"<server>\":\"<username>\",...} out
+  store    credentials in; accepted when they are the ones nodeseal serves, nothing is written
+  erase    server URL in; does nothing
+  version  print the version
+
+Configure Docker with {\"credsStore\": \"nodeseal\"} or {\"credHelpers\": {\"<registry>\": \"nodeseal\"}}
+in ~/.docker/config.json. Registries come from NODESEAL_REGISTRY_<ID>_SERVER/_USERNAME/_PASSWORD
+or Batch Shipyard's DOCKER_LOGIN_SERVER/_USERNAME/_PASSWORD. The agent socket is found like
+nodeseal-client's ($NODESEAL_SOCKET, $AZ_BATCH_TASK_DIR/nodeseal.sock, /run/nodeseal/agent.sock).
+Exit status: 0 ok, 1 any failure (the message is on stdout, and on stderr unless it is Docker's
+\"credentials not found\").";
 
 fn main() -> ExitCode {
     let action = std::env::args().nth(1).unwrap_or_default();
     let result = match action.as_str() {
         "get" => get(),
         "list" => list(),
-        "store" => {
-            // The input holds the password `docker login` was given; read it so Docker does not
-            // see a broken pipe, and wipe it.
-            drop(read_stdin());
-            Err(READ_ONLY.to_string())
-        }
+        "store" => store(),
         "erase" => {
             drop(read_stdin());
             Ok(())
         }
         "version" => {
+            println!(
+                "docker-credential-nodeseal (nodeseal) {}",
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(())
+        }
+        "--help" | "-h" | "help" => {
+            println!("{HELP}");
+            Ok(())
+        }
+        "--version" | "-v" => {
             println!(
                 "docker-credential-nodeseal (nodeseal) {}",
                 env!("CARGO_PKG_VERSION")
@@ -63,6 +92,12 @@ fn main() -> ExitCode {
             // Docker reads a failing helper's stdout as the error message.
             let mut out = io::stdout().lock();
             let _ = writeln!(out, "{msg}").and_then(|()| out.flush());
+            // Docker passes the helper's stderr through, also where it drops the error (older
+            // clients pull anonymously when `get` fails): say it there too. "Not found" is the
+            // normal answer for a public registry and stays quiet.
+            if msg != NOT_FOUND {
+                eprintln!("docker-credential-nodeseal: {msg}");
+            }
             ExitCode::from(1)
         }
     }
@@ -96,6 +131,74 @@ fn get() -> Result<(), String> {
         .write_all(&out)
         .and_then(|()| stdout.flush())
         .map_err(|e| format!("cannot write the credentials to stdout: {e}"))
+}
+
+/// What `docker login` hands to `store`.
+#[derive(Deserialize)]
+struct Stored {
+    #[serde(rename = "ServerURL")]
+    server_url: String,
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: Zeroizing<String>,
+}
+
+/// Docker's credentials store stores an identity token under this username.
+const TOKEN_USERNAME: &str = "<token>";
+
+/// `docker login` succeeded at the registry and wants the credentials kept. nodeseal keeps
+/// nothing: accept them when they are what `get` serves for that registry (so later pulls use
+/// the same login), else refuse and say what differs, so a login with other credentials does
+/// not silently leave the sealed ones in force.
+fn store() -> Result<(), String> {
+    let input = read_stdin().map_err(|e| format!("cannot read the credentials from stdin: {e}"))?;
+    if input.len() as u64 > MAX_STDIN {
+        return Err("the credentials on stdin are too long".into());
+    }
+    // serde's messages may quote the input, which holds the secret: report the position only.
+    let given: Stored = serde_json::from_slice(&input).map_err(|e| {
+        format!(
+            "the credentials on stdin are not Docker's {{\"ServerURL\",\"Username\",\"Secret\"}} \
+             JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
+    let server = display_server(&given.server_url).to_string();
+    if given.username == TOKEN_USERNAME {
+        return Err(format!(
+            "the registry {server} answered the login with an identity token, which nodeseal \
+             cannot keep; {SEAL_HINT}"
+        ));
+    }
+    let mut src = Sources::load()?;
+    let registries = src.registries()?;
+    let want = normalize(&given.server_url);
+    let Some(reg) = registries.iter().find(|r| normalize(&r.server) == want) else {
+        return Err(format!(
+            "nodeseal serves no credentials for {server}, so this login cannot be kept; \
+             {SEAL_HINT}"
+        ));
+    };
+    if reg.username != given.username.trim() {
+        return Err(format!(
+            "the username {:?} is not the one nodeseal serves for {server} ({:?}); nothing was \
+             stored and pulls keep using the sealed login; {SEAL_HINT}",
+            given.username, reg.username
+        ));
+    }
+    let served = src.password(reg)?;
+    // A plain comparison: the caller can `get` the served secret anyway, so timing tells it
+    // nothing it may not read.
+    if served.expose().as_bytes() != given.secret.as_bytes() {
+        return Err(format!(
+            "the password given for {} at {server} is not the one nodeseal serves; nothing was \
+             stored and pulls keep using the sealed password; {SEAL_HINT}",
+            reg.username
+        ));
+    }
+    Ok(())
 }
 
 fn list() -> Result<(), String> {
@@ -181,20 +284,23 @@ struct Registry {
 /// The task's values plus this process's environment.
 struct Sources {
     values: Vec<(String, Secret)>,
+    /// Task values that could not be opened: an error only if a registry needs one.
+    failed: Vec<NamedError>,
     client: Option<Client>,
 }
 
 impl Sources {
     fn load() -> Result<Self, String> {
         let mut client = Client::connect().map_err(|e| e.to_string())?;
-        let values = match client.env() {
+        let (values, failed) = match client.env_partial() {
             Ok(v) => v,
             // No env file for this task: the process environment may still have tokens.
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => Vec::new(),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => (Vec::new(), Vec::new()),
             Err(e) => return Err(e.to_string()),
         };
         Ok(Self {
             values,
+            failed,
             client: Some(client),
         })
     }
@@ -216,6 +322,12 @@ impl Sources {
     fn lookup(&mut self, name: &str) -> Result<Option<Secret>, String> {
         if let Some((_, v)) = self.values.iter().find(|(n, _)| n == name) {
             return Ok(Some(Secret::from(v.expose().to_string())));
+        }
+        if let Some(f) = self.failed.iter().find(|f| f.name == name) {
+            return Err(format!(
+                "the task's value {name} cannot be opened ({}): {}",
+                f.error.code, f.error.message
+            ));
         }
         let Some(raw) = std::env::var_os(name) else {
             return Ok(None);

@@ -2,7 +2,8 @@
 //!
 //! Exit statuses follow `sysexits.h`: 0 ok, 64 usage, 65 bad token/expired/bad request/too
 //! large/unrepresentable value, 66 not found, 69 agent unreachable, 70 internal, 74 output
-//! failed, 75 try again later, 77 forbidden, 78 bad configuration; `exec` returns 126/127 when
+//! failed, 75 try again later, 77 forbidden, 78 bad configuration (the agent's `config_error`
+//! or this client's own); `exec` returns 126/127 when
 //! the command cannot be run. No secret is ever written to stderr.
 #![forbid(unsafe_code)]
 
@@ -29,7 +30,13 @@ const TOKEN_PREFIX: &str = "nodeseal.v1.";
     after_help = "The socket is --socket, else $NODESEAL_SOCKET, else $AZ_BATCH_TASK_DIR/nodeseal.sock \
                   if it exists, else /run/nodeseal/agent.sock. The task is --task, else \
                   $AZ_BATCH_TASK_DIR. $NODESEAL_RETRY_SECS sets how long to wait for a busy or \
-                  absent agent (default 10)."
+                  absent agent (default 10).\n\n\
+                  Exit status (sysexits): 0 ok, 64 usage, 65 bad token, expired, bad request, \
+                  too large or a value the output format cannot hold, 66 not found, 69 agent \
+                  unreachable, 70 internal error, 74 cannot write the output, 75 try again later \
+                  (key_unavailable, busy, lost connection), 77 forbidden, 78 the node's \
+                  configuration cannot serve it (config_error; retrying will not help); exec: \
+                  126 command not runnable, 127 command not found."
 )]
 struct Cli {
     /// Agent socket to use instead of discovering one.
@@ -203,8 +210,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write_stdout(&text)
         }
         Cmd::List => {
+            let (names, skipped) = client.list_report()?;
+            for s in &skipped {
+                eprintln!(
+                    "nodeseal-client: {} line {} skipped: {}",
+                    s.file, s.line, s.reason
+                );
+            }
             let mut text = String::new();
-            for name in client.list()? {
+            for name in names {
                 text.push_str(&name);
                 text.push('\n');
             }
@@ -324,13 +338,24 @@ fn exec(client: &mut Client, only: &[String], command: &[OsString]) -> anyhow::R
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
 
-    let values = match client.env() {
+    let (values, failed) = match client.env_partial() {
         Ok(v) => v,
         // A task may carry tokens in its environment and have no env file with the agent.
-        Err(e) if e.code() == Some(ErrorCode::NotFound) && !tokens.is_empty() => Vec::new(),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) && !tokens.is_empty() => {
+            (Vec::new(), Vec::new())
+        }
         Err(e) => return Err(e.into()),
     };
     let wanted: BTreeSet<&str> = only.iter().map(String::as_str).collect();
+    // A value the command would get failed: it does not start without it. Values it would
+    // not get (outside --only) do not stop it.
+    let failed: Vec<_> = failed
+        .into_iter()
+        .filter(|f| wanted.is_empty() || wanted.contains(f.name.as_str()))
+        .collect();
+    if let Some(e) = nodeseal_client::first_failure(&failed) {
+        return Err(e.into());
+    }
     let values: Vec<(String, Secret)> = values
         .into_iter()
         .filter(|(n, _)| wanted.is_empty() || wanted.contains(n.as_str()))

@@ -173,6 +173,7 @@ pub(crate) fn standard(req: &Value) -> Reply {
             "HUGE" => err("too_large", "value over limit", false),
             "BOOM" => err("internal", "agent bug", false),
             "BUSY" => err("busy", "too many connections", true),
+            "AMBIGUOUS" => err("config_error", "2 keys of 4096 bits; set legacy_key", false),
             other => err("not_found", &format!("no value named {other}"), false),
         },
         "env" => ok(json!({"values": [
