@@ -42,6 +42,7 @@ mod handler;
 pub mod hardening;
 mod keys;
 mod lifecycle;
+mod log_budget;
 pub mod logging;
 mod peer;
 mod refusal;
@@ -165,6 +166,7 @@ pub async fn run(
     }
 
     let watchdog = options.daemon.then(|| tokio::spawn(watchdog()));
+    let log_summaries = tokio::spawn(log_budget::summarize_periodically());
     let hup = tokio::spawn(reload_on_sighup(
         hup_signal,
         lifecycle.clone(),
@@ -185,7 +187,7 @@ pub async fn run(
     }
     let _ = watcher.await;
     let _ = task_sockets.await;
-    for task in [watchdog, Some(hup)].into_iter().flatten() {
+    for task in [watchdog, Some(hup), Some(log_summaries)].into_iter().flatten() {
         task.abort();
     }
     if let Some(path) = owned_socket {

@@ -23,14 +23,16 @@ impl Handler {
                 let info = token::inspect(token_text)?;
                 let allowed =
                     authz::openable_recipients(&cx.caller, cx.scope, &policy, &info.recipients)?;
-                self.open_v1(token_text, &allowed, Some(name.as_deref().unwrap_or("")))
+                let uid = cx.caller.uid;
+                self.open_v1(&cx.config, uid, token_text, &allowed, Some(name.as_deref().unwrap_or("")))
                     .await?
             }
             Some(Format::Shipyard) => {
                 let len = legacy::decode(token_text).map_or(0, |d| d.len());
                 let key = self.legacy_key_for(&cx.config, len)?;
                 authz::openable_recipients(&cx.caller, cx.scope, &policy, &[key.thumbprint()])?;
-                self.open_shipyard(&cx.config, token_text, len).await?
+                self.open_shipyard(&cx.config, cx.caller.uid, token_text, len)
+                    .await?
             }
             _ => return Err(Refusal::NotAToken),
         };

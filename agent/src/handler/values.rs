@@ -24,7 +24,8 @@ impl Handler {
         let Some((entry, index)) = find_var(&entries, &name) else {
             return Err(Refusal::NoSuchVariable { name });
         };
-        let (value, key) = self.resolve(&cx.config, &entry, index).await?;
+        let (value, key) = self.resolve(&cx.config, cx.caller.uid, &entry, index)
+            .await?;
         audit.key_id = key;
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
     }
@@ -46,8 +47,9 @@ impl Handler {
             };
             let handler = self.clone();
             let config = cx.config.clone();
+            let uid = cx.caller.uid;
             jobs.spawn(async move {
-                let result = handler.resolve(&config, &entry, index).await;
+                let result = handler.resolve(&config, uid, &entry, index).await;
                 (position, name, result)
             });
         }

@@ -79,18 +79,18 @@ async fn read_line(
 
 /// A client broke a limit: count it, log it, tell it why, and (by returning) disconnect it.
 async fn cut_off(ctx: &ServeContext, peer: &Peer, write_half: &mut OwnedWriteHalf, why: Refusal) {
-    ctx.handler
-        .state()
-        .counters
-        .limited
-        .fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(
+    let state = ctx.handler.state();
+    state.counters.limited.fetch_add(1, Ordering::Relaxed);
+    let limits = &state.config().limits;
+    if crate::log_budget::warning(why.code().as_str(), peer.uid, limits) {
+        tracing::warn!(
         peer_uid = peer.uid,
         peer_pid = peer.pid,
         outcome = %why.code(),
         reason = why.to_string().as_str(),
         "limit broken; disconnecting"
-    );
+        );
+    }
     let _ = write_half.write_all(&why.to_line()).await;
 }
 
@@ -137,7 +137,9 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
         let response = match serde_json::from_slice::<Request>(&bytes) {
             Ok(request) => ctx.handler.handle(&peer, &scope, request).await,
             Err(e) => {
-                tracing::warn!(peer_uid = peer.uid, peer_pid = peer.pid, outcome = "bad_request", error = %e, "malformed request");
+                if crate::log_budget::warning("malformed_request", peer.uid, &limits) {
+                    tracing::warn!(peer_uid = peer.uid, peer_pid = peer.pid, outcome = "bad_request", error = %e, "malformed request");
+                }
                 Refusal::Malformed(e.to_string()).to_response()
             }
         };
