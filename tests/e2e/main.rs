@@ -7,6 +7,7 @@
 mod abuse;
 mod agent;
 mod client;
+mod fairness;
 mod faults;
 mod hostile_keys;
 mod hostile_logs;
