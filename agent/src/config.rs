@@ -545,7 +545,10 @@ impl Config {
             ));
         }
         if l.log_window_secs == 0 {
-            return Err(invalid("limits.log_window_secs", "must be at least 1".into()));
+            return Err(invalid(
+                "limits.log_window_secs",
+                "must be at least 1".into(),
+            ));
         }
         if l.idle_timeout_secs == 0 {
             return Err(invalid(

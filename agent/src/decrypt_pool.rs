@@ -60,8 +60,7 @@ impl Queues {
             return Err(Refusal::ShuttingDown);
         }
         let mine = self.by_uid.get(&uid).map_or(0, VecDeque::len);
-        if mine >= limits.max_queued_decrypts_per_uid || self.queued >= limits.max_queued_decrypts
-        {
+        if mine >= limits.max_queued_decrypts_per_uid || self.queued >= limits.max_queued_decrypts {
             return Err(Refusal::DecryptQueueFull);
         }
         let queue = self.by_uid.entry(uid).or_default();
@@ -136,7 +135,11 @@ impl DecryptPool {
             uid,
             limits,
             Box::new(move || {
-                let _ = done.send(f());
+                // The request went away while this waited (the client hung up, or a sibling
+                // value of its `env` failed): skip the RSA work nobody will read.
+                if !done.is_closed() {
+                    let _ = done.send(f());
+                }
             }),
         )?;
         result.await.map_err(|_| Refusal::ShuttingDown)
@@ -193,10 +196,7 @@ fn next_job(shared: &Shared) -> Option<Job> {
         if queues.closed {
             return None;
         }
-        queues = shared
-            .ready
-            .wait(queues)
-            .unwrap_or_else(|e| e.into_inner());
+        queues = shared.ready.wait(queues).unwrap_or_else(|e| e.into_inner());
     }
 }
 

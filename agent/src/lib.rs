@@ -187,7 +187,10 @@ pub async fn run(
     }
     let _ = watcher.await;
     let _ = task_sockets.await;
-    for task in [watchdog, Some(hup), Some(log_summaries)].into_iter().flatten() {
+    for task in [watchdog, Some(hup), Some(log_summaries)]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
     }
     if let Some(path) = owned_socket {

@@ -129,7 +129,13 @@ static BUDGET: LazyLock<LogBudget> = LazyLock::new(LogBudget::default);
 fn allow(stream: Stream, kind: &'static str, uid: u32, budget: u32, limits: &Limits) -> bool {
     let mut due = Vec::new();
     let length = Duration::from_secs(limits.log_window_secs);
-    let allowed = BUDGET.allow((stream, kind, uid), budget, length, Instant::now(), &mut due);
+    let allowed = BUDGET.allow(
+        (stream, kind, uid),
+        budget,
+        length,
+        Instant::now(),
+        &mut due,
+    );
     emit(&due);
     allowed
 }

@@ -117,7 +117,10 @@ pub(crate) fn client(
                         std::thread::sleep(Duration::from_millis(pace_ms));
                     }
                 }
-                results.lock().unwrap_or_else(|e| e.into_inner()).extend(out);
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(out);
             })
         })
         .collect();
@@ -164,7 +167,12 @@ fn spawn_client(
         .arg(socket)
         .args(["--req", &req.to_string(), "--conns", &conns.to_string()])
         .args(["--secs", &secs.to_string(), "--mode", mode])
-        .args(["--hold", &hold.to_string(), "--pace-ms", &pace_ms.to_string()])
+        .args([
+            "--hold",
+            &hold.to_string(),
+            "--pace-ms",
+            &pace_ms.to_string(),
+        ])
         .uid(uid)
         .gid(uid)
         .stdout(Stdio::piped())
@@ -240,7 +248,9 @@ fn p(samples: &[(f64, String)], q: f64) -> f64 {
 fn codes(samples: &[(f64, String)]) -> String {
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
     for (_, c) in samples {
-        *counts.entry(if c.is_empty() { "ok" } else { c }).or_default() += 1;
+        *counts
+            .entry(if c.is_empty() { "ok" } else { c })
+            .or_default() += 1;
     }
     counts
         .iter()
@@ -280,7 +290,11 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
         .map(|i| format!("H{i:07}={value}\n"))
         .collect();
     node.write_env(&huge_task, &huge);
-    for (task, uid) in [(&victim_task, VICTIM), (&list_task, ATTACKER), (&huge_task, ATTACKER)] {
+    for (task, uid) in [
+        (&victim_task, VICTIM),
+        (&list_task, ATTACKER),
+        (&huge_task, ATTACKER),
+    ] {
         std::os::unix::fs::chown(task.join("wd/.shipyard.envlist"), Some(uid), Some(uid))?;
     }
     node.start();
@@ -298,7 +312,12 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     let dup = json!({"op": "open", "token": with_recipients(&unbound, 16, true)?});
     let list = json!({"op": "list", "task": list_task});
     let env_huge = json!({"op": "env", "task": huge_task});
-    type Attack = (&'static str, &'static str, &'static str, Vec<(Value, usize, &'static str, usize)>);
+    type Attack = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Vec<(Value, usize, &'static str, usize)>,
+    );
     let attacks: Vec<Attack> = vec![
         ("none", "no attacker", "—", vec![]),
         (
@@ -396,8 +415,21 @@ fn render(phases: &[Phase], rsa_ms: f64, cores: usize, scale: &AbuseScale) -> St
     let _ = writeln!(t, "| attack | cached `get` p50 / p99 | target met | uncached `open` p50 / p99 | target met | victim answers | attacker answers | agent RSS max | log written | mitigated |");
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
     for ph in phases {
-        let (g50, g99, o50, o99) = (p(&ph.get, 0.5), p(&ph.get, 0.99), p(&ph.open, 0.5), p(&ph.open, 0.99));
-        let judge = |ok: bool| if ph.name == "none" { "—" } else if ok { "yes" } else { "**no**" };
+        let (g50, g99, o50, o99) = (
+            p(&ph.get, 0.5),
+            p(&ph.get, 0.99),
+            p(&ph.open, 0.5),
+            p(&ph.open, 0.99),
+        );
+        let judge = |ok: bool| {
+            if ph.name == "none" {
+                "—"
+            } else if ok {
+                "yes"
+            } else {
+                "**no**"
+            }
+        };
         let _ = writeln!(
             t,
             "| {} | {g50:.2} / {g99:.2} ms | {} | {o50:.1} / {o99:.1} ms | {} | get: {}; open: {} | {} | {:.1} MiB | {:.0} KiB | {} |",
@@ -427,7 +459,11 @@ fn render(phases: &[Phase], rsa_ms: f64, cores: usize, scale: &AbuseScale) -> St
 pub(crate) fn splice(path: &Path, section: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let out = match (text.find(BEGIN), text.find(END)) {
-        (Some(b), Some(e)) if e > b => format!("{}{section}{}", &text[..b], &text[e + END.len() + 1.min(text.len() - e - END.len())..]),
+        (Some(b), Some(e)) if e > b => format!(
+            "{}{section}{}",
+            &text[..b],
+            &text[e + END.len() + 1.min(text.len() - e - END.len())..]
+        ),
         _ => format!("{text}\n{section}"),
     };
     std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))

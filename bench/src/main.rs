@@ -267,7 +267,10 @@ fn main() -> Result<()> {
         };
         let section = abuse::run(&scale, &bins.join("nodeseal-agent"), &key)?;
         abuse::splice(&cli.out, &section)?;
-        eprintln!("nodeseal-bench: wrote the under-abuse section of {}", cli.out.display());
+        eprintln!(
+            "nodeseal-bench: wrote the under-abuse section of {}",
+            cli.out.display()
+        );
         return Ok(());
     }
     let scale = Scale::new(cli.smoke, cli.repeats);

@@ -103,8 +103,12 @@ fn client(
 fn answers(child: Child) -> Vec<(f64, String)> {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "client failed: {out:?}");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("client output ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn count(answers: &[(f64, String)], code: &str) -> usize {
@@ -176,13 +180,15 @@ fn two_uid_node(config: Value, attacker_env: impl Fn(&str) -> String) -> (Node, 
     let victim_task = node.task("job", "victim");
     node.write_env(
         &victim_task,
-        &format!("PLAIN={PLAIN}\nSECRET={}\n", node.seal(&cert, Some("SECRET"), SECRET, "v1")),
+        &format!(
+            "PLAIN={PLAIN}\nSECRET={}\n",
+            node.seal(&cert, Some("SECRET"), SECRET, "v1")
+        ),
     );
     let attacker_task = node.task("job", "attacker");
     node.write_env(&attacker_task, &attacker_env(&unbound));
     for (task, uid) in [(&victim_task, VICTIM), (&attacker_task, ATTACKER)] {
-        std::os::unix::fs::chown(task.join("wd/.shipyard.envlist"), Some(uid), Some(uid))
-            .unwrap();
+        std::os::unix::fs::chown(task.join("wd/.shipyard.envlist"), Some(uid), Some(uid)).unwrap();
     }
     node.start();
     let get = json!({"op": "get", "name": "PLAIN", "task": victim_task});
@@ -217,14 +223,24 @@ fn fairness_a_token_naming_a_held_key_many_times_is_refused_before_any_rsa_work(
         let r = request_as(VICTIM, &node.socket, &json!({"op": "open", "token": token}));
         assert_eq!(code_of(&r), "bad_token", "16 copies (junk {junk}): {r}");
         assert!(
-            r["error"]["message"].as_str().unwrap_or("").contains("more than once"),
+            r["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("more than once"),
             "{r}"
         );
     }
-    assert_eq!(decrypts(&node), before, "an RSA operation ran for a refused token");
+    assert_eq!(
+        decrypts(&node),
+        before,
+        "an RSA operation ran for a refused token"
+    );
     // The same key once is still opened, with one operation.
     let once = with_recipients(&unbound, 1, false);
-    assert_eq!(request_as(VICTIM, &node.socket, &json!({"op": "open", "token": once}))["value"], SECRET);
+    assert_eq!(
+        request_as(VICTIM, &node.socket, &json!({"op": "open", "token": once}))["value"],
+        SECRET
+    );
     assert_eq!(decrypts(&node), before + 1);
 }
 
@@ -282,7 +298,11 @@ fn fairness_junk_wrapped_keys_from_one_uid_get_busy_while_another_uids_open_is_s
         count(&attacked, "bad_token"),
         count(&attacked, "busy")
     );
-    assert!(count(&attacked, "bad_token") > 0, "the junk never reached RSA: {:?}", &attacked[..5.min(attacked.len())]);
+    assert!(
+        count(&attacked, "bad_token") > 0,
+        "the junk never reached RSA: {:?}",
+        &attacked[..5.min(attacked.len())]
+    );
     assert!(
         count(&attacked, "busy") > 0,
         "the attacker was never held to its RSA rate"
@@ -303,7 +323,10 @@ fn fairness_a_connect_flood_from_one_uid_leaves_others_served_and_the_log_bounde
     let victim = answers(client(VICTIM, &node.socket, &get, 1, 4.0, "paced", 0));
     let attacked = answers(attacker);
     eprintln!("attacker: {} connects", count(&attacked, "connected"));
-    assert!(count(&attacked, "connected") > 1000, "the connect flood was too slow to test anything");
+    assert!(
+        count(&attacked, "connected") > 1000,
+        "the connect flood was too slow to test anything"
+    );
     // The victim's connect competes with the flood for the host socket's backlog (the kernel's
     // queue, before the agent sees who is calling), so it may wait its turn there: answered,
     // never refused, within seconds. A task's own socket (mode 0600, its owner's) is out of
@@ -315,19 +338,33 @@ fn fairness_a_connect_flood_from_one_uid_leaves_others_served_and_the_log_bounde
     assert!(limited > 1000, "only {limited} connections refused");
     // One refused connection per line would be megabytes; the budget is a few lines per window.
     assert!(
-        wait_until(Duration::from_secs(5), || node.logs().contains("similar warning lines suppressed")),
+        wait_until(Duration::from_secs(5), || node
+            .logs()
+            .contains("similar warning lines suppressed")),
         "no suppressed-lines summary: {}",
         &node.logs()[log_before..]
     );
     let logs = node.logs();
     let grown = logs.len() - log_before;
-    let refusals = logs[log_before..].matches("per-uid connection limit reached").count();
+    let refusals = logs[log_before..]
+        .matches("per-uid connection limit reached")
+        .count();
     eprintln!("{limited} connections refused; log grew {grown} bytes, {refusals} refusal lines");
-    assert!(grown < 256 * 1024, "the log grew {grown} bytes under the flood");
+    assert!(
+        grown < 256 * 1024,
+        "the log grew {grown} bytes under the flood"
+    );
     let suppressed: u64 = logs[log_before..]
         .lines()
         .filter(|l| l.contains("similar warning lines suppressed"))
-        .filter_map(|l| l.split("suppressed=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("suppressed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     assert!(
         suppressed + refusals as u64 >= limited / 2,

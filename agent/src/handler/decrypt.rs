@@ -45,7 +45,9 @@ impl Handler {
                 self.open_v1(config, uid, token, recipients, Some(&var.name))
                     .await?
             }
-            ValueKind::Shipyard { token, len } => self.open_shipyard(config, uid, token, *len).await?,
+            ValueKind::Shipyard { token, len } => {
+                self.open_shipyard(config, uid, token, *len).await?
+            }
             ValueKind::Plain(_) | ValueKind::Invalid(_) => {
                 unreachable!("plain and invalid values returned above")
             }

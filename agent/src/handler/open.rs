@@ -24,8 +24,14 @@ impl Handler {
                 let allowed =
                     authz::openable_recipients(&cx.caller, cx.scope, &policy, &info.recipients)?;
                 let uid = cx.caller.uid;
-                self.open_v1(&cx.config, uid, token_text, &allowed, Some(name.as_deref().unwrap_or("")))
-                    .await?
+                self.open_v1(
+                    &cx.config,
+                    uid,
+                    token_text,
+                    &allowed,
+                    Some(name.as_deref().unwrap_or("")),
+                )
+                .await?
             }
             Some(Format::Shipyard) => {
                 let len = legacy::decode(token_text).map_or(0, |d| d.len());

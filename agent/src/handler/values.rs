@@ -24,7 +24,8 @@ impl Handler {
         let Some((entry, index)) = find_var(&entries, &name) else {
             return Err(Refusal::NoSuchVariable { name });
         };
-        let (value, key) = self.resolve(&cx.config, cx.caller.uid, &entry, index)
+        let (value, key) = self
+            .resolve(&cx.config, cx.caller.uid, &entry, index)
             .await?;
         audit.key_id = key;
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
