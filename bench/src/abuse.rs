@@ -152,33 +152,46 @@ struct Phase {
     mitigated: &'static str,
 }
 
-fn spawn_client(
-    uid: u32,
-    socket: &Path,
-    req: &Value,
+/// How a `client` child behaves: its connections, duration, mode, held idle connections and
+/// pause between requests.
+struct Load {
     conns: usize,
     secs: f64,
-    mode: &str,
+    mode: &'static str,
     hold: usize,
     pace_ms: u64,
-) -> Result<Child> {
+}
+
+fn spawn_client(uid: u32, socket: &Path, req: &Value, load: &Load) -> Result<Child> {
     Command::new(std::env::current_exe()?)
         .args(["client", "--socket"])
         .arg(socket)
-        .args(["--req", &req.to_string(), "--conns", &conns.to_string()])
-        .args(["--secs", &secs.to_string(), "--mode", mode])
         .args([
-            "--hold",
-            &hold.to_string(),
-            "--pace-ms",
-            &pace_ms.to_string(),
+            "--req",
+            &req.to_string(),
+            "--conns",
+            &load.conns.to_string(),
         ])
+        .args(["--secs", &load.secs.to_string(), "--mode", load.mode])
+        .args(["--hold", &load.hold.to_string()])
+        .args(["--pace-ms", &load.pace_ms.to_string()])
         .uid(uid)
         .gid(uid)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .context("cannot start a client child")
+}
+
+/// The well-behaved uid: one connection at a time, `pace_ms` between requests.
+fn paced(secs: f64, pace_ms: u64) -> Load {
+    Load {
+        conns: 1,
+        secs,
+        mode: "paced",
+        hold: 0,
+        pace_ms,
+    }
 }
 
 fn collect(child: Child) -> Result<Vec<(f64, String)>> {
@@ -301,7 +314,7 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     let socket = node.socket.clone();
     let get = json!({"op": "get", "name": "SECRET", "task": victim_task});
     let open = json!({"op": "open", "token": unbound});
-    let warm = collect(spawn_client(VICTIM, &socket, &get, 1, 0.2, "paced", 0, 10)?)?;
+    let warm = collect(spawn_client(VICTIM, &socket, &get, &paced(0.2, 10))?)?;
     if !warm.iter().any(|(_, c)| c.is_empty()) {
         bail!("the victim is not served: {warm:?}\n{}", log_tail(&node));
     }
@@ -351,23 +364,21 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
         let log_before = node.logs().len();
         let mut children = Vec::new();
         for (req, conns, mode, hold) in &attackers {
-            children.push(spawn_client(
-                ATTACKER,
-                &socket,
-                req,
-                *conns,
-                scale.secs + 1.0,
+            let load = Load {
+                conns: *conns,
+                secs: scale.secs + 1.0,
                 mode,
-                *hold,
-                0,
-            )?);
+                hold: *hold,
+                pace_ms: 0,
+            };
+            children.push(spawn_client(ATTACKER, &socket, req, &load)?);
         }
         if !attackers.is_empty() {
             // Pacing: the attack is under way before the victim measures.
             std::thread::sleep(Duration::from_millis(500));
         }
-        let victim_get = spawn_client(VICTIM, &socket, &get, 1, scale.secs, "paced", 0, 10)?;
-        let victim_open = spawn_client(VICTIM, &socket, &open, 1, scale.secs, "paced", 0, 50)?;
+        let victim_get = spawn_client(VICTIM, &socket, &get, &paced(scale.secs, 10))?;
+        let victim_open = spawn_client(VICTIM, &socket, &open, &paced(scale.secs, 50))?;
         let mut rss_max = rss_kib(node.pid());
         let until = Instant::now() + Duration::from_secs_f64(scale.secs);
         while Instant::now() < until {

@@ -307,7 +307,8 @@ fn fairness_junk_wrapped_keys_from_one_uid_get_busy_while_another_uids_open_is_s
         count(&attacked, "busy") > 0,
         "the attacker was never held to its RSA rate"
     );
-    check_victim("junk wrapped keys", &victim, 5, 1.0);
+    // Generous: the attacker's reconnects after each `busy` also compete for the backlog.
+    check_victim("junk wrapped keys", &victim, 5, 3.0);
 }
 
 #[test]
@@ -318,9 +319,9 @@ fn fairness_a_connect_flood_from_one_uid_leaves_others_served_and_the_log_bounde
     let get = json!({"op": "get", "name": "PLAIN", "task": victim_task});
     let per_uid = 128; // the shipped max_connections_per_uid
     let log_before = node.logs().len();
-    let attacker = client(ATTACKER, &node.socket, &get, 8, 6.0, "connect", per_uid);
+    let attacker = client(ATTACKER, &node.socket, &get, 8, 8.0, "connect", per_uid);
     std::thread::sleep(Duration::from_millis(500)); // pacing: let the flood start first
-    let victim = answers(client(VICTIM, &node.socket, &get, 1, 4.0, "paced", 0));
+    let victim = answers(client(VICTIM, &node.socket, &get, 1, 6.0, "paced", 0));
     let attacked = answers(attacker);
     eprintln!("attacker: {} connects", count(&attacked, "connected"));
     assert!(
