@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 const VICTIM: u32 = 4242;
 const ATTACKER: u32 = 4243;
+/// Longest a client waits for one answer before counting it as a timeout.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const BEGIN: &str = "<!-- under-abuse:begin -->";
 const END: &str = "<!-- under-abuse:end -->";
 
@@ -89,6 +91,9 @@ pub(crate) fn client(
                     let t = Instant::now();
                     if conn.is_none() || mode == Mode::Paced {
                         conn = UnixStream::connect(&socket).ok().and_then(|s| {
+                            // A stalled agent counts as "timeout" answers, never a hung run.
+                            s.set_read_timeout(Some(ANSWER_TIMEOUT)).ok()?;
+                            s.set_write_timeout(Some(ANSWER_TIMEOUT)).ok()?;
                             let r = BufReader::new(s.try_clone().ok()?);
                             Some((s, r))
                         });
@@ -102,6 +107,14 @@ pub(crate) fn client(
                         .write_all(line.as_bytes())
                         .and_then(|()| r.read_line(&mut answer))
                     {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            "timeout".to_owned()
+                        }
                         Ok(0) | Err(_) => "eof".to_owned(),
                         Ok(_) => serde_json::from_str::<Value>(&answer)
                             .ok()
@@ -109,7 +122,7 @@ pub(crate) fn client(
                             .unwrap_or_default(),
                     };
                     out.push((t.elapsed().as_secs_f64(), code.clone()));
-                    if code == "busy" || code == "eof" {
+                    if code == "busy" || code == "eof" || code == "timeout" {
                         conn = None;
                     }
                     if mode == Mode::Paced {
