@@ -1315,7 +1315,7 @@ fn render(
     }
     writeln!(s, "\n## How each figure is measured\n")?;
     for line in [
-        "The agent config raises `limits.requests_per_sec_per_uid`/`burst_per_uid` (every request comes from root, one uid; the default 200/s per uid would turn most of them into `busy`), `max_connections` and `max_connections_per_uid` (4096: all load comes from one uid) and `idle_timeout_secs`. Everything else is the default; the log level is `info`, so every request writes its audit line to stderr, which goes to a file.",
+        "The agent config raises `limits.requests_per_sec_per_uid`/`burst_per_uid` and `rsa_ops_per_sec_per_uid`/`rsa_burst_per_uid` (every request comes from root, one uid; the default 200 requests/s and 100 RSA operations/s per uid would turn most of them into `busy`), `max_connections` and `max_connections_per_uid` (4096: all load comes from one uid) and `idle_timeout_secs`. Everything else is the default; the log level is `info`, so every request writes its audit line to stderr, which goes to a file.",
         "A load average above the core count at the end means other work shared the machine during the run (spreads widen, baselines like `openssl speed` and process spawns suffer most); rerun `bench/run.sh` on a quiet machine for figures to compare across commits.",
         "Load clients are threads of the harness on the same machine: they compete with the agent for the cores, exactly as they do with the echo server and as `openssl speed -multi` does not.",
         "Cached rows: one RSA 4096 key, one task with 64 v1 values, all read once before measuring. Uncached rows: `cache_ttl_secs: 0`, so every `get` opens its v1 token (RSA-OAEP unwrap + AES-GCM); 64 values per key size; 64 connections each walking the values in turn.",
