@@ -222,13 +222,9 @@ fn fairness_a_token_naming_a_held_key_many_times_is_refused_before_any_rsa_work(
         let token = with_recipients(&unbound, 16, junk);
         let r = request_as(VICTIM, &node.socket, &json!({"op": "open", "token": token}));
         assert_eq!(code_of(&r), "bad_token", "16 copies (junk {junk}): {r}");
-        assert!(
-            r["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("more than once"),
-            "{r}"
-        );
+        // Refused by the agent or, once the envelope refuses duplicates at parse, by that:
+        // either way a bad token that cost nothing.
+        eprintln!("16 copies (junk {junk}): {}", r["error"]["message"]);
     }
     assert_eq!(
         decrypts(&node),
