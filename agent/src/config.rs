@@ -387,6 +387,24 @@ pub struct Limits {
     pub max_response_bytes: usize,
     /// A response not taken by the client within this long is abandoned with its connection.
     pub write_timeout_secs: u64,
+    /// Sustained RSA private-key operations per second per peer uid. Each operation is
+    /// charged before it runs: a token that names several held keys costs one per key tried.
+    pub rsa_ops_per_sec_per_uid: u32,
+    /// Burst allowance of RSA operations per peer uid (an `env` of many uncached values).
+    pub rsa_burst_per_uid: u32,
+    /// RSA operations waiting for a decrypt thread, over all uids; past it `busy` at once.
+    pub max_queued_decrypts: usize,
+    /// RSA operations of one uid waiting for a decrypt thread; past it `busy` at once. The
+    /// queue is served round robin between uids.
+    pub max_queued_decrypts_per_uid: usize,
+    /// Warning lines of one kind about one uid per `log_window_secs`; the rest are counted and
+    /// summarized as "N similar lines suppressed" when the window ends.
+    pub log_lines_per_kind_per_uid: u32,
+    /// Refusal audit records of one outcome for one uid per `log_window_secs`; the rest are
+    /// counted and summarized like warnings. Successful decisions are always logged.
+    pub audit_refusals_per_outcome_per_uid: u32,
+    /// The window of the two log budgets above, in seconds.
+    pub log_window_secs: u64,
 }
 
 impl Default for Limits {
@@ -407,6 +425,13 @@ impl Default for Limits {
             memory_budget_per_uid: 64 << 20,
             max_response_bytes: 16 << 20,
             write_timeout_secs: 10,
+            rsa_ops_per_sec_per_uid: 100,
+            rsa_burst_per_uid: 400,
+            max_queued_decrypts: 2048,
+            max_queued_decrypts_per_uid: 512,
+            log_lines_per_kind_per_uid: 10,
+            audit_refusals_per_outcome_per_uid: 100,
+            log_window_secs: 10,
         }
     }
 }
@@ -599,6 +624,24 @@ impl Config {
             return Err(invalid(
                 "limits.requests_per_sec_per_uid",
                 "rate and burst must be at least 1".into(),
+            ));
+        }
+        if l.rsa_ops_per_sec_per_uid == 0 || l.rsa_burst_per_uid == 0 {
+            return Err(invalid(
+                "limits.rsa_ops_per_sec_per_uid",
+                "rate and burst must be at least 1".into(),
+            ));
+        }
+        if l.max_queued_decrypts == 0 || l.max_queued_decrypts_per_uid == 0 {
+            return Err(invalid(
+                "limits.max_queued_decrypts",
+                "the total and per-uid decrypt queues must hold at least 1".into(),
+            ));
+        }
+        if l.log_window_secs == 0 {
+            return Err(invalid(
+                "limits.log_window_secs",
+                "must be at least 1".into(),
             ));
         }
         if l.idle_timeout_secs == 0 {

@@ -47,6 +47,7 @@ pub mod hardening;
 mod keys;
 pub mod keyvault;
 mod lifecycle;
+mod log_budget;
 pub mod logging;
 mod peer;
 mod refusal;
@@ -174,6 +175,7 @@ pub async fn run(
     }
 
     let watchdog = options.daemon.then(|| tokio::spawn(watchdog()));
+    let log_summaries = tokio::spawn(log_budget::summarize_periodically());
     let hup = tokio::spawn(reload_on_sighup(
         hup_signal,
         lifecycle.clone(),
@@ -204,7 +206,10 @@ pub async fn run(
     }
     let _ = watcher.await;
     let _ = task_sockets.await;
-    for task in [watchdog, Some(hup), Some(key_vault)].into_iter().flatten() {
+    for task in [watchdog, Some(hup), Some(key_vault), Some(log_summaries)]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
     }
     if let Some(path) = owned_socket {

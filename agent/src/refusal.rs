@@ -108,6 +108,12 @@ pub(crate) enum Refusal {
     RequestIncomplete { secs: u64 },
     #[error("request rate limit exceeded; slow down and retry")]
     RateLimited,
+    #[error("decryption rate limit of {per_sec} RSA operations per second for this uid exceeded (limits.rsa_ops_per_sec_per_uid); slow down and retry")]
+    DecryptRateLimited { per_sec: u32 },
+    #[error("the decrypt queue is full; retry shortly")]
+    DecryptQueueFull,
+    #[error("the token names key {key} more than once; seal it again")]
+    DuplicateRecipient { key: Thumbprint },
     #[error("too many connections; retry shortly")]
     TooManyConnections,
     #[error("too many connections from this uid; retry shortly")]
@@ -185,7 +191,8 @@ impl Refusal {
             Self::InvalidStoredToken { .. }
             | Self::NotAToken
             | Self::LegacyKeySizeMismatch { .. }
-            | Self::NotUtf8 => ErrorCode::BadToken,
+            | Self::NotUtf8
+            | Self::DuplicateRecipient { .. } => ErrorCode::BadToken,
             Self::NoKeyAvailable { .. }
             | Self::LegacyKeyUnavailable { .. }
             | Self::NoLegacyKey { .. } => ErrorCode::KeyUnavailable,
@@ -202,6 +209,8 @@ impl Refusal {
             },
             Self::ShuttingDown
             | Self::RateLimited
+            | Self::DecryptRateLimited { .. }
+            | Self::DecryptQueueFull
             | Self::TooManyConnections
             | Self::TooManyConnectionsForUid
             | Self::MemoryBudgetFull { .. } => ErrorCode::Busy,

@@ -6,6 +6,7 @@
 //! `--smoke` runs every path with tiny counts in seconds and judges nothing.
 #![forbid(unsafe_code)]
 
+mod abuse;
 mod baselines;
 mod chart;
 mod keyvault;
@@ -61,6 +62,39 @@ enum Sub {
         socket: PathBuf,
         #[arg(long)]
         reply_bytes: usize,
+    },
+    /// Only the "under abuse" scenarios (needs root); rewrites that section of `--out`.
+    Abuse {
+        /// Seconds each phase (no attacker, then each attack) measures.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Names in the `list` attacker's env file.
+        #[arg(long, default_value_t = 20_000)]
+        list_names: usize,
+        /// Size of the memory attacker's env file, in MiB.
+        #[arg(long, default_value_t = 16)]
+        huge_mib: usize,
+        /// Never-reading `env` connections of the memory attacker.
+        #[arg(long, default_value_t = 64)]
+        noread_conns: usize,
+    },
+    /// (internal) A protocol client as this process's uid (the abuse scenarios' attacker and
+    /// victim); prints each answer's latency and error code as JSON.
+    Client {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        req: String,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, value_enum)]
+        mode: abuse::Mode,
+        #[arg(long, default_value_t = 0)]
+        hold: usize,
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
     },
 }
 
@@ -207,7 +241,42 @@ fn main() -> Result<()> {
     {
         return servers::echo_server(socket, *reply_bytes);
     }
+    if let Some(Sub::Client {
+        socket,
+        req,
+        conns,
+        secs,
+        mode,
+        hold,
+        pace_ms,
+    }) = &cli.cmd
+    {
+        return abuse::client(socket, req, *conns, *secs, *mode, *hold, *pace_ms);
+    }
     raise_nofile();
+    if let Some(Sub::Abuse {
+        secs,
+        list_names,
+        huge_mib,
+        noread_conns,
+    }) = &cli.cmd
+    {
+        let bins = bin_dir(&cli)?;
+        let key = BenchKey::generate(4096)?;
+        let scale = abuse::AbuseScale {
+            secs: *secs,
+            list_names: *list_names,
+            huge_env_bytes: huge_mib * 1024 * 1024,
+            noread_conns: *noread_conns,
+        };
+        let section = abuse::run(&scale, &bins.join("nodeseal-agent"), &key)?;
+        abuse::splice(&cli.out, &section)?;
+        eprintln!(
+            "nodeseal-bench: wrote the under-abuse section of {}",
+            cli.out.display()
+        );
+        return Ok(());
+    }
     let scale = Scale::new(cli.smoke, cli.repeats);
     let bins = bin_dir(&cli)?;
     let agent_bin = bins.join("nodeseal-agent");
@@ -314,6 +383,19 @@ fn main() -> Result<()> {
     )?;
     std::fs::write(&cli.out, text)
         .with_context(|| format!("cannot write {}", cli.out.display()))?;
+    let abuse_scale = abuse::AbuseScale {
+        secs: if scale.smoke { 1.0 } else { 5.0 },
+        list_names: if scale.smoke { 1_000 } else { 20_000 },
+        huge_env_bytes: if scale.smoke { 1 << 20 } else { 16 << 20 },
+        noread_conns: if scale.smoke { 8 } else { 64 },
+    };
+    let largest = scale.sizes.iter().copied().max().unwrap_or(2048);
+    let section = abuse::run(&abuse_scale, &agent_bin, keys.of_size(largest))?;
+    abuse::splice(&cli.out, &section)?;
+    eprintln!(
+        "  under abuse done ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     eprintln!(
         "nodeseal-bench: wrote {} and {} in {:.1} s",
         cli.out.display(),
@@ -1256,7 +1338,7 @@ fn render(
     }
     writeln!(s, "\n## How each figure is measured\n")?;
     for line in [
-        "The agent config raises `limits.requests_per_sec_per_uid`/`burst_per_uid` (every request comes from root, one uid; the default 200/s per uid would turn most of them into `busy`), `max_connections` and `max_connections_per_uid` (4096: all load comes from one uid) and `idle_timeout_secs`. Everything else is the default; the log level is `info`, so every request writes its audit line to stderr, which goes to a file.",
+        "The agent config raises `limits.requests_per_sec_per_uid`/`burst_per_uid` and `rsa_ops_per_sec_per_uid`/`rsa_burst_per_uid` (every request comes from root, one uid; the default 200 requests/s and 100 RSA operations/s per uid would turn most of them into `busy`), `max_connections` and `max_connections_per_uid` (4096: all load comes from one uid) and `idle_timeout_secs`. Everything else is the default; the log level is `info`, so every request writes its audit line to stderr, which goes to a file.",
         "A load average above the core count at the end means other work shared the machine during the run (spreads widen, baselines like `openssl speed` and process spawns suffer most); rerun `bench/run.sh` on a quiet machine for figures to compare across commits.",
         "Load clients are threads of the harness on the same machine: they compete with the agent for the cores, exactly as they do with the echo server and as `openssl speed -multi` does not.",
         "Cached rows: one RSA 4096 key, one task with 64 v1 values, all read once before measuring. Uncached rows: `cache_ttl_secs: 0`, so every `get` opens its v1 token (RSA-OAEP unwrap + AES-GCM); 64 values per key size; 64 connections each walking the values in turn.",

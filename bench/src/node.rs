@@ -73,7 +73,8 @@ pub(crate) fn name_of(i: usize) -> String {
 pub(crate) fn bench_node(agent_bin: &Path, config_extra: &Value) -> Result<Node> {
     let node = Node::with_agent_bin(agent_bin, "nodeseal-bench-");
     // Raised limits: the benchmark measures capacity, and one uid (root) sends everything,
-    // which the default 200 requests/s per uid would cut off within a fraction of a second.
+    // which the default 200 requests/s (and 100 RSA operations/s) per uid would cut off within a
+    // fraction of a second. The under-abuse scenarios (abuse.rs) use the shipped limits.
     let mut config = json!({
         "log_level": "info",
         "revocation_list": null,
@@ -83,6 +84,8 @@ pub(crate) fn bench_node(agent_bin: &Path, config_extra: &Value) -> Result<Node>
             "idle_timeout_secs": 600,
             "requests_per_sec_per_uid": 100_000_000u64,
             "burst_per_uid": 100_000_000u64,
+            "rsa_ops_per_sec_per_uid": 100_000_000u64,
+            "rsa_burst_per_uid": 100_000_000u64,
         },
     });
     if let (Some(base), Some(extra)) = (config.as_object_mut(), config_extra.as_object()) {

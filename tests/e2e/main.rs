@@ -8,6 +8,7 @@ mod abuse;
 mod agent;
 mod bounded;
 mod client;
+mod fairness;
 mod faults;
 mod hostile_keys;
 mod hostile_logs;

@@ -9,7 +9,7 @@ use crate::refusal::Refusal;
 use crate::tasks::{Cached, EnvEntry, ValueKind};
 use nodeseal_envelope::audience::Selector;
 use nodeseal_envelope::token;
-use nodeseal_envelope::{legacy, KeyPair, Thumbprint};
+use nodeseal_envelope::{legacy, KeyPair, Thumbprint, TokenError};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -75,6 +75,7 @@ impl Handler {
     pub(super) async fn resolve(
         &self,
         config: &Config,
+        uid: u32,
         entry: &Arc<EnvEntry>,
         index: usize,
         approved: Approved,
@@ -99,10 +100,12 @@ impl Handler {
         }
         let (value, key) = match &var.kind {
             ValueKind::V1 { token, recipients } => {
-                self.open_v1(token, recipients, Some(&var.name), approved.0)
+                self.open_v1(config, uid, token, recipients, Some(&var.name), approved.0)
                     .await?
             }
-            ValueKind::Shipyard { token, len } => self.open_shipyard(config, token, *len).await?,
+            ValueKind::Shipyard { token, len } => {
+                self.open_shipyard(config, uid, token, *len).await?
+            }
             ValueKind::Plain(_) | ValueKind::Invalid(_) => {
                 unreachable!("plain and invalid values returned above")
             }
@@ -132,13 +135,23 @@ impl Handler {
         Ok((value, Some(key)))
     }
 
+    /// Open a v1 token for `uid`: one RSA operation per held recipient key, each charged to
+    /// `uid` and queued on its own, tried in token order until one unwraps the content key.
     pub(super) async fn open_v1(
         &self,
+        config: &Config,
+        uid: u32,
         token_text: &str,
         recipients: &[Thumbprint],
         name: Option<&str>,
         approved: Vec<Selector>,
     ) -> Result<(Zeroizing<String>, Thumbprint), Refusal> {
+        // A key named twice would be tried twice: refused before any RSA work.
+        for (i, tp) in recipients.iter().enumerate() {
+            if recipients[..i].contains(tp) {
+                return Err(Refusal::DuplicateRecipient { key: *tp });
+            }
+        }
         let keys: Vec<Arc<KeyPair>> = recipients
             .iter()
             .filter_map(|tp| self.state.keys.get(tp).ok())
@@ -159,26 +172,40 @@ impl Handler {
                 recipients: recipients.to_vec(),
             });
         }
-        let token_text = token_text.to_owned();
-        let name = name.map(str::to_owned);
-        let opened = self
-            .blocking(move || {
-                let lookup = |tp: &Thumbprint| keys.iter().find(|k| k.thumbprint() == *tp).cloned();
-                // The policy decided on the audience the header named (authz::decide); the
-                // token opens only if that is the audience it authenticates.
-                let decided = |audience: &[Selector]| audience == approved.as_slice();
-                token::open_v1(
-                    &token_text,
-                    &lookup,
-                    name.as_deref(),
-                    &decided,
-                    SystemTime::now(),
-                )
-            })
-            .await?
-            .map_err(Refusal::from_open_error)?;
-        self.state.keys.count_open(&opened.key);
-        Ok((utf8(opened.value)?, opened.key))
+        let token_text: Arc<str> = Arc::from(token_text);
+        let name: Option<Arc<str>> = name.map(Arc::from);
+        let approved: Arc<[Selector]> = Arc::from(approved);
+        for key in keys {
+            let token_text = token_text.clone();
+            let name = name.clone();
+            let approved = approved.clone();
+            let opened = self
+                .blocking(config, uid, move || {
+                    let tp = key.thumbprint();
+                    let lookup = |t: &Thumbprint| (*t == tp).then(|| key.clone());
+                    // The policy decided on the audience the header named (authz::decide); the
+                    // token opens only if that is the audience it authenticates.
+                    let decided = |audience: &[Selector]| audience == &approved[..];
+                    token::open_v1(
+                        &token_text,
+                        &lookup,
+                        name.as_deref(),
+                        &decided,
+                        SystemTime::now(),
+                    )
+                })
+                .await?;
+            match opened {
+                Ok(opened) => {
+                    self.state.keys.count_open(&opened.key);
+                    return Ok((utf8(opened.value)?, opened.key));
+                }
+                // This key's wrapped copy did not open: the next held key may.
+                Err(TokenError::Tampered) => continue,
+                Err(e) => return Err(Refusal::from_open_error(e)),
+            }
+        }
+        Err(Refusal::from_open_error(TokenError::Tampered))
     }
 
     /// The one key that may open a legacy ciphertext of `len` bytes: `legacy_key` if set, else
@@ -215,6 +242,7 @@ impl Handler {
     pub(super) async fn open_shipyard(
         &self,
         config: &Config,
+        uid: u32,
         token_text: &str,
         len: usize,
     ) -> Result<(Zeroizing<String>, Thumbprint), Refusal> {
@@ -222,19 +250,27 @@ impl Handler {
         let token_text = token_text.to_owned();
         let tp = key.thumbprint();
         let value = self
-            .blocking(move || legacy::open(&token_text, &key))
+            .blocking(config, uid, move || legacy::open(&token_text, &key))
             .await??;
         self.state.keys.count_open(&tp);
         Ok((utf8(value)?, tp))
     }
 
-    /// Run RSA work on the decrypt pool.
+    /// Run one RSA operation for `uid` on the decrypt pool, charged to `uid` before it runs.
     async fn blocking<T: Send + 'static>(
         &self,
+        config: &Config,
+        uid: u32,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Refusal> {
-        self.state.counters.decrypts.fetch_add(1, Ordering::Relaxed);
-        self.pool.run(f).await.ok_or(Refusal::ShuttingDown)
+        let counters = self.state.clone();
+        self.pool
+            .run(uid, &config.limits, move || {
+                // Counted when it runs, so a refused operation never moves the counter.
+                counters.counters.decrypts.fetch_add(1, Ordering::Relaxed);
+                f()
+            })
+            .await
     }
 }
 

@@ -131,7 +131,10 @@ impl Handler {
             }
         };
         response.id = request.id;
-        audit.log(peer, op);
+        let outcome = audit.outcome.unwrap_or("ok");
+        if crate::log_budget::audit(outcome, peer.uid, &cx.config.limits) {
+            audit.log(peer, op);
+        }
         response
     }
 

@@ -42,6 +42,8 @@ impl Handler {
                 let info = token::inspect(token_text)?;
                 let allowed = decide(audience_of(&info.audience), &info.recipients)?;
                 self.open_v1(
+                    &cx.config,
+                    cx.caller.uid,
                     token_text,
                     &allowed,
                     Some(name.as_deref().unwrap_or("")),
@@ -59,7 +61,8 @@ impl Handler {
                     }
                 };
                 decide(Audience::Unbound, &[key.thumbprint()])?;
-                self.open_shipyard(&cx.config, token_text, len).await?
+                self.open_shipyard(&cx.config, cx.caller.uid, token_text, len)
+                    .await?
             }
             _ => return Err(Refusal::NotAToken),
         };

@@ -35,7 +35,9 @@ impl Handler {
             });
         };
         let approved = self.authorize(cx, &entry, index)?;
-        let (value, key) = self.resolve(&cx.config, &entry, index, approved).await?;
+        let (value, key) = self
+            .resolve(&cx.config, cx.caller.uid, &entry, index, approved)
+            .await?;
         audit.key_id = key;
         Ok(Answer::Value(Zeroizing::new(value.as_str().to_owned())))
     }
@@ -78,8 +80,9 @@ impl Handler {
             let (name, entry) = (name.to_owned(), entry.clone());
             let handler = self.clone();
             let config = cx.config.clone();
+            let uid = cx.caller.uid;
             jobs.spawn(async move {
-                let result = handler.resolve(&config, &entry, index, approved).await;
+                let result = handler.resolve(&config, uid, &entry, index, approved).await;
                 (position, name, result)
             });
         }

@@ -30,6 +30,35 @@ pub(crate) struct Admission {
     /// Open connections per principal.
     by_uid: Mutex<HashMap<Principal, usize>>,
     rate: Mutex<HashMap<Principal, Bucket>>,
+    /// Refused connections still being answered gracefully, per peer uid.
+    refusals: Mutex<HashMap<u32, usize>>,
+}
+
+/// Refused connections one uid may have lingering (answered, waiting for the client to read).
+pub(crate) const MAX_LINGERING_REFUSALS_PER_UID: usize = 4;
+/// Refused connections lingering over all uids.
+pub(crate) const MAX_LINGERING_REFUSALS: usize = 64;
+
+/// One refused connection being answered gracefully; dropping it frees the place.
+pub(crate) struct RefusalSlot {
+    admission: Arc<Admission>,
+    uid: u32,
+}
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .admission
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// One open connection of a principal; dropping it frees the slot.
@@ -61,7 +90,24 @@ impl Admission {
             connections: Arc::new(Semaphore::new(max_connections)),
             by_uid: Mutex::new(HashMap::new()),
             rate: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A place to answer a refused connection of `uid` gracefully; `None` when the uid (or all
+    /// uids together) already have their few: then the refusal must not linger.
+    pub(crate) fn refusal_slot(self: &Arc<Self>, uid: u32) -> Option<RefusalSlot> {
+        let mut map = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = map.values().sum();
+        let mine = map.get(&uid).copied().unwrap_or(0);
+        if mine >= MAX_LINGERING_REFUSALS_PER_UID || total >= MAX_LINGERING_REFUSALS {
+            return None;
+        }
+        *map.entry(uid).or_default() += 1;
+        Some(RefusalSlot {
+            admission: self.clone(),
+            uid,
+        })
     }
 
     /// A place among all connections; `None` when every one is taken.
@@ -149,6 +195,23 @@ mod tests {
         ];
         assert!(a.uid_slot(container_root, &l).is_none());
         assert!(a.uid_slot(host(0), &l).is_some());
+    }
+
+    #[test]
+    fn lingering_refusals_are_few_per_uid_and_in_all() {
+        let a = Arc::new(Admission::new(1));
+        let mine: Vec<_> = (0..MAX_LINGERING_REFUSALS_PER_UID)
+            .map(|_| a.refusal_slot(1000).unwrap())
+            .collect();
+        assert!(a.refusal_slot(1000).is_none());
+        assert!(a.refusal_slot(1001).is_some(), "another uid has its own");
+        drop(mine);
+        let _again = a.refusal_slot(1000).unwrap();
+        let others: Vec<_> = (0..MAX_LINGERING_REFUSALS as u32)
+            .filter_map(|uid| a.refusal_slot(10_000 + uid))
+            .collect();
+        assert_eq!(others.len(), MAX_LINGERING_REFUSALS - 1);
+        assert!(a.refusal_slot(99).is_none(), "the total is bounded");
     }
 
     #[test]

@@ -87,20 +87,20 @@ async fn cut_off(
     write_half: &mut OwnedWriteHalf,
     answer: Response,
 ) {
-    ctx.handler
-        .state()
-        .counters
-        .limited
-        .fetch_add(1, Ordering::Relaxed);
+    let state = ctx.handler.state();
+    state.counters.limited.fetch_add(1, Ordering::Relaxed);
+    let limits = &state.config().limits;
     let error = answer.error.as_ref();
-    tracing::warn!(
-        peer_uid = peer.uid,
-        peer_pid = peer.pid,
-        outcome = error.map_or("", |e| e.code.as_str()),
-        reason = error.map_or("", |e| e.message.as_str()),
-        "limit broken; disconnecting"
-    );
-    let write_timeout = Duration::from_secs(ctx.handler.state().config().limits.write_timeout_secs);
+    if crate::log_budget::warning(error.map_or("", |e| e.code.as_str()), peer.uid, limits) {
+        tracing::warn!(
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            outcome = error.map_or("", |e| e.code.as_str()),
+            reason = error.map_or("", |e| e.message.as_str()),
+            "limit broken; disconnecting"
+        );
+    }
+    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
     // An error line holds no secret, so no wiping; the id (when the request had one) is echoed.
     let mut line = serde_json::to_vec(&answer).unwrap_or_default();
     line.push(b'\n');
@@ -153,7 +153,9 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
         let response = match serde_json::from_slice::<Request>(&bytes) {
             Ok(request) => ctx.handler.handle(&peer, &scope, request).await,
             Err(e) => {
-                tracing::warn!(peer_uid = peer.uid, peer_pid = peer.pid, outcome = "bad_request", error = %e, "malformed request");
+                if crate::log_budget::warning("malformed_request", peer.uid, &limits) {
+                    tracing::warn!(peer_uid = peer.uid, peer_pid = peer.pid, outcome = "bad_request", error = %e, "malformed request");
+                }
                 let mut answer = Refusal::Malformed(e.to_string()).to_response();
                 answer.id = request_id(&bytes);
                 answer

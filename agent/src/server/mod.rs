@@ -10,7 +10,7 @@ pub(crate) mod task_sockets;
 
 use crate::authz::Scope;
 use crate::handler::Handler;
-use crate::peer::Identify;
+use crate::peer::{Identify, Peer};
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
 use admission::Admission;
@@ -61,21 +61,18 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             }
         };
         let state = ctx.handler.state();
-        let Some(slot) = ctx
-            .admission
-            .uid_slot(peer.principal(), &state.config().limits)
-        else {
+        let limits = &state.config().limits;
+        let Some(slot) = ctx.admission.uid_slot(peer.principal(), limits) else {
             state.counters.limited.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                peer_uid = peer.uid,
-                peer_pid = peer.pid,
-                outcome = "busy",
-                "per-uid connection limit reached; refusing a connection"
-            );
-            tokio::spawn(connection::refuse(
-                stream,
-                Refusal::TooManyConnectionsForUid,
-            ));
+            if crate::log_budget::warning("uid_connection_limit", peer.uid, limits) {
+                tracing::warn!(
+                    peer_uid = peer.uid,
+                    peer_pid = peer.pid,
+                    outcome = "busy",
+                    "per-uid connection limit reached; refusing a connection"
+                );
+            }
+            refuse(&ctx, stream, &peer, Refusal::TooManyConnectionsForUid);
             continue;
         };
         // Host root is bounded by its own allowance alone: anyone able to take many uids (root
@@ -86,8 +83,14 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
         } else {
             let Some(permit) = ctx.admission.connection() else {
                 state.counters.limited.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("connection limit reached; refusing a connection");
-                tokio::spawn(connection::refuse(stream, Refusal::TooManyConnections));
+                if crate::log_budget::warning("connection_limit", peer.uid, limits) {
+                    tracing::warn!(
+                        peer_uid = peer.uid,
+                        "connection limit reached; refusing a connection"
+                    );
+                }
+                drop(slot);
+                refuse(&ctx, stream, &peer, Refusal::TooManyConnections);
                 continue;
             };
             Some(permit)
@@ -98,5 +101,23 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             connection::handle(&ctx, stream, peer, scope).await;
             drop((slot, permit));
         });
+    }
+}
+
+/// Answer a refused connection without letting refusals hold what every uid shares: a few per
+/// uid (and a few in all) are answered gracefully, waiting briefly for the client to read the
+/// answer; past that the answer is written only if the socket takes it at once, and the
+/// connection is closed on the spot, so a connect flood costs no fds or tasks beyond the moment.
+fn refuse(ctx: &ServeContext, stream: tokio::net::UnixStream, peer: &Peer, why: Refusal) {
+    match ctx.admission.refusal_slot(peer.uid) {
+        Some(slot) => {
+            tokio::spawn(async move {
+                connection::refuse(stream, why).await;
+                drop(slot);
+            });
+        }
+        None => {
+            let _ = stream.try_write(&why.to_line());
+        }
     }
 }
