@@ -125,11 +125,7 @@ impl DecryptPool {
         limits: &Limits,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Refusal> {
-        if !self.charge(uid, limits, Instant::now()) {
-            return Err(Refusal::DecryptRateLimited {
-                per_sec: limits.rsa_ops_per_sec_per_uid,
-            });
-        }
+        self.charge_operation(uid, limits)?;
         let (done, result) = oneshot::channel();
         self.submit(
             uid,
@@ -143,6 +139,18 @@ impl DecryptPool {
             }),
         )?;
         result.await.map_err(|_| Refusal::ShuttingDown)
+    }
+
+    /// Charge one private-key operation done elsewhere (a Key Vault unwrap) to `uid`'s RSA
+    /// budget, refused like [`Self::run`] when it is spent.
+    pub(crate) fn charge_operation(&self, uid: u32, limits: &Limits) -> Result<(), Refusal> {
+        if self.charge(uid, limits, Instant::now()) {
+            Ok(())
+        } else {
+            Err(Refusal::DecryptRateLimited {
+                per_sec: limits.rsa_ops_per_sec_per_uid,
+            })
+        }
     }
 
     fn submit(&self, uid: u32, limits: &Limits, job: Job) -> Result<(), Refusal> {

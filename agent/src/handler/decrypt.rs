@@ -157,7 +157,11 @@ impl Handler {
             .filter_map(|tp| self.state.keys.get(tp).ok())
             .collect();
         if keys.is_empty() {
-            // A key that stays in Key Vault opens there (`crate::keyvault`).
+            // A key that stays in Key Vault opens there (`crate::keyvault`). Its unwrap is a
+            // private-key operation like a local one: charged to the caller first.
+            if recipients.iter().any(|tp| self.state.remote.knows(tp)) {
+                self.pool.charge_operation(uid, &config.limits)?;
+            }
             if let Some(opened) = self
                 .state
                 .remote

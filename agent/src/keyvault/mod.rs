@@ -181,7 +181,8 @@ impl RemoteKeys {
         versions.get(tp).filter(|v| v.usable()).cloned()
     }
 
-    fn knows(&self, tp: &Thumbprint) -> bool {
+    /// Whether `tp` is a key this node opens through Key Vault.
+    pub(crate) fn knows(&self, tp: &Thumbprint) -> bool {
         self.versions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
