@@ -171,7 +171,10 @@ fn with_recipients(token: &str, times: usize, junk: bool) -> String {
 
 /// A node with one key, `limits`, and two tasks: the victim's (a plain and a sealed value) and
 /// the attacker's (`attacker_env`, built from an unbound token of the key).
-fn two_uid_node(config: Value, attacker_env: impl Fn(&str) -> String) -> (Node, String, Value) {
+fn two_uid_node(mut config: Value, attacker_env: impl Fn(&str) -> String) -> (Node, String, Value) {
+    // These tests are about RSA work, not about who may open: both uids may open unbound tokens
+    // (by default nobody but host root may).
+    config["open_allowed_uids"] = json!([VICTIM, ATTACKER]);
     let mut node = Node::new();
     node.write_config(config);
     let cert = node.create_cert("pool");

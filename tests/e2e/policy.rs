@@ -101,6 +101,30 @@ fn cleartext(name: &str) -> &'static str {
     VALUES.iter().find(|(n, _, _)| *n == name).unwrap().1
 }
 
+/// An `env` answer that names exactly `refused` as forbidden, with none of their cleartexts.
+fn assert_refused_by_name(answer: &Value, refused: &[&str], what: &str) {
+    assert_eq!(answer["ok"], true, "{what}: {answer}");
+    let mut named: Vec<&str> = answer["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no errors in {answer}"))
+        .iter()
+        .map(|e| {
+            assert_eq!(e["error"]["code"], "forbidden", "{what}: {answer}");
+            e["name"].as_str().unwrap()
+        })
+        .collect();
+    named.sort_unstable();
+    let mut expected = refused.to_vec();
+    expected.sort_unstable();
+    assert_eq!(named, expected, "{what}: {answer}");
+    for name in refused {
+        assert!(
+            !answer.to_string().contains(cleartext(name)),
+            "{what} leaked {name}: {answer}"
+        );
+    }
+}
+
 fn assert_refused(answer: &Value, what: &str) {
     assert_eq!(answer["ok"], false, "{what}: {answer}");
     for (_, value, _) in VALUES {
@@ -271,8 +295,14 @@ fn copied_tokens_open_only_for_their_audience() {
             }
         }
     }
+    // `env` serves what this caller may have and names each value it may not (one refused
+    // value hides no other); no bound cleartext is anywhere in the answer.
     let env = request_as(ATTACKER, host, &json!({"op": "env", "task": s.attacker}));
-    assert_refused(&env, "env of the attacker's planted file");
+    assert_refused_by_name(
+        &env,
+        &["FOR_JOB", "FOR_TASK", "FOR_UID"],
+        "env of the planted file",
+    );
 
     // 4. A task of the victim's job run by another uid: the job-bound token opens for it,
     //    the task- and uid-bound ones do not; presented to `open` on its own socket, likewise.
@@ -369,13 +399,18 @@ fn open_allowed_uids_opens_unbound_tokens_only_and_require_audience_refuses_them
             }
         }
     }
-    // `env` refuses the whole answer, naming the unbound value.
+    // `env` serves the bound values and names each unbound one as refused.
     let env = request_as(VICTIM, &host, &json!({"op": "env", "task": s.victim}));
-    assert_refused(&env, "env under require_audience");
+    assert_refused_by_name(&env, &["UNBOUND", "LEGACY"], "env under require_audience");
     assert!(
-        env["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("UNBOUND:") || m.starts_with("LEGACY:")),
+        env["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("require_audience")),
         "{env}"
     );
 }
