@@ -527,6 +527,33 @@ fn a_job_dir_of_ones_own_does_not_make_a_schedule_naming_the_victims_job() {
         &json!({"op": "get", "name": "UNBOUND", "task": forged}),
     );
     assert_served(&r, "UNBOUND", "unbound value of the attacker's own file");
+    // A task of its own job `mine` keeps its job: the refusal names what it was matched with.
+    let own = mine.join("job-1/own");
+    plant_task_as_attacker(&s, &own);
+    let r = request_as(
+        ATTACKER,
+        &s.node.socket,
+        &json!({"op": "get", "name": "FOR_JOB", "task": own}),
+    );
+    assert_refused(&r, "FOR_JOB in the attacker's own job");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid 4261 in task mine/own")),
+        "{r}"
+    );
+    // The forged task is matched as one without a job.
+    let r = request_as(
+        ATTACKER,
+        &s.node.socket,
+        &json!({"op": "get", "name": "FOR_JOB", "task": forged}),
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid 4261 in task victim") && !m.contains("nightly/victim")),
+        "{r}"
+    );
 }
 
 #[test]
