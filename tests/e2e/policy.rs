@@ -574,3 +574,51 @@ fn a_sticky_level_above_the_victims_task_lets_nobody_join_its_job() {
         assert_served(&request_as(VICTIM, &s.node.socket, &get), name, "victim");
     }
 }
+
+#[test]
+#[ignore = "needs root: the victim and the attacker are two other uids"]
+fn another_uids_task_and_a_missing_one_answer_byte_for_byte_alike_on_every_op() {
+    let s = scene(json!({}));
+    let (_, token) = s.tokens.iter().find(|(n, _)| *n == "FOR_JOB").unwrap();
+    let missing = s.victim.with_file_name("no-such-task");
+    let attacker_socket = s.attacker.join("nodeseal.sock");
+    let requests = |task: &Path| {
+        vec![
+            json!({"op": "get", "name": "FOR_JOB", "task": task}),
+            json!({"op": "get", "name": "NO_SUCH_NAME", "task": task}),
+            json!({"op": "env", "task": task}),
+            json!({"op": "list", "task": task}),
+            json!({"op": "open", "token": token, "name": "FOR_JOB", "task": task}),
+        ]
+    };
+    for label in ["task dir", "wd"] {
+        let form_of = |p: &Path| {
+            if label == "wd" {
+                p.join("wd")
+            } else {
+                p.to_owned()
+            }
+        };
+        let (victim, absent) = (form_of(&s.victim), form_of(&missing));
+        for socket in [&s.node.socket, &attacker_socket] {
+            for (a, b) in requests(&victim).iter().zip(requests(&absent)) {
+                let ra = request_as(ATTACKER, socket, a).to_string();
+                let rb = request_as(ATTACKER, socket, &b).to_string();
+                assert_refused(&serde_json::from_str(&ra).unwrap(), "probe");
+                let strip = |r: &str, p: &Path| {
+                    r.replace(&victim.display().to_string(), "TASK")
+                        .replace(&p.display().to_string(), "TASK")
+                        .replace(&s.victim.display().to_string(), "TASK")
+                        .replace(&missing.display().to_string(), "TASK")
+                };
+                assert_eq!(
+                    strip(&ra, &victim),
+                    strip(&rb, &absent),
+                    "{label} {} on {}",
+                    a["op"],
+                    socket.display()
+                );
+            }
+        }
+    }
+}
