@@ -622,3 +622,35 @@ fn another_uids_task_and_a_missing_one_answer_byte_for_byte_alike_on_every_op() 
         }
     }
 }
+
+#[test]
+#[ignore = "needs root: the victim is another uid"]
+fn a_value_the_victim_has_cached_is_not_served_to_a_caller_the_policy_refuses() {
+    let s = scene(json!({"cache_ttl_secs": 300}));
+    let victim_socket = s.victim.join("nodeseal.sock");
+    let get = json!({"op": "get", "name": "FOR_UID", "task": s.victim});
+    // Warm the victim's cache on both sockets.
+    assert_served(
+        &request_as(VICTIM, &s.node.socket, &get),
+        "FOR_UID",
+        "victim",
+    );
+    let on_socket = json!({"op": "get", "name": "FOR_UID"});
+    assert_served(
+        &request_as(VICTIM, &victim_socket, &on_socket),
+        "FOR_UID",
+        "victim",
+    );
+    // Host root reads every file, and reaches every per-task socket, but is not uid 4260.
+    for r in [
+        s.node.request(get.clone()),
+        request_as(0, &victim_socket, &on_socket),
+        s.node.request(json!({"op": "env", "task": s.victim})),
+    ] {
+        assert_refused(&r, "a cached uid-bound value for host root");
+        assert_eq!(code_of(&r), "forbidden", "{r}");
+    }
+    // The job mate's file holds the same token: its own cache, its own refusal.
+    let mate = json!({"op": "get", "name": "FOR_UID", "task": s.jobmate});
+    assert_refused(&request_as(JOBMATE, &s.node.socket, &mate), "job mate");
+}
