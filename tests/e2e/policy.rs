@@ -458,3 +458,234 @@ fn the_demo_shows_a_job_bound_token_served_to_its_task_and_refused_elsewhere() {
         "{stdout}"
     );
 }
+
+/// Make `dir`/`wd`/`.shipyard.envlist` holding the victim's tokens, as the attacker (every
+/// directory it creates is its own, mode 0755), and wait until the agent has read it.
+fn plant_task_as_attacker(s: &Scene, dir: &Path) {
+    let env: String = s.tokens.iter().map(|(n, t)| format!("{n}={t}\n")).collect();
+    let wd = dir.join("wd");
+    let script = format!(
+        "umask 022 && mkdir -p '{wd}' && cat > '{wd}/.tmp' && mv '{wd}/.tmp' \
+         '{wd}/.shipyard.envlist'",
+        wd = wd.display()
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(ATTACKER)
+        .gid(ATTACKER)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(env.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let list = json!({"op": "list", "task": dir});
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            request_as(ATTACKER, &s.node.socket, &list)["names"]
+                .as_array()
+                .is_some_and(|n| n.len() == VALUES.len())
+        }),
+        "the agent never loaded {}; log:\n{}",
+        dir.display(),
+        s.node.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || dir
+            .join("nodeseal.sock")
+            .exists()),
+        "no per-task socket in {}",
+        dir.display()
+    );
+}
+
+/// The attacker asks for every job- and task-bound value of the task it made, on the host
+/// socket (`get`, and `open` naming the task) and on the task's own socket: none may open,
+/// since the task's job and task ids are names the attacker chose.
+fn assert_forged_task_gets_no_bound_value(s: &Scene, forged: &Path) {
+    let socket = forged.join("nodeseal.sock");
+    for (name, tok) in &s.tokens {
+        if !matches!(*name, "FOR_JOB" | "FOR_TASK") {
+            continue;
+        }
+        let answers = [
+            request_as(
+                ATTACKER,
+                &s.node.socket,
+                &json!({"op": "get", "name": name, "task": forged}),
+            ),
+            request_as(
+                ATTACKER,
+                &s.node.socket,
+                &json!({"op": "open", "token": tok, "name": name, "task": forged}),
+            ),
+            request_as(ATTACKER, &socket, &json!({"op": "get", "name": name})),
+            request_as(ATTACKER, &socket, &open(name, tok)),
+        ];
+        for r in &answers {
+            assert_refused(
+                r,
+                &format!(
+                    "{name} from a task the attacker made at {}",
+                    forged.display()
+                ),
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: the victim and the attacker are two other uids"]
+fn a_job_dir_of_ones_own_does_not_make_a_schedule_naming_the_victims_job() {
+    // `<root>/<job>/job-1/<task>` and `<root>/<schedule>/<job>/job-1/<task>` are both task
+    // shapes, and the trust rule accepts levels the env file's owner owns. A uid that owns a
+    // first-level directory (its job's, as the rule allows) creates `mine/nightly/job-1/victim`
+    // below it: a "schedule" `mine` holding job `nightly`, task `victim`.
+    let s = scene(json!({}));
+    let workitems = s.attacker.ancestors().nth(3).unwrap().to_owned();
+    let mine = workitems.join("mine");
+    fs::create_dir(&mine).unwrap();
+    own(&mine, ATTACKER, 0o755);
+    let forged = mine.join("nightly/job-1/victim");
+    plant_task_as_attacker(&s, &forged);
+    assert_forged_task_gets_no_bound_value(&s, &forged);
+    // Its own unbound values stay its own (the stated limit of unbound tokens).
+    let r = request_as(
+        ATTACKER,
+        &s.node.socket,
+        &json!({"op": "get", "name": "UNBOUND", "task": forged}),
+    );
+    assert_served(&r, "UNBOUND", "unbound value of the attacker's own file");
+    // A task of its own job `mine` keeps its job: the refusal names what it was matched with.
+    let own = mine.join("job-1/own");
+    plant_task_as_attacker(&s, &own);
+    let r = request_as(
+        ATTACKER,
+        &s.node.socket,
+        &json!({"op": "get", "name": "FOR_JOB", "task": own}),
+    );
+    assert_refused(&r, "FOR_JOB in the attacker's own job");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid 4261 in task mine/own")),
+        "{r}"
+    );
+    // The forged task is matched as one without a job.
+    let r = request_as(
+        ATTACKER,
+        &s.node.socket,
+        &json!({"op": "get", "name": "FOR_JOB", "task": forged}),
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid 4261 in task victim") && !m.contains("nightly/victim")),
+        "{r}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: the victim and the attacker are two other uids"]
+fn a_sticky_level_above_the_victims_task_lets_nobody_join_its_job() {
+    // A sticky, world-writable run directory (which the trust rule accepts, like /tmp): others
+    // cannot touch the victim's task in it, but anyone can add a task of its own to the job.
+    let s = scene(json!({}));
+    let run = s.victim.parent().unwrap().to_owned();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o1777)).unwrap();
+    let forged = run.join("intruder");
+    plant_task_as_attacker(&s, &forged);
+    assert_forged_task_gets_no_bound_value(&s, &forged);
+    // The victim keeps what does not hang on the job's name. Its job-bound value is refused
+    // too: under a level anyone may add to, the job id is a claim nobody can check.
+    for name in ["FOR_UID", "UNBOUND"] {
+        let get = json!({"op": "get", "name": name, "task": s.victim});
+        assert_served(&request_as(VICTIM, &s.node.socket, &get), name, "victim");
+    }
+}
+
+#[test]
+#[ignore = "needs root: the victim and the attacker are two other uids"]
+fn another_uids_task_and_a_missing_one_answer_byte_for_byte_alike_on_every_op() {
+    let s = scene(json!({}));
+    let (_, token) = s.tokens.iter().find(|(n, _)| *n == "FOR_JOB").unwrap();
+    let missing = s.victim.with_file_name("no-such-task");
+    let attacker_socket = s.attacker.join("nodeseal.sock");
+    let requests = |task: &Path| {
+        vec![
+            json!({"op": "get", "name": "FOR_JOB", "task": task}),
+            json!({"op": "get", "name": "NO_SUCH_NAME", "task": task}),
+            json!({"op": "env", "task": task}),
+            json!({"op": "list", "task": task}),
+            json!({"op": "open", "token": token, "name": "FOR_JOB", "task": task}),
+        ]
+    };
+    for label in ["task dir", "wd"] {
+        let form_of = |p: &Path| {
+            if label == "wd" {
+                p.join("wd")
+            } else {
+                p.to_owned()
+            }
+        };
+        let (victim, absent) = (form_of(&s.victim), form_of(&missing));
+        for socket in [&s.node.socket, &attacker_socket] {
+            for (a, b) in requests(&victim).iter().zip(requests(&absent)) {
+                let ra = request_as(ATTACKER, socket, a).to_string();
+                let rb = request_as(ATTACKER, socket, &b).to_string();
+                assert_refused(&serde_json::from_str(&ra).unwrap(), "probe");
+                let strip = |r: &str, p: &Path| {
+                    r.replace(&victim.display().to_string(), "TASK")
+                        .replace(&p.display().to_string(), "TASK")
+                        .replace(&s.victim.display().to_string(), "TASK")
+                        .replace(&missing.display().to_string(), "TASK")
+                };
+                assert_eq!(
+                    strip(&ra, &victim),
+                    strip(&rb, &absent),
+                    "{label} {} on {}",
+                    a["op"],
+                    socket.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: the victim is another uid"]
+fn a_value_the_victim_has_cached_is_not_served_to_a_caller_the_policy_refuses() {
+    let s = scene(json!({"cache_ttl_secs": 300}));
+    let victim_socket = s.victim.join("nodeseal.sock");
+    let get = json!({"op": "get", "name": "FOR_UID", "task": s.victim});
+    // Warm the victim's cache on both sockets.
+    assert_served(
+        &request_as(VICTIM, &s.node.socket, &get),
+        "FOR_UID",
+        "victim",
+    );
+    let on_socket = json!({"op": "get", "name": "FOR_UID"});
+    assert_served(
+        &request_as(VICTIM, &victim_socket, &on_socket),
+        "FOR_UID",
+        "victim",
+    );
+    // Host root reads every file, and reaches every per-task socket, but is not uid 4260.
+    for r in [
+        s.node.request(get.clone()),
+        request_as(0, &victim_socket, &on_socket),
+        s.node.request(json!({"op": "env", "task": s.victim})),
+    ] {
+        assert_refused(&r, "a cached uid-bound value for host root");
+        assert_eq!(code_of(&r), "forbidden", "{r}");
+    }
+    // The job mate's file holds the same token: its own cache, its own refusal.
+    let mate = json!({"op": "get", "name": "FOR_UID", "task": s.jobmate});
+    assert_refused(&request_as(JOBMATE, &s.node.socket, &mate), "job mate");
+}

@@ -274,6 +274,11 @@ impl RemoteKeys {
         let mut opened_with = None;
         let mut rejected = false;
         for (tp, wrapped) in prepared.recipients() {
+            // Only the keys the policy allowed (`authz::decide`): a per-key rule may let this
+            // caller use one recipient of a token and not another.
+            if !recipients.contains(&tp) {
+                continue;
+            }
             let Some(version) = self.usable(&tp) else {
                 continue;
             };

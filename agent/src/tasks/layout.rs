@@ -12,6 +12,9 @@
 //! owner) only when no uid other than root, the agent and the owner of its env file could have
 //! created, renamed or replaced any directory from the env root down to the file: each level is
 //! owned by one of them and not writable by group or others (unless sticky).
+//! Its job and task ids need more, since selectors open for them: the directory holding the
+//! job's is root's or the agent's, and no level above the task lets group or others add to it,
+//! sticky or not (`Walker::read_task`).
 
 use crate::config::TaskLayout;
 use crate::sys::open_beneath;
@@ -307,6 +310,23 @@ impl Walker<'_> {
             walk.dirs.push(wd.path().to_owned());
         }
         let places: Vec<&Dir> = std::iter::once(task_dir).chain(wd.as_ref()).collect();
+        // The job and task ids are names, and `job:`/`task:` selectors open for them: believed
+        // only if no uid but root, the agent and this task's owner could have chosen them. So
+        // the directory holding the job's directory (the root, or a schedule) is root's or the
+        // agent's, and no level above the task lets anyone else add an entry (sticky stops
+        // renames, not new names). Otherwise a task user with a first-level directory of its
+        // own makes `<it>/<any job>/job-1/<any task>` (read as a schedule), and anyone makes a
+        // task in a job whose run directory is sticky. The task is still its owner's: only the
+        // ids go.
+        let task_depth = chain.len() - 1;
+        let above = &chain[..task_depth];
+        let job_parent_is_roots = task_depth.checked_sub(3).is_some_and(|i| {
+            above[i]
+                .untrusted_because(&[0, self.agent_uid], false)
+                .is_none()
+        });
+        let none_may_add = above.iter().all(|d| d.mode & 0o022 == 0);
+        let job_id = job_id.filter(|_| job_parent_is_roots && none_may_add);
         for (i, dir) in places.iter().enumerate() {
             for name in self.env_file_names {
                 let path = dir.path().join(name);
@@ -328,7 +348,6 @@ impl Walker<'_> {
                 // The root level is trusted for root and the agent only; below it, the file's
                 // owner too. The wd counts when the file is in it.
                 let levels = chain.iter().chain(places[1..=i].iter().copied());
-                let task_depth = chain.len() - 1;
                 let mut reason = None;
                 for (depth, d) in levels.enumerate() {
                     let trusted: &[u32] = if depth == 0 {
@@ -517,7 +536,8 @@ mod tests {
         .unwrap();
         let walk = walker(&names).walk(&root, &root).unwrap();
         assert_eq!(walk.files.len(), 1);
-        assert_eq!(walk.files[0].task.job_id.as_deref(), Some("j"));
+        // But anyone could have added a task to job `j` there: the job id is not believed.
+        assert_eq!(walk.files[0].task.job_id, None);
         assert_eq!(walk.files[0].task.task_id, "t");
         // But a task directory is one owner's: sticky there does not make it shared ground.
         std::fs::set_permissions(&task, std::fs::Permissions::from_mode(0o1777)).unwrap();
