@@ -6,7 +6,7 @@
 //! returned), and cleartext cached from a file (charged to the file's owner, not kept over its
 //! budget). Bounds here are generous; the figures belong to `bench/`.
 
-use nodeseal_testkit::{code_of, request_as, rss_kib, wait_until, Node};
+use nodeseal_testkit::{code_of, proc_status_kib, request_as, rss_kib, wait_until, Node};
 use serde_json::{json, Value};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::chown;
@@ -526,4 +526,39 @@ fn bounded_cached_cleartext_is_charged_to_the_files_owner_and_not_kept_over_budg
             assert_eq!(opened, 3, "{opened} decryptions for 3 uncached gets");
         }
     }
+}
+
+#[test]
+#[ignore = "needs root: owns an env file as another uid"]
+fn bounded_a_file_of_blank_and_comment_lines_under_the_caps_costs_no_more_than_its_size() {
+    // Shipped caps. The variable cap counts only lines that may hold a variable, so a 16 MiB
+    // file of blank lines (16 million of them) passes every cap before it is parsed; what the
+    // parse holds for lines that are not variables must stay bounded by the file, not grow to
+    // a gigabyte of line bookkeeping.
+    let (mut node, victim) = node_with(json!({}));
+    node.start();
+    let peak = |node: &Node| proc_status_kib(node.pid(), &["VmHWM:"]).unwrap()[0];
+    let before = peak(&node);
+    let mut content = b"A=1\n".to_vec();
+    content.extend(std::iter::repeat_n(b'\n', (16 << 20) - 10));
+    content.extend(b"#\nB=2\n");
+    let blank = attacker_task(&node, "blank", &content);
+    wait_for_tasks(&node, 2);
+    let after = peak(&node);
+    eprintln!("a 16 MiB file of blank lines: agent VmHWM {before} KiB before, {after} KiB after");
+    let r = request_as(
+        ATTACKER,
+        &node.socket,
+        &json!({"op": "list", "task": blank}),
+    );
+    eprintln!(
+        "its list: {}",
+        r.to_string().chars().take(300).collect::<String>()
+    );
+    assert_victim_served(&node, &victim, "blank lines");
+    // The file (16 MiB, read once) plus its owner's whole memory budget (64 MiB) and slack.
+    assert!(
+        after.saturating_sub(before) < 128 * 1024,
+        "the agent's peak RSS grew from {before} KiB to {after} KiB for one 16 MiB file"
+    );
 }
