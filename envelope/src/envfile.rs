@@ -45,16 +45,35 @@ impl EnvFile {
     /// more, but such names cannot be used from a shell); the value is everything after the
     /// first `=`, verbatim. A `\r` before each `\n` is stripped (CRLF files).
     pub fn parse(text: &str) -> Result<Self, EnvFileError> {
+        Self::parse_keeping(text, true)
+    }
+
+    /// Like [`parse_bytes`](Self::parse_bytes), but keeps only the `Var` and `NameOnly` lines
+    /// (same grammar, same errors and line numbers, same `terminated` and `crlf`): for a reader
+    /// that serves values and never renders the file back, so that blank and comment lines,
+    /// however many, cost nothing once parsed.
+    pub fn parse_bytes_vars_only(bytes: &[u8]) -> Result<Self, EnvFileError> {
+        Self::from_utf8(bytes).and_then(|text| Self::parse_keeping(text, false))
+    }
+
+    fn parse_keeping(text: &str, keep_other: bool) -> Result<Self, EnvFileError> {
         let terminated = text.is_empty() || text.ends_with('\n');
-        let mut raw: Vec<&str> = text.split('\n').collect();
-        if terminated {
+        // Pieces are walked twice instead of collected: a file of millions of empty lines must
+        // not cost a slice per line before a single one is looked at.
+        let newline_count = text.bytes().filter(|&b| b == b'\n').count();
+        let pieces = if terminated {
             // split leaves an empty piece after the final newline.
-            raw.pop();
-        }
-        let newline_count = if terminated { raw.len() } else { raw.len() - 1 };
-        let crlf = newline_count > 0 && raw[..newline_count].iter().all(|l| l.ends_with('\r'));
-        let mut lines = Vec::with_capacity(raw.len());
-        for (i, l) in raw.iter().enumerate() {
+            newline_count
+        } else {
+            newline_count + 1
+        };
+        let crlf = newline_count > 0
+            && text
+                .split('\n')
+                .take(newline_count)
+                .all(|l| l.ends_with('\r'));
+        let mut lines = Vec::with_capacity(if keep_other { pieces } else { 0 });
+        for (i, l) in text.split('\n').take(pieces).enumerate() {
             let has_newline = i < newline_count;
             let l = if crlf && has_newline {
                 &l[..l.len() - 1]
@@ -63,7 +82,9 @@ impl EnvFile {
             };
             let trimmed = l.trim_start();
             if trimmed.is_empty() || trimmed.starts_with('#') {
-                lines.push(Line::Other(l.to_owned()));
+                if keep_other {
+                    lines.push(Line::Other(l.to_owned()));
+                }
                 continue;
             }
             // In mixed-ending files a trailing \r still is not part of a name or value.
@@ -92,19 +113,20 @@ impl EnvFile {
             crlf,
         })
     }
+
+    fn from_utf8(bytes: &[u8]) -> Result<&str, EnvFileError> {
+        std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            EnvFileError::NotUtf8 { line }
+        })
+    }
     /// Parse bytes, refusing non-UTF-8 with the line number.
     pub fn parse_bytes(bytes: &[u8]) -> Result<Self, EnvFileError> {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => Self::parse(text),
-            Err(e) => {
-                let line = bytes[..e.valid_up_to()]
-                    .iter()
-                    .filter(|&&b| b == b'\n')
-                    .count()
-                    + 1;
-                Err(EnvFileError::NotUtf8 { line })
-            }
-        }
+        Self::from_utf8(bytes).and_then(Self::parse)
     }
     /// `(name, value)` of every `Var` line in order.
     pub fn vars(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -208,6 +230,29 @@ mod tests {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = EnvFile::parse_bytes(&bytes);
+        }
+
+        #[test]
+        fn vars_only_agrees_with_the_full_parse(
+            lines in proptest::collection::vec(valid_line(), 0..12),
+            eols in proptest::collection::vec(prop_oneof![Just("\n"), Just("\r\n"), Just("\r\r\n")], 12),
+            junk in proptest::collection::vec(any::<u8>(), 0..4),
+        ) {
+            let mut bytes: Vec<u8> = lines.iter().zip(&eols).flat_map(|(l, e)| format!("{l}{e}").into_bytes()).collect();
+            bytes.extend(junk);
+            let full = EnvFile::parse_bytes(&bytes);
+            let only = EnvFile::parse_bytes_vars_only(&bytes);
+            match (full, only) {
+                (Ok(f), Ok(o)) => {
+                    prop_assert_eq!(f.vars().collect::<Vec<_>>(), o.vars().collect::<Vec<_>>());
+                    prop_assert_eq!((f.terminated, f.crlf), (o.terminated, o.crlf));
+                    let names = |e: &EnvFile| e.lines.iter().filter_map(|l| match l { Line::NameOnly(n) => Some(n.clone()), _ => None }).collect::<Vec<_>>();
+                    prop_assert_eq!(names(&f), names(&o));
+                    prop_assert!(o.lines.iter().all(|l| !matches!(l, Line::Other(_))));
+                }
+                (Err(a), Err(b)) => prop_assert_eq!(a, b),
+                (a, b) => prop_assert!(false, "full {:?} vs vars-only {:?}", a.err(), b.err()),
+            }
         }
 
         #[test]

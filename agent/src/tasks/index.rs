@@ -382,7 +382,7 @@ impl Tasks {
             let why = OverCap::Vars { max: caps.max_vars };
             return self.refuse(path, task, &meta, caps, why);
         }
-        let parsed = match EnvFile::parse_bytes(&bytes) {
+        let parsed = match EnvFile::parse_bytes_vars_only(&bytes) {
             Ok(p) => p,
             Err(e) => {
                 self.remove(&path);
