@@ -562,3 +562,42 @@ fn bounded_a_file_of_blank_and_comment_lines_under_the_caps_costs_no_more_than_i
         "the agent's peak RSS grew from {before} KiB to {after} KiB for one 16 MiB file"
     );
 }
+
+#[test]
+#[ignore = "needs root: owns an env file as another uid"]
+fn bounded_a_refused_file_with_a_huge_name_costs_neither_log_nor_answers_nor_memory() {
+    // Shipped caps. Names are not capped by `max_value_bytes`: a 12 MiB name whose value is one
+    // byte over the value cap is refused, and the reason names the variable. The refused entry
+    // is charged to nobody, so the name must not be kept, logged or answered whole.
+    let (mut node, victim) = node_with(json!({}));
+    node.start();
+    let log_before = node.logs().len();
+    let rss_before = rss_kib(node.pid());
+    let mut content = vec![b'N'; 12 << 20];
+    content.push(b'=');
+    content.extend(std::iter::repeat_n(b'v', (1 << 20) + 1));
+    content.push(b'\n');
+    let task = attacker_task(&node, "longname", &content);
+    wait_for_tasks(&node, 2);
+    let r = request_as(ATTACKER, &node.socket, &json!({"op": "list", "task": task}));
+    assert_eq!(code_of(&r), "too_large", "{}", &r.to_string()[..200]);
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("limits.max_value_bytes"), "{}", &msg[..200]);
+    let logged = node.logs().len() - log_before;
+    let rss_after = rss_kib(node.pid());
+    eprintln!(
+        "a refused 13 MiB file with a 12 MiB name: answer {} bytes, log +{logged} bytes, agent VmRSS {rss_before} -> {rss_after} KiB",
+        msg.len()
+    );
+    assert!(
+        msg.len() < 4096,
+        "the refusal answered is {} bytes",
+        msg.len()
+    );
+    assert!(logged < 64 * 1024, "the refusal logged {logged} bytes");
+    assert!(
+        rss_after.saturating_sub(rss_before) < 8 * 1024,
+        "agent RSS grew from {rss_before} KiB to {rss_after} KiB for a refused file"
+    );
+    assert_victim_served(&node, &victim, "huge name");
+}
