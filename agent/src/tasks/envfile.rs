@@ -97,6 +97,17 @@ impl OverCap {
     }
 }
 
+/// How a refusal names a variable: names have no cap of their own (only the file's size bounds
+/// them), and a refused entry is charged to nobody yet is logged and answered, so only a
+/// prefix is kept.
+pub(crate) fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 64;
+    match name.char_indices().nth(SHOWN) {
+        None => name.to_owned(),
+        Some((end, _)) => format!("{}... ({} bytes)", &name[..end], name.len()),
+    }
+}
+
 /// Which per-uid account a refusal was about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PerUid {
@@ -199,6 +210,15 @@ mod tests {
         let parsed = nodeseal_envelope::envfile::EnvFile::parse_bytes(text).unwrap();
         assert!(parsed.vars().count() <= candidate_var_lines(text));
         assert_eq!(candidate_var_lines(b""), 0);
+    }
+
+    #[test]
+    fn a_refusal_keeps_only_a_prefix_of_a_long_name() {
+        assert_eq!(shown_name("SHORT"), "SHORT");
+        let exact = "N".repeat(64);
+        assert_eq!(shown_name(&exact), exact);
+        let long = shown_name(&"N".repeat(12 << 20));
+        assert_eq!(long, format!("{}... (12582912 bytes)", "N".repeat(64)));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! reason is logged once, not on every rescan.
 
 use super::envfile::{
-    candidate_var_lines, read_env_file, Classifier, FileCaps, OverCap, PerUid, Unreadable,
-    ValueKind,
+    candidate_var_lines, read_env_file, shown_name, Classifier, FileCaps, OverCap, PerUid,
+    Unreadable, ValueKind,
 };
 use super::layout::FoundFile;
 use super::settle;
@@ -402,7 +402,7 @@ impl Tasks {
             .find(|(_, value)| value.len() > caps.max_value_bytes)
         {
             let why = OverCap::ValueBytes {
-                name: name.to_owned(),
+                name: shown_name(name),
                 len: value.len(),
                 max: caps.max_value_bytes,
             };
