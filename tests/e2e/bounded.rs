@@ -611,3 +611,77 @@ fn bounded_a_refused_file_with_a_huge_name_costs_neither_log_nor_answers_nor_mem
     );
     assert_victim_served(&node, &victim, "huge name");
 }
+
+#[test]
+#[ignore = "needs root: owns env files as two other uids and touches one as the attacker"]
+fn bounded_touching_a_big_env_file_in_a_loop_does_not_hold_up_another_uids_new_file() {
+    // Shipped caps. Each touch changes the file's ctime, so the agent reads and parses all of
+    // it again; the attacker keeps that up while the victim's new task appears.
+    let (mut node, victim) = node_with(json!({}));
+    node.start();
+    let value = "x".repeat(200);
+    let file =
+        attacker_task(&node, "touched", &many_vars(60_000, &value)).join("wd/.shipyard.envlist");
+    wait_for_tasks(&node, 2);
+    let new_victim_task = |name: &str| {
+        let task = node.task("job", name);
+        let path = node.write_env(&task, "W=second-value\n");
+        chown(&path, Some(VICTIM), Some(VICTIM)).unwrap();
+        let t = Instant::now();
+        let served = wait_until(Duration::from_secs(60), || {
+            request_as(
+                VICTIM,
+                &node.socket,
+                &json!({"op": "get", "name": "W", "task": task}),
+            )["value"]
+                == "second-value"
+        });
+        assert!(
+            served,
+            "the victim's new file {name} was not served within 60 s"
+        );
+        t.elapsed()
+    };
+    let baseline = new_victim_task("victim-quiet");
+    let peak = |node: &Node| proc_status_kib(node.pid(), &["VmHWM:"]).unwrap()[0];
+    let before = peak(&node);
+    let script = "import os, sys, time\nend = time.time() + float(sys.argv[2])\nn = 0\nwhile time.time() < end:\n    os.utime(sys.argv[1]); n += 1\nprint(n)";
+    let toucher = Command::new("python3")
+        .args(["-c", script])
+        .arg(&file)
+        .arg("20")
+        .uid(ATTACKER)
+        .gid(ATTACKER)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let second = node.task("job", "victim-2");
+    let path = node.write_env(&second, "W=second-value\n");
+    chown(&path, Some(VICTIM), Some(VICTIM)).unwrap();
+    let t = Instant::now();
+    let served = wait_until(Duration::from_secs(60), || {
+        request_as(
+            VICTIM,
+            &node.socket,
+            &json!({"op": "get", "name": "W", "task": second}),
+        )["value"]
+            == "second-value"
+    });
+    let took = t.elapsed();
+    let out = toucher.wait_with_output().unwrap();
+    let after = peak(&node);
+    eprintln!(
+        "{} touches: the victim's new file served after {took:?} (quiet: {baseline:?}); agent VmHWM {before} -> {after} KiB",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the victim's new file took {took:?}"
+    );
+    assert!(
+        after.saturating_sub(before) < 128 * 1024,
+        "VmHWM {before} -> {after} KiB"
+    );
+    assert_victim_served(&node, &victim, "touch loop");
+}
