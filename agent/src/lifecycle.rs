@@ -106,7 +106,7 @@ impl Lifecycle {
     /// Start the lifecycle thread. It ends when every [`Lifecycle`] handle is dropped.
     pub(crate) fn start(
         state: Arc<State>,
-        events: mpsc::UnboundedSender<notify::Result<notify::Event>>,
+        events: mpsc::Sender<notify::Result<notify::Event>>,
     ) -> Result<(Self, Changed, std::thread::JoinHandle<()>)> {
         let (commands, rx) = mpsc::unbounded_channel();
         let (tasks_tx, tasks) = watch::channel(Generation::default());

@@ -62,9 +62,16 @@ fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) 
         }
     };
     if event.need_rescan() {
-        tracing::warn!(
-            "file watcher lost events (queue overflow); re-adding watches and doing a full rescan"
-        );
+        // Said once a minute at most: a user who keeps the queue overflowing must not also
+        // fill the log.
+        static LAST_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+        let mut last = LAST_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= FULL_RESCAN_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                "file watcher lost events (queue overflow); re-adding watches and doing a full rescan (said at most once a minute)"
+            );
+        }
         work.full = true;
         work.rewatch = true;
         return;
@@ -108,7 +115,7 @@ fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) 
 pub(crate) async fn run(
     state: Arc<State>,
     lifecycle: Lifecycle,
-    mut events: mpsc::UnboundedReceiver<notify::Result<Event>>,
+    mut events: mpsc::Receiver<notify::Result<Event>>,
     mut shutdown: Shutdown,
 ) {
     let mut unsettled: Vec<(PathBuf, Instant)> = Vec::new();
