@@ -656,19 +656,7 @@ fn bounded_touching_a_big_env_file_in_a_loop_does_not_hold_up_another_uids_new_f
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let second = node.task("job", "victim-2");
-    let path = node.write_env(&second, "W=second-value\n");
-    chown(&path, Some(VICTIM), Some(VICTIM)).unwrap();
-    let t = Instant::now();
-    let served = wait_until(Duration::from_secs(60), || {
-        request_as(
-            VICTIM,
-            &node.socket,
-            &json!({"op": "get", "name": "W", "task": second}),
-        )["value"]
-            == "second-value"
-    });
-    let took = t.elapsed();
+    let took = new_victim_task("victim-touched");
     let out = toucher.wait_with_output().unwrap();
     let after = peak(&node);
     eprintln!(
