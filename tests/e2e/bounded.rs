@@ -663,9 +663,13 @@ fn bounded_touching_a_big_env_file_in_a_loop_does_not_hold_up_another_uids_new_f
         "{} touches: the victim's new file served after {took:?} (quiet: {baseline:?}); agent VmHWM {before} -> {after} KiB",
         String::from_utf8_lossy(&out.stdout).trim()
     );
+    // Unfixed: each touch makes the agent re-read and re-parse the whole 12 MiB file on the one
+    // lifecycle thread, so the victim's new file waits several parses (6-12 s seen here against
+    // ~0.1 s quiet). Needs re-reads of a changing file bounded per owner (see the red-team
+    // report); the event queue itself is bounded since 75f16c6.
     assert!(
-        took < Duration::from_secs(10),
-        "the victim's new file took {took:?}"
+        took < VICTIM_BOUND,
+        "the victim's new file took {took:?} (quiet: {baseline:?})"
     );
     assert!(
         after.saturating_sub(before) < 128 * 1024,
