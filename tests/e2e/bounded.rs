@@ -663,10 +663,12 @@ fn bounded_touching_a_big_env_file_in_a_loop_does_not_hold_up_another_uids_new_f
         "{} touches: the victim's new file served after {took:?} (quiet: {baseline:?}); agent VmHWM {before} -> {after} KiB",
         String::from_utf8_lossy(&out.stdout).trim()
     );
-    // Unfixed: each touch makes the agent re-read and re-parse the whole 12 MiB file on the one
-    // lifecycle thread, so the victim's new file waits several parses (6-12 s seen here against
-    // ~0.1 s quiet). Needs re-reads of a changing file bounded per owner (see the red-team
-    // report); the event queue itself is bounded since 75f16c6.
+    // Unpaced, each touch made the agent re-read and re-parse the whole 12 MiB file on the one
+    // lifecycle thread (one parse took 6 s in a debug build under the attack), so the victim's
+    // new file waited several parses (6-12 s seen against ~0.1 s quiet). Now the attacker's
+    // reads go at its uid's limits.env_read_bytes_per_sec_per_uid and quiet owners' files are
+    // read first; the watcher's event queue is bounded (past it, one full rescan), so the
+    // touches cost no memory either.
     assert!(
         took < VICTIM_BOUND,
         "the victim's new file took {took:?} (quiet: {baseline:?})"
