@@ -636,6 +636,10 @@ mod tests {
                 "max_response_bytes",
             ),
             (
+                r#"{"limits": {"env_read_bytes_per_sec_per_uid": 1000}}"#,
+                "env_read_bytes_per_sec_per_uid",
+            ),
+            (
                 r#"{"limits": {"memory_budget_per_uid": 1000}}"#,
                 "memory_budget_per_uid",
             ),
