@@ -379,6 +379,10 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Bytes of env files one uid's files may add up to, over every task.
     pub max_env_bytes_per_uid: u64,
+    /// Bytes of one uid's env files read (and parsed) per second, with a burst of one second's
+    /// worth: past it a changed file is read later, as it is then, so a user touching a big
+    /// file in a loop cannot keep the one thread that reads files from everyone else's.
+    pub env_read_bytes_per_sec_per_uid: u64,
     /// Memory one uid can make the agent hold: its parsed env files and the cleartext cached
     /// from them (charged to the file's owner) and the responses being written to it (charged
     /// to the caller).
@@ -422,6 +426,7 @@ impl Default for Limits {
             max_vars_per_file: 65_536,
             max_value_bytes: 1 << 20,
             max_env_bytes_per_uid: 32 << 20,
+            env_read_bytes_per_sec_per_uid: 1 << 20,
             memory_budget_per_uid: 64 << 20,
             max_response_bytes: 16 << 20,
             write_timeout_secs: 10,
@@ -655,6 +660,11 @@ impl Config {
             ("limits.max_vars_per_file", l.max_vars_per_file as u64, 1),
             ("limits.max_value_bytes", l.max_value_bytes as u64, 1),
             ("limits.max_env_bytes_per_uid", l.max_env_bytes_per_uid, 1),
+            (
+                "limits.env_read_bytes_per_sec_per_uid",
+                l.env_read_bytes_per_sec_per_uid,
+                65_536,
+            ),
             // An error line must always fit in a response.
             (
                 "limits.max_response_bytes",
@@ -759,6 +769,10 @@ mod tests {
             (
                 r#"{"limits": {"max_response_bytes": 100}}"#,
                 "max_response_bytes",
+            ),
+            (
+                r#"{"limits": {"env_read_bytes_per_sec_per_uid": 1000}}"#,
+                "env_read_bytes_per_sec_per_uid",
             ),
             (
                 r#"{"limits": {"memory_budget_per_uid": 1000}}"#,

@@ -105,7 +105,7 @@ pub async fn run(
     // key store. Connections wait in its backlog until serving starts below.
     let (listener, owned_socket) =
         server::listener::host_socket(&config, options.socket_activation)?;
-    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (events_tx, events) = tokio::sync::mpsc::channel(watches::EVENT_QUEUE);
     let (lifecycle, changed, lifecycle_thread) = Lifecycle::start(state.clone(), events_tx)?;
     let (mut trigger, stop_listener) = shutdown::channel();
 

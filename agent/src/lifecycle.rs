@@ -12,6 +12,7 @@ use crate::keys::{ingest, key_sources, revocation, Changes};
 use crate::report::{KeyChange, KeyState};
 use crate::state::State;
 use crate::tasks::discovery::{self, Refusals};
+use crate::tasks::pace::Pace;
 use crate::watches::Watches;
 use anyhow::{Context, Result};
 use nodeseal_envelope::Thumbprint;
@@ -106,7 +107,7 @@ impl Lifecycle {
     /// Start the lifecycle thread. It ends when every [`Lifecycle`] handle is dropped.
     pub(crate) fn start(
         state: Arc<State>,
-        events: mpsc::UnboundedSender<notify::Result<notify::Event>>,
+        events: mpsc::Sender<notify::Result<notify::Event>>,
     ) -> Result<(Self, Changed, std::thread::JoinHandle<()>)> {
         let (commands, rx) = mpsc::unbounded_channel();
         let (tasks_tx, tasks) = watch::channel(Generation::default());
@@ -166,6 +167,15 @@ impl Lifecycle {
             reply,
         })
         .await
+    }
+}
+
+/// The pace env files are read at under `config`.
+fn pace(config: &Config, unpaced: bool) -> Pace<'static> {
+    Pace {
+        bytes_per_sec: config.limits.env_read_bytes_per_sec_per_uid,
+        now: &Instant::now,
+        unpaced,
     }
 }
 
@@ -238,6 +248,8 @@ impl Owner {
             self.watches.reset();
         }
         let mut unsettled = std::mem::take(&mut self.pending_unsettled);
+        // The first load reads every file before READY; later scans read at each owner's pace.
+        let unpaced = work.skip_ingest;
         if work.full {
             for path in state.tasks.paths() {
                 if discovery::root_of(&config, &path).is_none() {
@@ -248,7 +260,7 @@ impl Owner {
             self.layout_dirs
                 .retain(|d| discovery::root_of(&config, d).is_some());
             for root in &config.env_roots {
-                unsettled.extend(self.rescan_target(&config, root));
+                unsettled.extend(self.rescan_target(&config, root, unpaced));
             }
             let now_unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -256,8 +268,16 @@ impl Owner {
             self.expiry
                 .check(&state.keys.loaded_entries(), now_unix, Instant::now());
         } else {
-            for target in &work.targets {
-                unsettled.extend(self.rescan_target(&config, target));
+            // Directories of quiet owners first: one whose owner keeps changing its files waits.
+            let pace = pace(&config, unpaced);
+            let mut targets: Vec<_> = work
+                .targets
+                .iter()
+                .map(|t| (state.tasks.read_pressure_under(t, &pace), t))
+                .collect();
+            targets.sort_by_key(|(pressure, _)| *pressure);
+            for (_, target) in targets {
+                unsettled.extend(self.rescan_target(&config, target, unpaced));
             }
         }
         // Directories watched only now may have changed before their watch existed: walk
@@ -265,7 +285,7 @@ impl Owner {
         let newly = self.sync_watches(&config);
         for dir in newly {
             if self.layout_dirs.contains(&dir) || config.env_roots.contains(&dir) {
-                unsettled.extend(self.rescan_target(&config, &dir));
+                unsettled.extend(self.rescan_target(&config, &dir, unpaced));
             }
         }
         self.sync_watches(&config);
@@ -280,12 +300,18 @@ impl Owner {
     }
 
     /// Walk one layout directory and replace what was known below it.
-    fn rescan_target(&mut self, config: &Config, target: &std::path::Path) -> Vec<PathBuf> {
+    fn rescan_target(
+        &mut self,
+        config: &Config,
+        target: &std::path::Path,
+        unpaced: bool,
+    ) -> Vec<PathBuf> {
         let found = discovery::rescan(
             &self.state.tasks,
             config,
             target,
             &mut self.refusals,
+            &pace(config, unpaced),
             &SystemTime::now,
         );
         self.layout_dirs.retain(|d| !d.starts_with(target));

@@ -50,8 +50,19 @@ pub(crate) fn target_of(config: &Config, path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Everything a batch of events asks for.
-fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) {
+/// The key source directories whose events ask for a key rescan.
+fn key_dirs(config: &Config) -> Vec<PathBuf> {
+    key_sources(config).into_iter().map(|s| s.path).collect()
+}
+
+/// Everything a batch of events asks for. `key_dirs` is [`key_dirs`] of `config`, worked out
+/// once per batch: a user touching files in a loop sends thousands of events a second.
+fn classify(
+    config: &Config,
+    key_dirs: &[PathBuf],
+    event: notify::Result<Event>,
+    work: &mut ScanWork,
+) {
     let event = match event {
         Ok(e) => e,
         Err(e) => {
@@ -62,9 +73,16 @@ fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) 
         }
     };
     if event.need_rescan() {
-        tracing::warn!(
-            "file watcher lost events (queue overflow); re-adding watches and doing a full rescan"
-        );
+        // Said once a minute at most: a user who keeps the queue overflowing must not also
+        // fill the log.
+        static LAST_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+        let mut last = LAST_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= FULL_RESCAN_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                "file watcher lost events (queue overflow); re-adding watches and doing a full rescan (said at most once a minute)"
+            );
+        }
         work.full = true;
         work.rewatch = true;
         return;
@@ -79,7 +97,6 @@ fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) 
         EventKind::Access(_) => return,
         _ => None,
     };
-    let key_dirs: Vec<PathBuf> = key_sources(config).into_iter().map(|s| s.path).collect();
     for path in event.paths {
         if config.revocation_list.as_deref() == Some(path.as_path())
             || key_dirs
@@ -108,7 +125,7 @@ fn classify(config: &Config, event: notify::Result<Event>, work: &mut ScanWork) 
 pub(crate) async fn run(
     state: Arc<State>,
     lifecycle: Lifecycle,
-    mut events: mpsc::UnboundedReceiver<notify::Result<Event>>,
+    mut events: mpsc::Receiver<notify::Result<Event>>,
     mut shutdown: Shutdown,
 ) {
     let mut unsettled: Vec<(PathBuf, Instant)> = Vec::new();
@@ -121,11 +138,12 @@ pub(crate) async fn run(
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
                 let config = state.config();
-                classify(&config, ev, &mut work);
+                let key_dirs = key_dirs(&config);
+                classify(&config, &key_dirs, ev, &mut work);
                 // Debounce: gather whatever else arrives in the next few milliseconds.
                 tokio::time::sleep(DEBOUNCE).await;
                 while let Ok(ev) = events.try_recv() {
-                    classify(&config, ev, &mut work);
+                    classify(&config, &key_dirs, ev, &mut work);
                 }
             }
             _ = tick.tick() => {

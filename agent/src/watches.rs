@@ -8,6 +8,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use tokio::sync::mpsc;
 
+/// Events queued between the watcher thread and the watcher task at most. A user touching its
+/// files in a loop makes events faster than scans take them; past this the queue ends with one
+/// "rescan" event and further events are dropped, as the kernel does when its own queue
+/// overflows, so the queue's memory is bounded and another user's change waits for at most
+/// one drain of it and one full rescan, not for every event queued before it.
+pub(crate) const EVENT_QUEUE: usize = 16384;
+
 pub(crate) struct Watches {
     watcher: Option<notify::RecommendedWatcher>,
     active: BTreeSet<PathBuf>,
@@ -16,9 +23,17 @@ pub(crate) struct Watches {
 
 impl Watches {
     /// Watches whose events go to `events`.
-    pub(crate) fn new(events: mpsc::UnboundedSender<notify::Result<Event>>) -> Self {
+    pub(crate) fn new(events: mpsc::Sender<notify::Result<Event>>) -> Self {
         let watcher = notify::recommended_watcher(move |res| {
-            let _ = events.send(res);
+            // One thread sends, so the last free slot stays free for the rescan marker: once
+            // it is taken the queue is full until the watcher task drains it.
+            if events.capacity() > 1 {
+                let _ = events.try_send(res);
+            } else {
+                let lost = Event::new(notify::EventKind::Other)
+                    .set_flag(notify::event::Flag::Rescan);
+                let _ = events.try_send(Ok(lost));
+            }
         })
         .map_err(|e| tracing::error!(error = %e, "cannot start the file watcher; relying on periodic rescans"))
         .ok();

@@ -142,6 +142,17 @@ impl EnvFile {
     /// [`render`](Self::render)); the value is everything after the first `=`, verbatim; a `\r`
     /// before each `\n` is stripped (CRLF files). Lines that cannot be served become
     /// [`Line::Skipped`]; parsing itself does not fail.
+    /// Like [`parse_bytes`](Self::parse_bytes), for a reader that serves values and never
+    /// renders the file back: blank and comment lines are dropped once parsed, so however many a
+    /// file holds they cost nothing afterwards (callers bound the number of lines beforehand,
+    /// since parsing keeps per-line bookkeeping while it runs).
+    pub fn parse_bytes_vars_only(bytes: &[u8]) -> Result<Self, EnvFileError> {
+        let mut parsed = Self::parse_bytes(bytes)?;
+        parsed.lines.retain(|l| !matches!(l, Line::Other(_)));
+        parsed.lines.shrink_to_fit();
+        Ok(parsed)
+    }
+
     pub fn parse_bytes(bytes: &[u8]) -> Result<Self, EnvFileError> {
         let (bom, bytes) = match bytes.strip_prefix(BOM) {
             Some(rest) => (true, rest),
@@ -589,6 +600,29 @@ mod tests {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = EnvFile::parse_bytes(&bytes);
+        }
+
+        #[test]
+        fn vars_only_agrees_with_the_full_parse(
+            lines in proptest::collection::vec(valid_line(), 0..12),
+            eols in proptest::collection::vec(prop_oneof![Just("\n"), Just("\r\n"), Just("\r\r\n")], 12),
+            junk in proptest::collection::vec(any::<u8>(), 0..4),
+        ) {
+            let mut bytes: Vec<u8> = lines.iter().zip(&eols).flat_map(|(l, e)| format!("{l}{e}").into_bytes()).collect();
+            bytes.extend(junk);
+            let full = EnvFile::parse_bytes(&bytes);
+            let only = EnvFile::parse_bytes_vars_only(&bytes);
+            match (full, only) {
+                (Ok(f), Ok(o)) => {
+                    prop_assert_eq!(f.vars().collect::<Vec<_>>(), o.vars().collect::<Vec<_>>());
+                    prop_assert_eq!((f.terminated, f.crlf), (o.terminated, o.crlf));
+                    let names = |e: &EnvFile| e.lines.iter().filter_map(|l| match l { Line::NameOnly(n) => Some(n.clone()), _ => None }).collect::<Vec<_>>();
+                    prop_assert_eq!(names(&f), names(&o));
+                    prop_assert!(o.lines.iter().all(|l| !matches!(l, Line::Other(_))));
+                }
+                (Err(a), Err(b)) => prop_assert_eq!(a, b),
+                (a, b) => prop_assert!(false, "full {:?} vs vars-only {:?}", a.err(), b.err()),
+            }
         }
 
         #[test]

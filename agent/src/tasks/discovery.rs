@@ -5,8 +5,10 @@
 use super::envfile::{Classifier, FileCaps};
 use super::index::{Clock, FileUpdate, Tasks};
 use super::layout::Walker;
+use super::pace::Pace;
 use crate::config::Config;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// What one rescan did.
@@ -43,6 +45,7 @@ pub(crate) fn rescan(
     config: &Config,
     target: &Path,
     refusals: &mut Refusals,
+    pace: &Pace<'_>,
     clock: Clock<'_>,
 ) -> Rescan {
     let mut out = Rescan::default();
@@ -70,10 +73,23 @@ pub(crate) fn rescan(
                     refusals.logged.insert(path, reason);
                 }
             }
-            for found in walk.files {
+            // Quiet owners' files first: a file whose owner keeps changing it waits, not theirs.
+            let mut files: Vec<_> = walk
+                .files
+                .into_iter()
+                .map(|f| {
+                    let pressure = f
+                        .file
+                        .metadata()
+                        .map_or(0, |m| tasks.read_pressure(m.uid(), pace));
+                    (pressure, f)
+                })
+                .collect();
+            files.sort_by_key(|(pressure, _)| *pressure);
+            for (_, found) in files {
                 let path = found.path.clone();
                 refusals.logged.remove(&path);
-                match tasks.update_file(found, &classifier, &caps, clock) {
+                match tasks.update_file(found, &classifier, &caps, pace, clock) {
                     FileUpdate::Loaded { vars } => {
                         tracing::info!(path = %path.display(), vars, "env file loaded")
                     }
@@ -82,6 +98,10 @@ pub(crate) fn rescan(
                     }
                     FileUpdate::Unsettled => {
                         tracing::debug!(path = %path.display(), "env file still being written");
+                        out.unsettled.push(path.clone());
+                    }
+                    FileUpdate::Deferred => {
+                        tracing::debug!(path = %path.display(), "env file changed; its owner's reads are over limits.env_read_bytes_per_sec_per_uid, read later");
                         out.unsettled.push(path.clone());
                     }
                     FileUpdate::Invalid(reason) => {

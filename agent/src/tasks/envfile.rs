@@ -63,6 +63,8 @@ pub(crate) enum OverCap {
     FileBytes { max: u64 },
     #[error("the env file has more than {max} variable lines (limits.max_vars_per_file)")]
     Vars { max: usize },
+    #[error("the env file has more than {max} lines, blank and comment lines included ({LINES_PER_VAR} × limits.max_vars_per_file)")]
+    Lines { max: usize },
     #[error("the value of {name} is {len} bytes, over {max} (limits.max_value_bytes)")]
     ValueBytes {
         name: String,
@@ -97,11 +99,33 @@ impl OverCap {
     }
 }
 
+/// How a refusal names a variable: names have no cap of their own (only the file's size bounds
+/// them), and a refused entry is charged to nobody yet is logged and answered, so only a
+/// prefix is kept.
+pub(crate) fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 64;
+    match name.char_indices().nth(SHOWN) {
+        None => name.to_owned(),
+        Some((end, _)) => format!("{}... ({} bytes)", &name[..end], name.len()),
+    }
+}
+
 /// Which per-uid account a refusal was about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PerUid {
     EnvBytes,
     Memory,
+}
+
+/// Lines of any kind a file may hold per variable it may hold: parsing keeps bookkeeping for
+/// every line while it runs, so a file of millions of blank lines is refused before it is parsed
+/// (a real env file has a few comments per variable at most).
+pub(crate) const LINES_PER_VAR: usize = 4;
+
+/// Every line of the file, blank and comment lines included.
+pub(crate) fn lines_in(bytes: &[u8]) -> usize {
+    let newlines = bytes.iter().filter(|&&b| b == b'\n').count();
+    newlines + usize::from(!bytes.is_empty() && !bytes.ends_with(b"\n"))
 }
 
 /// Lines that may hold a variable: not blank, not a `#` comment. An upper bound on what the
@@ -193,6 +217,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_line_is_counted_for_the_line_cap() {
+        assert_eq!(lines_in(b""), 0);
+        assert_eq!(lines_in(b"\n"), 1);
+        assert_eq!(lines_in(b"A=1"), 1);
+        assert_eq!(lines_in(b"A=1\n\n# c\nB=2"), 4);
+        assert_eq!(lines_in(b"A=1\r\n\r\n"), 2);
+    }
+
+    #[test]
     fn candidate_lines_bound_the_variables_and_skip_blanks_and_comments() {
         let text = b"A=1\n\n  \n# c\n   # c\nB=2\r\nBARE\n\tC=\nD=x";
         assert_eq!(candidate_var_lines(text), 5);
@@ -202,10 +235,20 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_keeps_only_a_prefix_of_a_long_name() {
+        assert_eq!(shown_name("SHORT"), "SHORT");
+        let exact = "N".repeat(64);
+        assert_eq!(shown_name(&exact), exact);
+        let long = shown_name(&"N".repeat(12 << 20));
+        assert_eq!(long, format!("{}... (12582912 bytes)", "N".repeat(64)));
+    }
+
+    #[test]
     fn every_refusal_names_its_cap() {
         for (r, cap) in [
             (OverCap::FileBytes { max: 1 }, "limits.max_env_file_bytes"),
             (OverCap::Vars { max: 1 }, "limits.max_vars_per_file"),
+            (OverCap::Lines { max: 4 }, "limits.max_vars_per_file"),
             (
                 OverCap::ValueBytes {
                     name: "A".into(),

@@ -8,10 +8,11 @@
 //! reason is logged once, not on every rescan.
 
 use super::envfile::{
-    candidate_var_lines, read_env_file, Classifier, FileCaps, OverCap, PerUid, Unreadable,
-    ValueKind,
+    candidate_var_lines, lines_in, read_env_file, shown_name, Classifier, FileCaps, OverCap,
+    PerUid, Unreadable, ValueKind, LINES_PER_VAR,
 };
 use super::layout::FoundFile;
+use super::pace::{Pace, ReadPace};
 use super::settle;
 use crate::budget::{Charge, Ledger};
 use nodeseal_client::protocol::SkippedLine;
@@ -92,6 +93,7 @@ pub(crate) struct EnvEntry {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct FileStamp {
     len: u64,
+    dev: u64,
     ino: u64,
     uid: u32,
     mtime_ns: i128,
@@ -102,6 +104,7 @@ impl FileStamp {
     fn of(m: &std::fs::Metadata) -> Self {
         Self {
             len: m.len(),
+            dev: m.dev(),
             ino: m.ino(),
             uid: m.uid(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
@@ -148,6 +151,7 @@ impl EnvEntry {
             skipped: Vec::new(),
             stamp: FileStamp {
                 len: 0,
+                dev: 0,
                 ino: 0,
                 uid: 1000,
                 mtime_ns: 0,
@@ -186,6 +190,9 @@ pub(crate) struct Tasks {
     memory: Arc<Ledger>,
     /// Per-uid bytes of env files read.
     env_bytes: Arc<Ledger>,
+    /// Per-uid pace of reads, so one uid changing its files in a loop cannot keep the
+    /// lifecycle thread from everyone else's.
+    reads: ReadPace,
 }
 
 /// Both views under one lock so they never disagree; the per-task view makes a request's
@@ -254,6 +261,9 @@ pub(crate) enum FileUpdate {
     Unchanged,
     /// Still being written: retry after it settles.
     Unsettled,
+    /// Changed, but its owner has read its bucket empty (`limits.env_read_bytes_per_sec_per_uid`):
+    /// kept as it was, retried like an unsettled file, and then read as it is by then.
+    Deferred,
     /// Unparseable: forgotten until it changes.
     Invalid(String),
     /// Over a cap: kept as refused (its task answers the reason) until it changes or fits.
@@ -268,7 +278,31 @@ impl Tasks {
             writers_done: Mutex::default(),
             memory,
             env_bytes: Arc::default(),
+            reads: ReadPace::default(),
         }
+    }
+
+    /// How much the owners of the files known below `dir` have read lately (the most of any):
+    /// a scan walks quiet owners' directories first.
+    pub(crate) fn read_pressure_under(&self, dir: &Path, pace: &Pace<'_>) -> u128 {
+        let owners: HashSet<u32> = self
+            .read()
+            .files
+            .range(dir.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(dir))
+            .map(|(_, e)| e.owner_uid)
+            .collect();
+        let now = (pace.now)();
+        owners
+            .into_iter()
+            .map(|uid| self.reads.pressure(uid, pace.bytes_per_sec, now))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How much `uid` has read lately.
+    pub(crate) fn read_pressure(&self, uid: u32, pace: &Pace<'_>) -> u128 {
+        self.reads.pressure(uid, pace.bytes_per_sec, (pace.now)())
     }
 
     /// Whether `known`, read from a file that has not changed since, can stay as it is: loaded
@@ -321,14 +355,15 @@ impl Tasks {
         FileUpdate::Refused(why)
     }
 
-    /// (Re)read an env file the layout walk found and opened. `clock` tells the time once the
-    /// file has been read: a time taken earlier could be older than a write made meanwhile, and
-    /// that file would look settled.
+    /// (Re)read an env file the layout walk found and opened, at its owner's `pace`. `clock`
+    /// tells the time once the file has been read: a time taken earlier could be older than a
+    /// write made meanwhile, and that file would look settled.
     pub(crate) fn update_file(
         &self,
         found: FoundFile,
         classifier: &Classifier<'_>,
         caps: &FileCaps,
+        pace: &Pace<'_>,
         clock: Clock<'_>,
     ) -> FileUpdate {
         let FoundFile {
@@ -352,6 +387,15 @@ impl Tasks {
             return FileUpdate::Unchanged;
         }
         let uid = meta.uid();
+        let now = (pace.now)();
+        if !pace.unpaced && !self.reads.may_read(uid, pace.bytes_per_sec, now) {
+            return FileUpdate::Deferred;
+        }
+        // Charged before reading, whatever the outcome: a refused or unparseable file costs
+        // its read too (one over the size cap is refused unread).
+        if meta.len() <= caps.max_file_bytes {
+            self.reads.spend(uid, meta.len(), pace.bytes_per_sec, now);
+        }
         // What the entry being replaced gives back once it goes: its successor may use it.
         let (bytes_credit, memory_credit) = known
             .as_ref()
@@ -383,11 +427,16 @@ impl Tasks {
                 return self.refuse(path, task, &meta, caps, why);
             }
         };
+        let max_lines = caps.max_vars.saturating_mul(LINES_PER_VAR);
+        if lines_in(&bytes) > max_lines {
+            let why = OverCap::Lines { max: max_lines };
+            return self.refuse(path, task, &meta, caps, why);
+        }
         if candidate_var_lines(&bytes) > caps.max_vars {
             let why = OverCap::Vars { max: caps.max_vars };
             return self.refuse(path, task, &meta, caps, why);
         }
-        let parsed = match EnvFile::parse_bytes(&bytes) {
+        let parsed = match EnvFile::parse_bytes_vars_only(&bytes) {
             Ok(p) => p,
             Err(e) => {
                 self.remove(&path);
@@ -407,7 +456,7 @@ impl Tasks {
             .find(|(_, value)| value.len() > caps.max_value_bytes)
         {
             let why = OverCap::ValueBytes {
-                name: name.to_owned(),
+                name: shown_name(name),
                 len: value.len(),
                 max: caps.max_value_bytes,
             };
@@ -619,6 +668,21 @@ mod tests {
         FileCaps::from_limits(&crate::config::Limits::default())
     }
 
+    /// Reads at the default rate, each a minute after the one before: never deferred.
+    fn unhurried() -> Pace<'static> {
+        static NEXT: Mutex<Option<Instant>> = Mutex::new(None);
+        Pace {
+            bytes_per_sec: crate::config::Limits::default().env_read_bytes_per_sec_per_uid,
+            now: &|| {
+                let mut next = NEXT.lock().unwrap();
+                let now = next.map_or_else(Instant::now, |t| t + Duration::from_secs(60));
+                *next = Some(now);
+                now
+            },
+            unpaced: false,
+        }
+    }
+
     #[test]
     fn an_unterminated_file_is_served_only_once_it_settles_by_the_clock() {
         let dir = tempfile::tempdir().unwrap();
@@ -643,7 +707,7 @@ mod tests {
             },
         };
         let at = |d: Duration| move || mtime + d;
-        let update = |d| tasks.update_file(found(), &classifier, &caps(), &at(d));
+        let update = |d| tasks.update_file(found(), &classifier, &caps(), &unhurried(), &at(d));
         assert_eq!(update(Duration::ZERO), FileUpdate::Unsettled);
         // Closed by its writer: served once quiet for SETTLE.
         tasks.note_writer_done(&file);
@@ -658,7 +722,7 @@ mod tests {
         let mtime2 = std::fs::metadata(&file).unwrap().modified().unwrap();
         tasks.note_writer_active(&file);
         let at2 = |d: Duration| move || mtime2 + d;
-        let update2 = |d| tasks.update_file(found(), &classifier, &caps(), &at2(d));
+        let update2 = |d| tasks.update_file(found(), &classifier, &caps(), &unhurried(), &at2(d));
         assert_eq!(update2(SETTLE), FileUpdate::Unsettled);
         assert_eq!(update2(UNTERMINATED_GRACE), FileUpdate::Loaded { vars: 2 });
     }
@@ -693,6 +757,10 @@ mod tests {
         }
 
         fn update(&self, file: &Path, caps: &FileCaps) -> FileUpdate {
+            self.update_at(file, caps, &unhurried())
+        }
+
+        fn update_at(&self, file: &Path, caps: &FileCaps, pace: &Pace<'_>) -> FileUpdate {
             let task_dir = file.parent().unwrap().parent().unwrap().to_owned();
             let found = FoundFile {
                 path: file.to_owned(),
@@ -709,7 +777,8 @@ mod tests {
                 legacy_by_length: false,
             };
             let later = || SystemTime::now() + Duration::from_secs(60);
-            self.tasks.update_file(found, &classifier, caps, &later)
+            self.tasks
+                .update_file(found, &classifier, caps, pace, &later)
         }
     }
 
@@ -816,5 +885,74 @@ mod tests {
         refused_naming(f.update(&file, &small), "limits.memory_budget_per_uid");
         assert_eq!(f.memory.used(uid), 0);
         assert_eq!(f.update(&file, &small), FileUpdate::Unchanged);
+    }
+
+    #[test]
+    fn a_uid_changing_its_file_in_a_loop_is_read_at_its_pace_and_others_are_not_held_up() {
+        let f = Fixture::new();
+        let t0 = Instant::now();
+        let clock = Mutex::new(t0);
+        let now = || *clock.lock().unwrap();
+        let set = |ms: u64| *clock.lock().unwrap() = t0 + Duration::from_millis(ms);
+        let pace = Pace {
+            bytes_per_sec: 1000,
+            now: &now,
+            unpaced: false,
+        };
+        let big = f.write("big", &format!("A={}\n", "x".repeat(2997)));
+        let other = f.write("other", "B=1\n");
+        assert_eq!(
+            f.update_at(&big, &caps(), &pace),
+            FileUpdate::Loaded { vars: 1 }
+        );
+        // Touched (mtime and ctime change): 3000 bytes read, 1000 a second, so 2 s of debt.
+        let touch = || {
+            let t = std::fs::File::options().write(true).open(&big).unwrap();
+            t.set_modified(SystemTime::now() - Duration::from_secs(3))
+                .unwrap();
+        };
+        touch();
+        assert_eq!(f.update_at(&big, &caps(), &pace), FileUpdate::Deferred);
+        // Still served as it was meanwhile.
+        let entries = f.tasks.entries_of(big.parent().unwrap().parent().unwrap());
+        assert_eq!(entries[0].vars.len(), 1);
+        // The same uid's other file waits too (the budget is the uid's); a bare stat is free.
+        std::fs::write(&other, "B=2\n").unwrap();
+        assert_eq!(f.update_at(&other, &caps(), &pace), FileUpdate::Deferred);
+        set(1999);
+        assert_eq!(f.update_at(&big, &caps(), &pace), FileUpdate::Deferred);
+        // Paid back: read as it is now, so the last change is never lost.
+        std::fs::write(&big, format!("A={}\nC=3\n", "y".repeat(2993))).unwrap();
+        set(2001);
+        assert_eq!(
+            f.update_at(&big, &caps(), &pace),
+            FileUpdate::Loaded { vars: 2 }
+        );
+        set(5002);
+        assert_eq!(
+            f.update_at(&other, &caps(), &pace),
+            FileUpdate::Loaded { vars: 1 }
+        );
+        // Another uid's pace is its own; quiet owners' directories are put first.
+        let uid = std::fs::metadata(&big).unwrap().uid();
+        assert!(f.tasks.read_pressure(uid, &pace) > f.tasks.read_pressure(uid + 1, &pace));
+        assert!(
+            f.tasks
+                .read_pressure_under(&f.root.join("job/job-1/big"), &pace)
+                > f.tasks
+                    .read_pressure_under(&f.root.join("job/job-1/nobody"), &pace)
+        );
+        // The first load is never deferred (READY holds every file), but is charged.
+        touch();
+        let first_load = Pace {
+            unpaced: true,
+            ..pace
+        };
+        assert_eq!(
+            f.update_at(&big, &caps(), &first_load),
+            FileUpdate::Loaded { vars: 2 }
+        );
+        touch();
+        assert_eq!(f.update_at(&big, &caps(), &pace), FileUpdate::Deferred);
     }
 }
