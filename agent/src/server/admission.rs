@@ -34,6 +34,9 @@ pub(crate) struct Admission {
     refusals: Mutex<HashMap<u32, usize>>,
 }
 
+/// Answer bytes that cost one request of the per-uid request rate, beyond the first.
+pub(crate) const ANSWER_BYTES_PER_REQUEST: usize = 32 * 1024;
+
 /// Refused connections one uid may have lingering (answered, waiting for the client to read).
 pub(crate) const MAX_LINGERING_REFUSALS_PER_UID: usize = 4;
 /// Refused connections lingering over all uids.
@@ -129,6 +132,26 @@ impl Admission {
         })
     }
 
+    /// Charge an answer of `len` bytes to `uid`'s request budget at `now`: one request per
+    /// [`ANSWER_BYTES_PER_REQUEST`] beyond the first, taken after the answer is made, so the
+    /// budget may go into debt (down to minus one burst) and the uid's next requests wait for
+    /// it. Work is linear in each request; this makes a uid whose own task is huge pay for the
+    /// CPU its answers take, so it cannot keep every core serializing them.
+    pub(crate) fn charge_answer(&self, uid: Principal, len: usize, limits: &Limits, now: Instant) {
+        let extra = (len / ANSWER_BYTES_PER_REQUEST) as f64;
+        // Host root is the operator (`status`, reading any task): never throttled by its answers.
+        if extra == 0.0 || uid.host_root {
+            return;
+        }
+        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let burst = f64::from(limits.burst_per_uid);
+        let b = rate.entry(uid).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        b.tokens = (b.tokens - extra).max(-burst);
+    }
+
     /// Take one request from `uid`'s budget at `now`; false means "answer busy".
     pub(crate) fn take_rate_token(&self, uid: Principal, limits: &Limits, now: Instant) -> bool {
         let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,6 +180,37 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn big_answers_cost_requests_and_a_debt_waits_for_the_refill() {
+        let admission = Admission::new(8);
+        let limits = Limits {
+            requests_per_sec_per_uid: 10,
+            burst_per_uid: 20,
+            ..Limits::default()
+        };
+        let who = Principal {
+            uid: 1000,
+            host_root: false,
+        };
+        let now = Instant::now();
+        assert!(admission.take_rate_token(who, &limits, now));
+        // A small answer costs nothing more.
+        admission.charge_answer(who, ANSWER_BYTES_PER_REQUEST - 1, &limits, now);
+        assert!(admission.take_rate_token(who, &limits, now));
+        // A 1 MiB answer costs 32 requests: more than the 18 left, so the uid is in debt...
+        admission.charge_answer(who, 1 << 20, &limits, now);
+        assert!(!admission.take_rate_token(who, &limits, now));
+        // ...until the refill (10/s) has paid it back: 14 of debt plus one request.
+        assert!(!admission.take_rate_token(who, &limits, now + Duration::from_millis(1400)));
+        assert!(admission.take_rate_token(who, &limits, now + Duration::from_millis(1600)));
+        // Another uid is not charged.
+        let other = Principal {
+            uid: 1001,
+            host_root: false,
+        };
+        assert!(admission.take_rate_token(other, &limits, now));
+    }
 
     fn host(uid: u32) -> Principal {
         Principal {

@@ -242,6 +242,8 @@ async fn write_response(
     let max = limits.max_response_bytes;
     let budget = limits.memory_budget_per_uid;
     let least = least_len(&response);
+    ctx.admission
+        .charge_answer(peer.principal(), least, limits, Instant::now());
     let mut charge = None;
     let big = least >= OFFLOAD_BYTES;
     let out = if least > max {
