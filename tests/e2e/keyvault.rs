@@ -441,7 +441,10 @@ fn remote_node_with(fake: &KeyVaultFake, certificates: &[&str], extra: Value) ->
             "revalidate_secs": 1,
         },
     });
-    for (k, v) in extra.as_object().expect("config overrides are a JSON object") {
+    for (k, v) in extra
+        .as_object()
+        .expect("config overrides are a JSON object")
+    {
         config[k] = v.clone();
     }
     node.write_config(config);
