@@ -421,12 +421,17 @@ use nodeseal_testkit::kvfake::{FakeVersion, KeyVaultFake, FAKE_CLIENT_ID};
 const CMK_BOUND: Duration = Duration::from_secs(30);
 
 fn remote_node(fake: &KeyVaultFake, certificates: &[&str]) -> Node {
+    remote_node_with(fake, certificates, json!({}))
+}
+
+/// [`remote_node`] with the top-level config fields of `extra` added.
+fn remote_node_with(fake: &KeyVaultFake, certificates: &[&str], extra: Value) -> Node {
     let node = Node::new();
     let urls: Vec<String> = certificates
         .iter()
         .map(|c| fake.certificate_url(c))
         .collect();
-    node.write_config(json!({
+    let mut config = json!({
         "key_sources": [],
         "key_vault": {
             "certificates": urls,
@@ -435,7 +440,14 @@ fn remote_node(fake: &KeyVaultFake, certificates: &[&str]) -> Node {
             "ca_file": fake.ca_file,
             "revalidate_secs": 1,
         },
-    }));
+    });
+    for (k, v) in extra
+        .as_object()
+        .expect("config overrides are a JSON object")
+    {
+        config[k] = v.clone();
+    }
+    node.write_config(config);
     node
 }
 
@@ -733,4 +745,222 @@ fn keyvault_remote_open_uses_only_the_keys_the_policy_allows_the_caller() {
     assert!(!r.to_string().contains("for-a-and-b"), "{r}");
     // Host root may use `b`.
     assert_eq!(node.request(open.clone())["value"], "for-a-and-b");
+}
+
+// --- One uid's junk tokens for a remote key: held to its RSA budget, not to Key Vault's ------
+
+const VICTIM: u32 = 4242;
+const ATTACKER: u32 = 4243;
+/// Small on purpose, so the bound is far below what a flood reaches without it.
+const RSA_PER_SEC: u64 = 2;
+const RSA_BURST: u64 = 5;
+
+/// Opens the tokens read from stdin (one a line), in turn, as the uid it runs as, on `conns`
+/// persistent connections (reconnecting when cut off) for `secs` seconds, and prints how the
+/// answers went: `[[code ("" for success), retryable, names the RSA limit, count], ...]`.
+const JUNK_FLOOD: &str = r#"
+import json, socket, sys, threading, time
+path, secs, conns = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+tokens = [l.strip() for l in sys.stdin if l.strip()]
+tally, lock = {}, threading.Lock()
+def worker(k):
+    end, seen, s, f, i = time.monotonic() + secs, {}, None, None, k
+    while time.monotonic() < end:
+        try:
+            if s is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                f = s.makefile("rb")
+            s.sendall((json.dumps({"op": "open", "token": tokens[i % len(tokens)]}) + "\n").encode())
+            i += conns
+            line = f.readline()
+            if not line:
+                key = ("eof", None, False)
+            else:
+                e = json.loads(line).get("error") or {}
+                key = (e.get("code", ""), e.get("retryable"), "rsa_ops_per_sec_per_uid" in e.get("message", ""))
+        except OSError:
+            key, line = ("oserror", None, False), b""
+        seen[key] = seen.get(key, 0) + 1
+        if not line or key[0] == "busy" and not key[2]:
+            if s is not None:
+                s.close()
+            s = None
+    with lock:
+        for key, n in seen.items():
+            tally[key] = tally.get(key, 0) + n
+threads = [threading.Thread(target=worker, args=(k,)) for k in range(conns)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps([[c, r, rsa, n] for (c, r, rsa), n in tally.items()]))
+"#;
+
+/// How many of the flood's answers had `code` (and, when given, named the RSA limit or not).
+fn answered(tally: &[(String, Option<bool>, bool, u64)], code: &str, rsa: Option<bool>) -> u64 {
+    tally
+        .iter()
+        .filter(|(c, _, r, _)| c == code && rsa.is_none_or(|want| *r == want))
+        .map(|(_, _, _, n)| n)
+        .sum()
+}
+
+#[test]
+#[ignore = "needs root: attacker and victim are uids 4243 and 4242 in their own processes"]
+fn keyvault_remote_junk_token_flood_is_held_to_the_uids_rsa_budget_and_another_uid_is_served() {
+    use nodeseal_envelope::token::{seal_with, SealOptions};
+    use nodeseal_envelope::Thumbprint;
+    use nodeseal_testkit::request_as;
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fake = KeyVaultFake::start(dir.path());
+    let v = fake.add_version("poolcert", 2048);
+    let mut node = remote_node_with(
+        &fake,
+        &["poolcert"],
+        json!({
+            // The attacker may open unbound tokens: the policy lets it reach the unwrap at all.
+            "open_allowed_uids": [ATTACKER],
+            "limits": {"rsa_ops_per_sec_per_uid": RSA_PER_SEC, "rsa_burst_per_uid": RSA_BURST},
+        }),
+    );
+    // The victim's values, each opened once (then cached): each open is one real unwrap.
+    let victim_task = node.task("job", "victim");
+    let env: String = (0..4)
+        .map(|i| {
+            let token = seal_for(&node, &v, &format!("V{i}"), &format!("victim-value-{i}"));
+            format!("V{i}={token}\n")
+        })
+        .collect();
+    let env_file = node.write_env(&victim_task, &env);
+    std::os::unix::fs::chown(&env_file, Some(VICTIM), Some(VICTIM)).unwrap();
+    node.start();
+    wait_remote_usable(&node, &v);
+    let victim_get = |i: usize| {
+        let r = request_as(
+            VICTIM,
+            &node.socket,
+            &json!({"op": "get", "name": format!("V{i}"), "task": victim_task}),
+        );
+        assert_eq!(
+            r["value"],
+            format!("victim-value-{i}"),
+            "the victim's open of V{i}: {r}; log:\n{}",
+            node.logs()
+        );
+    };
+
+    // Valid v1 tokens naming the remote key, each with its own garbage wrapped key: nothing
+    // the agent can tell from a real one without asking Key Vault.
+    let tp = Thumbprint::from_hex(&v.thumbprint).unwrap();
+    let junk: String = (0..256)
+        .map(|_| {
+            let mut wrapped = vec![0u8; 256];
+            openssl::rand::rand_bytes(&mut wrapped).unwrap();
+            // Below the modulus, so it reaches the unwrap rather than a size check.
+            wrapped[0] = 0;
+            let token = seal_with(
+                b"x",
+                &[7u8; 32],
+                &[9u8; 12],
+                &[(tp, wrapped)],
+                &SealOptions::default(),
+            )
+            .unwrap();
+            format!("{token}\n")
+        })
+        .collect();
+
+    let before = fake.calls("unwrapkey");
+    let flood_secs = 5.0;
+    let started = Instant::now();
+    let mut attacker = Command::new("python3")
+        .arg("-c")
+        .arg(JUNK_FLOOD)
+        .arg(&node.socket)
+        .arg(flood_secs.to_string())
+        .arg("4")
+        .uid(ATTACKER)
+        .gid(ATTACKER)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot run python3");
+    attacker
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(junk.as_bytes())
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || fake.calls("unwrapkey") > before),
+        "the attacker's junk never reached Key Vault; log:\n{}",
+        node.logs()
+    );
+    // During the flood: the victim's opens, each a Key Vault unwrap charged to the victim.
+    let during = 3;
+    for i in 0..during {
+        std::thread::sleep(Duration::from_millis(500)); // pacing: spread over the flood
+        victim_get(i);
+    }
+    assert!(
+        attacker.try_wait().unwrap().is_none(),
+        "the flood ended before the victim's opens: they did not overlap"
+    );
+    let out = attacker.wait_with_output().unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let calls = fake.calls("unwrapkey") - before;
+    assert!(out.status.success(), "attacker failed: {out:?}");
+    let tally: Vec<(String, Option<bool>, bool, u64)> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| {
+            panic!(
+                "attacker output ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+    // After the flood, too.
+    victim_get(during);
+
+    let total: u64 = tally.iter().map(|(_, _, _, n)| n).sum();
+    let rejected = answered(&tally, "bad_token", None);
+    let rsa_busy = answered(&tally, "busy", Some(true));
+    // What the attacker's bucket allows in the time, the victim's own opens, and a little slack
+    // for the refill between the first charge and the count being read.
+    let bound = RSA_BURST as f64 + RSA_PER_SEC as f64 * elapsed + during as f64 + 2.0;
+    eprintln!(
+        "junk flood: {total} answers in {elapsed:.1} s: {rejected} bad_token, {rsa_busy} busy \
+         (RSA budget), {} busy (other), {} eof/oserror; {calls} unwrapkey calls in all \
+         ({during} the victim's), bound {bound:.1}; tally {tally:?}",
+        answered(&tally, "busy", Some(false)),
+        answered(&tally, "eof", None) + answered(&tally, "oserror", None),
+    );
+    assert!(
+        (calls as f64) <= bound,
+        "{calls} unwrapkey calls in {elapsed:.1} s: the attacker's junk went to Key Vault past \
+         its RSA budget ({RSA_BURST} + {RSA_PER_SEC}/s, bound {bound:.1}); tally {tally:?}"
+    );
+    assert!(
+        rejected >= 1,
+        "no junk token reached Key Vault's unwrap: {tally:?}"
+    );
+    assert!(
+        rsa_busy > 0,
+        "the attacker was never held to its RSA budget: {tally:?}"
+    );
+    assert!(
+        tally
+            .iter()
+            .filter(|(c, ..)| c == "busy")
+            .all(|(_, retryable, ..)| *retryable == Some(true)),
+        "a busy answer not retryable: {tally:?}"
+    );
+    assert_eq!(
+        answered(&tally, "", None),
+        0,
+        "a junk token opened: {tally:?}"
+    );
+    assert!(!node.logs().contains("victim-value-"), "a value was logged");
 }
