@@ -7,13 +7,17 @@
 //! A request travels `server` → `handler` → {`authz`, `keys`, `tasks`, `state`}:
 //!
 //! 1. [`server`] accepts on the host socket (`server::listener`) or a per-task socket
-//!    (`server::task_sockets`); `server::admission` bounds connections and request rates per
-//!    uid; `server::connection` reads the caller's identity once (`peer`) and then one request
-//!    line at a time.
+//!    (`server::task_sockets`) and decides who is calling once, at accept (`peer`: a pidfd from
+//!    `SO_PEERPIDFD`, its pid and user namespaces, uid and groups from `connect()`);
+//!    `server::admission` bounds connections and request rates per uid (answers cost by size);
+//!    `server::connection` reads one request line at a time and writes each answer within the
+//!    caller's memory budget (`budget`) and the write timeout.
 //! 2. `handler` answers one operation per function (`values`: get/env/list, `open`,
 //!    `admin`: health/status/revoke/restore) from one config snapshot, asks `authz` whether the
-//!    caller may, opens values on the decrypt pool (`handler::decrypt`, `decrypt_pool`) and
-//!    writes one audit line (`handler::audit`). Every refusal is a `refusal::Refusal`, mapped to
+//!    caller may, opens values on the decrypt pool (`handler::decrypt`; `decrypt_pool` charges
+//!    every RSA operation to the caller and serves uids round robin) or through Key Vault
+//!    ([`keyvault`], for keys that never leave it) and writes one audit line (`handler::audit`;
+//!    repeated warnings and refusals are budgeted per uid by `log_budget`). Every refusal is a `refusal::Refusal`, mapped to
 //!    the wire's error codes in one place.
 //! 3. `authz` is pure: caller, socket scope, task ownership, the token's audience and the
 //!    opening policy in, decision out; `authz::decide` decides every opening (`get`, `env`,
@@ -23,9 +27,10 @@
 //!
 //! - `watch` turns inotify events and ticks into scan work; `lifecycle` is the one thread that
 //!   mutates keys (`keys::store`, `keys::sources`, `keys::ingest`, `keys::revocation`,
-//!   `keys::expiry`), env files (`tasks::index`, `tasks::envfile`, `tasks::settle`,
-//!   `tasks::discovery`) and the config, on commands from the watcher, the admin operations and
-//!   SIGHUP.
+//!   `keys::expiry`), env files (`tasks::index` with its per-file caps, `tasks::envfile`,
+//!   `tasks::settle`, `tasks::discovery`, `tasks::pace` for each uid's re-read budget) and the
+//!   config, on commands from the watcher, the admin operations and SIGHUP. `start_race` notices
+//!   a configured root that appeared read-only in the service's sandbox and exits for a restart.
 //! - `state` is what both paths share: config snapshot, key store, task index, counters.
 //!
 //! Around them: [`config`] (the JSON file, parsed once into types), [`report`] (the typed
