@@ -851,16 +851,16 @@ fn kubernetes_agent_json() -> String {
         .join("\n")
 }
 
-/// The Kubernetes recipe's isolation: with the manifest's agent.json (only paths, the
-/// thumbprint and the uid filled in, as its comments say), a workload uid opens the tokens of
-/// its own key, and neither another uid nor a token of a key not listed for it opens.
+/// The Kubernetes recipe: with the manifest's agent.json (only the paths filled in), a pod (a
+/// process in a pid namespace of its own) opens a token sealed for the node pool, as the
+/// manifest says to seal, and nothing else: not another pool's token, not a uid-bound one (a
+/// pod's uid is not attested), not an unbound one.
 #[test]
-#[ignore = "needs root: key files must be root-owned; connects as uids 4242 and 4243"]
-fn kubernetes_config_opens_only_for_the_key_s_uids() {
-    use nodeseal_testkit::{code_of, request_as, Node};
+#[ignore = "needs root: key files must be root-owned; the pod is a pid namespace as uid 4242"]
+fn kubernetes_config_opens_pool_bound_tokens_for_pods_and_nothing_unbound() {
+    use nodeseal_testkit::{bin, code_of, run_with_stdin, Node};
     let mut node = Node::new();
     let pool = node.create_cert("pool");
-    let other = node.create_cert("other");
     // Secret files mounted with subPath: root-owned regular files, 0400.
     let keys = node.root.join("k8s/keys");
     let secrets = node.root.join("k8s/secrets");
@@ -873,38 +873,84 @@ fn kubernetes_config_opens_only_for_the_key_s_uids() {
         fs::copy(&from, &to).unwrap();
         fs::set_permissions(&to, fs::Permissions::from_mode(0o400)).unwrap();
     }
-    // `other` is loaded too (from the Batch drop), so only the rule keeps its tokens closed.
-    node.drop_pfx(&other);
     let text = kubernetes_agent_json()
         .replace("/etc/nodeseal/keys", &keys.display().to_string())
         .replace(
             "/etc/nodeseal/secrets/pool.pfx.pw",
             &secrets.join("pool.pfx.pw").display().to_string(),
-        )
-        .replace("0000000000000000000000000000000000000000", &pool.thumbprint)
-        .replace("[1000]", "[4242]");
-    let mut recipe: serde_json::Value = serde_json::from_str(&text)
+        );
+    let recipe: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("the manifest's agent.json is not JSON ({e}):\n{text}"));
-    // The kit's own Batch drop dir stays as a second source, for `other`.
-    let kit_source = node.base_config()["key_sources"][0].clone();
-    recipe["key_sources"]
-        .as_array_mut()
-        .unwrap()
-        .push(kit_source);
+    let pool_id = recipe["pool_id"]
+        .as_str()
+        .expect("the recipe sets pool_id")
+        .to_owned();
     node.write_config(recipe);
     node.start();
 
-    let mine = node.seal(&pool, Some("DB_PASSWORD"), "pool-secret", "v1");
-    let foreign = node.seal(&other, Some("DB_PASSWORD"), "other-secret", "v1");
-    let open = |uid: u32, token: &str| {
-        request_as(
-            uid,
-            &node.socket,
-            &serde_json::json!({"op": "open", "token": token, "name": "DB_PASSWORD"}),
-        )
+    // As the manifest's header says to seal: for the node pool.
+    let seal = |audience: &[&str]| {
+        let mut cmd = Command::new(bin("nodeseal"));
+        cmd.args(["seal", "--cert"]).arg(&pool.crt);
+        cmd.args(["--name", "DB_PASSWORD"]);
+        for a in audience {
+            cmd.args(["--audience", a]);
+        }
+        let out = run_with_stdin(&mut cmd, b"pool-secret");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    assert_eq!(open(4242, &mine)["value"], "pool-secret", "{}", node.logs());
-    assert_eq!(code_of(&open(4243, &mine)), "forbidden");
-    assert_eq!(code_of(&open(4242, &foreign)), "forbidden");
+    let for_pool = seal(&[&format!("pool:{pool_id}")]);
+    let for_other_pool = seal(&["pool:another-pool"]);
+    let for_uid = seal(&["uid:4242"]);
+    let unbound = seal(&[]);
+    // A pod: uid 4242 in a pid namespace of its own, as a container runs.
+    let from_a_pod = |token: &str| -> serde_json::Value {
+        let request = serde_json::json!({"op": "open", "token": token, "name": "DB_PASSWORD"});
+        let script = "import socket,sys\n\
+            s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);\
+            s.sendall(sys.argv[2].encode()+b'\\n');b=b''\n\
+            while not b.endswith(b'\\n'):\n    c=s.recv(65536)\n    if not c: break\n    b+=c\n\
+            sys.stdout.write(b.decode())";
+        let out = Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "setpriv",
+                "--reuid=4242",
+                "--regid=4242",
+                "--clear-groups",
+            ])
+            .args(["/usr/bin/python3", "-c", script])
+            .arg(&node.socket)
+            .arg(request.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    assert_eq!(
+        from_a_pod(&for_pool)["value"],
+        "pool-secret",
+        "{}",
+        node.logs()
+    );
+    for (token, what) in [
+        (&for_other_pool, "another pool's token"),
+        (&for_uid, "a uid-bound token (a pod's uid is not attested)"),
+        (&unbound, "an unbound token (require_audience)"),
+    ] {
+        let r = from_a_pod(token);
+        assert_eq!(code_of(&r), "forbidden", "{what}: {r}");
+    }
     assert!(!node.logs().contains("pool-secret"));
 }
