@@ -110,20 +110,28 @@ fn parse(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not an answer: {line:?}: {e}"))
 }
 
-#[test]
-#[ignore = "needs root: enters a pid namespace (unshare), connects as other uids, stops the agent and sets ns_last_pid"]
-fn a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_root() {
-    let test = "a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_root";
-    if !has_unshare(test) {
-        return;
-    }
-    let (mut node, task) = node_with_victim_task();
-    let [status, get] = requests(&task);
-    let handoff = format!("nodeseal-identity-{}", std::process::id());
-
+/// The attack's setup, one try: an ordinary host uid waits for a connection; with the agent
+/// stopped, root in a pid namespace of its own connects, hands the connection over and exits;
+/// a process of the ordinary uid takes its old host pid; the agent runs again. `Err` (after
+/// cleaning up) when the pid was taken by some other process first, or the hand-over failed.
+fn hand_over_and_take_the_pid(
+    node: &mut Node,
+    status: &str,
+    get: &str,
+    attempt: usize,
+) -> Result<
+    (
+        std::process::Child,
+        BufReader<std::process::ChildStdout>,
+        u32,
+        std::process::Child,
+    ),
+    String,
+> {
+    let handoff = format!("nodeseal-identity-{}-{attempt}", std::process::id());
     // The attacker's receiving end: an ordinary host uid waiting for a connection.
     let mut receiver = Command::new("python3")
-        .args(["-c", CALLER, &format!("inherit:{handoff}"), &status, &get])
+        .args(["-c", CALLER, &format!("inherit:{handoff}"), status, get])
         .uid(ATTACKER)
         .gid(ATTACKER)
         .stdin(Stdio::piped())
@@ -160,16 +168,47 @@ fn a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_r
         })
     });
     node.signal(nix::sys::signal::Signal::SIGCONT);
-    let (Some(old_pid), Some(mut taker)) = (old_pid, taker) else {
-        let _ = receiver.kill();
-        let _ = receiver.wait();
-        panic!(
-            "setup failed: hand-over {} said {said:?} ({}); or pid {old_pid:?} stayed taken by another process (rerun)",
-            container_root.status,
-            String::from_utf8_lossy(&container_root.stderr)
-        );
+    match (old_pid, taker) {
+        (Some(old_pid), Some(taker)) => Ok((receiver, out, old_pid, taker)),
+        (old_pid, _) => {
+            let _ = receiver.kill();
+            let _ = receiver.wait();
+            Err(format!(
+                "hand-over {} said {said:?} ({}); or pid {old_pid:?} was taken by another process",
+                container_root.status,
+                String::from_utf8_lossy(&container_root.stderr).trim()
+            ))
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: enters a pid namespace (unshare), connects as other uids, stops the agent and sets ns_last_pid"]
+fn a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_root() {
+    let test = "a_host_user_inheriting_a_container_roots_connection_and_its_pid_is_not_host_root";
+    if !has_unshare(test) {
+        return;
+    }
+    let (mut node, task) = node_with_victim_task();
+    let [status, get] = requests(&task);
+    // Taking a given pid races every other process the machine starts meanwhile (tests run in
+    // parallel): when another one lands on the number first, the whole hand-over is made again,
+    // with a new container root and so a new pid.
+    let mut failures = Vec::new();
+    let (mut receiver, mut out, old_pid, mut taker) = loop {
+        match hand_over_and_take_the_pid(&mut node, &status, &get, failures.len()) {
+            Ok(done) => break done,
+            Err(why) if failures.len() < 20 => {
+                eprintln!(
+                    "setup try {} failed, trying again: {why}",
+                    failures.len() + 1
+                );
+                failures.push(why);
+            }
+            Err(why) => panic!("setup failed 21 times: {why}; before: {failures:?}"),
+        }
     };
-    line.clear();
+    let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(
         line.trim(),
