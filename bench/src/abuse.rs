@@ -152,6 +152,8 @@ pub(crate) struct AbuseScale {
     pub list_names: usize,
     pub huge_env_bytes: usize,
     pub noread_conns: usize,
+    /// Attacks to run (empty: all).
+    pub only: Vec<String>,
 }
 
 struct Phase {
@@ -385,6 +387,9 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     ];
     let mut phases = Vec::new();
     for (name, attack, mitigated, attackers) in attacks {
+        if name != "none" && !scale.only.is_empty() && !scale.only.iter().any(|o| o == name) {
+            continue;
+        }
         eprintln!("  under abuse: {name}");
         let log_before = node.logs().len();
         let mut children = Vec::new();

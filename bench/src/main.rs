@@ -77,6 +77,10 @@ enum Sub {
         /// Never-reading `env` connections of the memory attacker.
         #[arg(long, default_value_t = 64)]
         noread_conns: usize,
+        /// Run only these attacks (rsa, connect, memory, list; repeatable), for profiling one;
+        /// the phase with no attacker always runs. The report is printed, BENCHMARKS.md is kept.
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// (internal) A protocol client as this process's uid (the abuse scenarios' attacker and
     /// victim); prints each answer's latency and error code as JSON.
@@ -259,6 +263,7 @@ fn main() -> Result<()> {
         list_names,
         huge_mib,
         noread_conns,
+        only,
     }) = &cli.cmd
     {
         let bins = bin_dir(&cli)?;
@@ -268,8 +273,13 @@ fn main() -> Result<()> {
             list_names: *list_names,
             huge_env_bytes: huge_mib * 1024 * 1024,
             noread_conns: *noread_conns,
+            only: only.clone(),
         };
         let section = abuse::run(&scale, &bins.join("nodeseal-agent"), &key)?;
+        if !only.is_empty() {
+            print!("{section}");
+            return Ok(());
+        }
         abuse::splice(&cli.out, &section)?;
         eprintln!(
             "nodeseal-bench: wrote the under-abuse section of {}",
@@ -388,6 +398,7 @@ fn main() -> Result<()> {
         list_names: if scale.smoke { 1_000 } else { 20_000 },
         huge_env_bytes: if scale.smoke { 1 << 20 } else { 16 << 20 },
         noread_conns: if scale.smoke { 8 } else { 64 },
+        only: Vec::new(),
     };
     let largest = scale.sizes.iter().copied().max().unwrap_or(2048);
     let section = abuse::run(&abuse_scale, &agent_bin, keys.of_size(largest))?;
