@@ -359,12 +359,21 @@ pub struct Limits {
     pub max_connections: usize,
     /// Concurrent connections of one peer uid, so one user cannot take every slot.
     pub max_connections_per_uid: usize,
+    /// Connections the host socket queues before the agent accepts them (`listen()` backlog,
+    /// 1 to 4096). The queue is shared by every uid and filled before the agent can tell who
+    /// connects, so it bounds how long a connect flood makes others wait; a connection finding
+    /// it full waits in `connect` (or gets `EAGAIN`, which clients retry), never fails.
+    pub listen_backlog: u32,
     /// A connection idle (or mid-line) this long is closed.
     pub idle_timeout_secs: u64,
     /// Sustained requests per second per peer uid.
     pub requests_per_sec_per_uid: u32,
     /// Burst allowance per peer uid.
     pub burst_per_uid: u32,
+    /// A uid over its request or RSA rate is slowed down, not refused: its request waits for
+    /// its turn, up to this long. Past it the request is answered `busy`, after this long too,
+    /// so a client that retries at once costs the agent one refusal per wait. 0: `busy` at once.
+    pub max_rate_wait_ms: u64,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout_secs: u64,
     /// Directories watched with inotify at most (layout levels and key sources); past it the
@@ -417,9 +426,11 @@ impl Default for Limits {
             max_request_bytes: nodeseal_client::protocol::DEFAULT_MAX_REQUEST_BYTES,
             max_connections: 1024,
             max_connections_per_uid: 128,
+            listen_backlog: 64,
             idle_timeout_secs: 30,
             requests_per_sec_per_uid: 200,
             burst_per_uid: 400,
+            max_rate_wait_ms: 1000,
             drain_timeout_secs: 5,
             max_watched_dirs: 16_384,
             max_env_file_bytes: 16 << 20,
@@ -637,6 +648,21 @@ impl Config {
                 "rate and burst must be at least 1".into(),
             ));
         }
+        if !(1..=4096).contains(&l.listen_backlog) {
+            return Err(invalid(
+                "limits.listen_backlog",
+                format!("{} is not between 1 and 4096", l.listen_backlog),
+            ));
+        }
+        if l.max_rate_wait_ms > 10_000 {
+            return Err(invalid(
+                "limits.max_rate_wait_ms",
+                format!(
+                    "{} ms is longer than clients wait for an answer; use at most 10000",
+                    l.max_rate_wait_ms
+                ),
+            ));
+        }
         if l.max_queued_decrypts == 0 || l.max_queued_decrypts_per_uid == 0 {
             return Err(invalid(
                 "limits.max_queued_decrypts",
@@ -758,6 +784,11 @@ mod tests {
             (r#"{"log_level": "loud"}"#, "log_level"),
             (r#"{"socket_path": "relative.sock"}"#, "socket_path"),
             (r#"{"limits": {"max_connections": 0}}"#, "max_connections"),
+            (r#"{"limits": {"listen_backlog": 0}}"#, "listen_backlog"),
+            (
+                r#"{"limits": {"max_rate_wait_ms": 60000}}"#,
+                "max_rate_wait_ms",
+            ),
             (
                 r#"{"limits": {"max_vars_per_file": 0}}"#,
                 "max_vars_per_file",

@@ -1,9 +1,10 @@
 //! The pool that runs RSA work: one thread per core, fed from per-uid queues served round robin.
 //!
 //! Every job is one RSA private-key operation, charged to the uid that asked before it is
-//! queued: a uid over its RSA rate (`limits.rsa_ops_per_sec_per_uid`) or with a full queue
-//! (`limits.max_queued_decrypts_per_uid`, `limits.max_queued_decrypts`) is answered `busy` at
-//! once instead of waiting. A worker takes the next job from the next uid in turn, so however many
+//! queued: a uid over its RSA rate (`limits.rsa_ops_per_sec_per_uid`) waits for its turn before
+//! anything is queued (`crate::rate`; `busy` when the turn is further off than
+//! `limits.max_rate_wait_ms`), and a uid with a full queue (`limits.max_queued_decrypts_per_uid`,
+//! `limits.max_queued_decrypts`) is answered `busy` at once. A worker takes the next job from the next uid in turn, so however many
 //! jobs one uid has queued, another uid's job waits for at most one job per thread ahead of it.
 //!
 //! Threads rather than tokio's `spawn_blocking` behind a semaphore: there a core idles between
@@ -11,6 +12,7 @@
 //! a worker that finishes a job takes the next one at once, and the reactor never runs RSA work.
 
 use crate::config::Limits;
+use crate::rate::{Rate, RateTable, Turn};
 use crate::refusal::Refusal;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -73,16 +75,11 @@ impl Queues {
     }
 }
 
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
 /// A fixed set of worker threads sharing fair per-uid job queues.
 pub(crate) struct DecryptPool {
     shared: Arc<Shared>,
     /// Per-uid budgets of RSA operations.
-    budgets: Mutex<HashMap<u32, Bucket>>,
+    budgets: RateTable<u32>,
 }
 
 impl DecryptPool {
@@ -112,20 +109,21 @@ impl DecryptPool {
                 queues: Mutex::new(Queues::default()),
                 ready: Condvar::new(),
             }),
-            budgets: Mutex::new(HashMap::new()),
+            budgets: RateTable::default(),
         }
     }
 
-    /// Run one RSA operation `f` for `uid` on a worker and wait for its result. Refused at once
-    /// (before any work) when `uid` is over its RSA rate, its queue or the whole queue is full,
-    /// or the pool is shut down; `ShuttingDown` too if the job panicked.
+    /// Run one RSA operation `f` for `uid` on a worker and wait for its result. Over its RSA
+    /// rate the uid waits for its turn first; refused (before any work) when that turn is
+    /// further off than the longest wait, when its queue or the whole queue is full, or when the
+    /// pool is shut down; `ShuttingDown` too if the job panicked.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         uid: u32,
         limits: &Limits,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Refusal> {
-        self.charge_operation(uid, limits)?;
+        self.charge_operation(uid, limits).await?;
         let (done, result) = oneshot::channel();
         self.submit(
             uid,
@@ -141,16 +139,16 @@ impl DecryptPool {
         result.await.map_err(|_| Refusal::ShuttingDown)
     }
 
-    /// Charge one private-key operation done elsewhere (a Key Vault unwrap) to `uid`'s RSA
-    /// budget, refused like [`Self::run`] when it is spent.
-    pub(crate) fn charge_operation(&self, uid: u32, limits: &Limits) -> Result<(), Refusal> {
-        if self.charge(uid, limits, Instant::now()) {
-            Ok(())
-        } else {
-            Err(Refusal::DecryptRateLimited {
+    /// Charge one private-key operation to `uid`'s RSA budget, waiting for its turn; also for
+    /// one done elsewhere (a Key Vault unwrap).
+    pub(crate) async fn charge_operation(&self, uid: u32, limits: &Limits) -> Result<(), Refusal> {
+        let rate = rsa_rate(limits);
+        let turn = self.turn(uid, limits, Instant::now());
+        crate::rate::wait_for(turn, &rate)
+            .await
+            .map_err(|()| Refusal::DecryptRateLimited {
                 per_sec: limits.rsa_ops_per_sec_per_uid,
             })
-        }
     }
 
     fn submit(&self, uid: u32, limits: &Limits, job: Job) -> Result<(), Refusal> {
@@ -159,34 +157,24 @@ impl DecryptPool {
         Ok(())
     }
 
-    /// Take one RSA operation from `uid`'s budget at `now`; false means "answer busy".
-    fn charge(&self, uid: u32, limits: &Limits, now: Instant) -> bool {
-        let mut budgets = lock(&self.budgets);
-        if budgets.len() > 65_536 {
-            // Bound the table: forget budgets that have refilled anyway.
-            budgets.retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(60));
-        }
-        let burst = f64::from(limits.rsa_burst_per_uid);
-        let b = budgets.entry(uid).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let refill = now.saturating_duration_since(b.last).as_secs_f64()
-            * f64::from(limits.rsa_ops_per_sec_per_uid);
-        b.tokens = (b.tokens + refill).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// `uid`'s turn for one RSA operation at `now`.
+    fn turn(&self, uid: u32, limits: &Limits, now: Instant) -> Turn {
+        self.budgets.reserve(uid, 1.0, &rsa_rate(limits), now)
     }
 
     /// Stop taking jobs; workers exit once the queues are drained.
     pub(crate) fn shutdown(&self) {
         lock(&self.shared.queues).closed = true;
         self.shared.ready.notify_all();
+    }
+}
+
+/// The per-uid RSA rate in force.
+fn rsa_rate(limits: &Limits) -> Rate {
+    Rate {
+        per_sec: limits.rsa_ops_per_sec_per_uid,
+        burst: limits.rsa_burst_per_uid,
+        max_wait: Duration::from_millis(limits.max_rate_wait_ms),
     }
 }
 
@@ -315,16 +303,25 @@ mod tests {
         let l = Limits {
             rsa_ops_per_sec_per_uid: 10,
             rsa_burst_per_uid: 3,
+            max_rate_wait_ms: 150,
             ..Limits::default()
         };
         let t0 = Instant::now();
+        let now = Turn::After(Duration::ZERO);
         for _ in 0..3 {
-            assert!(pool.charge(5, &l, t0));
+            assert_eq!(pool.turn(5, &l, t0), now);
         }
-        assert!(!pool.charge(5, &l, t0));
-        assert!(pool.charge(6, &l, t0), "another uid has its own budget");
-        assert!(!pool.charge(5, &l, t0 + Duration::from_millis(50)));
-        assert!(pool.charge(5, &l, t0 + Duration::from_millis(150)));
+        // Past the burst, turns come at the rate, until one would wait longer than 150 ms.
+        assert_eq!(
+            pool.turn(5, &l, t0),
+            Turn::After(Duration::from_millis(100))
+        );
+        assert_eq!(pool.turn(5, &l, t0), Turn::Refused);
+        assert_eq!(pool.turn(6, &l, t0), now, "another uid has its own budget");
+        assert_eq!(
+            pool.turn(5, &l, t0 + Duration::from_millis(150)),
+            Turn::After(Duration::from_millis(50))
+        );
     }
 
     #[tokio::test]
@@ -333,6 +330,7 @@ mod tests {
         let l = Limits {
             rsa_ops_per_sec_per_uid: 1,
             rsa_burst_per_uid: 1,
+            max_rate_wait_ms: 0,
             ..Limits::default()
         };
         let ran = Arc::new(Mutex::new(0));
@@ -344,5 +342,29 @@ mod tests {
         let second = pool.run(9, &l, count(&ran)).await;
         assert!(matches!(second, Err(Refusal::DecryptRateLimited { .. })));
         assert_eq!(*lock(&ran), 1, "the refused operation never ran");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_uid_over_its_rsa_rate_waits_for_its_turn_and_is_served() {
+        let pool = DecryptPool::new(1);
+        let l = Limits {
+            rsa_ops_per_sec_per_uid: 10,
+            rsa_burst_per_uid: 1,
+            max_rate_wait_ms: 1000,
+            ..Limits::default()
+        };
+        let t = tokio::time::Instant::now();
+        // Three at once with a burst of one: the second waits 100 ms, the third 200 ms.
+        let (a, b, c) = tokio::join!(
+            pool.run(9, &l, || 1),
+            pool.run(9, &l, || 2),
+            pool.run(9, &l, || 3)
+        );
+        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (1, 2, 3));
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(190) && waited < Duration::from_millis(300),
+            "{waited:?}"
+        );
     }
 }

@@ -9,7 +9,8 @@
 //! 1. [`server`] accepts on the host socket (`server::listener`) or a per-task socket
 //!    (`server::task_sockets`) and decides who is calling once, at accept (`peer`: a pidfd from
 //!    `SO_PEERPIDFD`, its pid and user namespaces, uid and groups from `connect()`);
-//!    `server::admission` bounds connections and request rates per uid (answers cost by size);
+//!    `server::admission` bounds connections and request rates per uid (answers cost by size;
+//!    a uid over its rate is paced, not bounced: `rate`);
 //!    `server::connection` reads one request line at a time and writes each answer within the
 //!    caller's memory budget (`budget`) and the write timeout.
 //! 2. `handler` answers one operation per function (`values`: get/env/list, `open`,
@@ -55,6 +56,7 @@ mod lifecycle;
 mod log_budget;
 pub mod logging;
 mod peer;
+mod rate;
 mod refusal;
 pub mod report;
 mod server;

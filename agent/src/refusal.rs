@@ -106,9 +106,9 @@ pub(crate) enum Refusal {
     RequestTooLong { max: usize },
     #[error("request line not completed within {secs} s")]
     RequestIncomplete { secs: u64 },
-    #[error("request rate limit exceeded; slow down and retry")]
+    #[error("request rate limit of this uid exceeded (limits.requests_per_sec_per_uid; its turn was further off than limits.max_rate_wait_ms); slow down and retry")]
     RateLimited,
-    #[error("decryption rate limit of {per_sec} RSA operations per second for this uid exceeded (limits.rsa_ops_per_sec_per_uid); slow down and retry")]
+    #[error("decryption rate limit of {per_sec} RSA operations per second for this uid exceeded (limits.rsa_ops_per_sec_per_uid; its turn was further off than limits.max_rate_wait_ms); slow down and retry")]
     DecryptRateLimited { per_sec: u32 },
     #[error("the decrypt queue is full; retry shortly")]
     DecryptQueueFull,

@@ -160,7 +160,7 @@ impl Handler {
             // A key that stays in Key Vault opens there (`crate::keyvault`). Its unwrap is a
             // private-key operation like a local one: charged to the caller first.
             if recipients.iter().any(|tp| self.state.remote.knows(tp)) {
-                self.pool.charge_operation(uid, &config.limits)?;
+                self.pool.charge_operation(uid, &config.limits).await?;
             }
             if let Some(opened) = self
                 .state

@@ -1,8 +1,10 @@
 //! Admission control: the global connection budget, per-uid connection slots and per-uid
-//! request rate buckets. Every decision takes the limits (from the request's config snapshot)
-//! and, for rates, the time, so it is tested without sockets or waiting.
+//! request rate buckets (`crate::rate`: over its rate a uid waits for its turn). Every decision
+//! takes the limits (from the request's config snapshot) and, for rates, the time, so it is
+//! tested without sockets or waiting.
 
 use crate::config::Limits;
+use crate::rate::{Rate, RateTable, Turn};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,18 +20,13 @@ pub(crate) struct Principal {
     pub(crate) host_root: bool,
 }
 
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
 /// Who may connect and send requests right now.
 pub(crate) struct Admission {
     /// One permit per open connection, over all sockets.
     connections: Arc<Semaphore>,
     /// Open connections per principal.
     by_uid: Mutex<HashMap<Principal, usize>>,
-    rate: Mutex<HashMap<Principal, Bucket>>,
+    rate: RateTable<Principal>,
     /// Refused connections still being answered gracefully, per peer uid.
     refusals: Mutex<HashMap<u32, usize>>,
 }
@@ -92,7 +89,7 @@ impl Admission {
         Self {
             connections: Arc::new(Semaphore::new(max_connections)),
             by_uid: Mutex::new(HashMap::new()),
-            rate: Mutex::new(HashMap::new()),
+            rate: RateTable::default(),
             refusals: Mutex::new(HashMap::new()),
         }
     }
@@ -116,6 +113,13 @@ impl Admission {
     /// A place among all connections; `None` when every one is taken.
     pub(crate) fn connection(&self) -> Option<OwnedSemaphorePermit> {
         self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Whether `uid` has all its connections open already (a peek: [`Self::uid_slot`] decides).
+    pub(crate) fn uid_at_limit(&self, uid: Principal, limits: &Limits) -> bool {
+        let map = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&uid)
+            .is_some_and(|&n| n >= limits.max_connections_per_uid)
     }
 
     /// Count a new connection of `uid`; `None` when it is at its limit.
@@ -143,43 +147,39 @@ impl Admission {
         if extra == 0.0 || uid.host_root {
             return;
         }
-        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
-        let burst = f64::from(limits.burst_per_uid);
-        let b = rate.entry(uid).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        b.tokens = (b.tokens - extra).max(-burst);
+        self.rate.charge(uid, extra, &request_rate(limits), now);
     }
 
-    /// Take one request from `uid`'s budget at `now`; false means "answer busy".
-    pub(crate) fn take_rate_token(&self, uid: Principal, limits: &Limits, now: Instant) -> bool {
-        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
-        if rate.len() > 65_536 {
-            // Bound the table: forget buckets that have refilled anyway.
-            rate.retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(10));
-        }
-        let burst = f64::from(limits.burst_per_uid);
-        let b = rate.entry(uid).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let refill = now.saturating_duration_since(b.last).as_secs_f64()
-            * f64::from(limits.requests_per_sec_per_uid);
-        b.tokens = (b.tokens + refill).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// `uid`'s turn for one request at `now`: at once within its burst, later (within
+    /// `limits.max_rate_wait_ms`) over its rate, or refused past that.
+    pub(crate) fn request_turn(&self, uid: Principal, limits: &Limits, now: Instant) -> Turn {
+        self.rate.reserve(uid, 1.0, &request_rate(limits), now)
+    }
+}
+
+/// The per-uid request rate in force.
+pub(crate) fn request_rate(limits: &Limits) -> Rate {
+    Rate {
+        per_sec: limits.requests_per_sec_per_uid,
+        burst: limits.burst_per_uid,
+        max_wait: Duration::from_millis(limits.max_rate_wait_ms),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Admission {
+        /// The old contract, with no waiting: a turn now or none.
+        fn take_rate_token(&self, uid: Principal, limits: &Limits, now: Instant) -> bool {
+            let limits = Limits {
+                max_rate_wait_ms: 0,
+                ..limits.clone()
+            };
+            self.request_turn(uid, &limits, now) == Turn::After(Duration::ZERO)
+        }
+    }
 
     #[test]
     fn big_answers_cost_requests_and_a_debt_waits_for_the_refill() {
@@ -233,8 +233,11 @@ mod tests {
         let a = Arc::new(Admission::new(10));
         let l = limits(2, 1, 1);
         let one = a.uid_slot(host(1000), &l).unwrap();
+        assert!(!a.uid_at_limit(host(1000), &l));
         let _two = a.uid_slot(host(1000), &l).unwrap();
+        assert!(a.uid_at_limit(host(1000), &l));
         assert!(a.uid_slot(host(1000), &l).is_none());
+        assert!(!a.uid_at_limit(host(1001), &l));
         assert!(a.uid_slot(host(1001), &l).is_some());
         drop(one);
         assert!(a.uid_slot(host(1000), &l).is_some());

@@ -141,10 +141,16 @@ pub(crate) async fn handle(ctx: &ServeContext, stream: UnixStream, peer: Peer, s
         if bytes.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if !ctx
+        // Over its rate the uid waits for its turn here, holding only its own connection slot.
+        let turn = ctx
             .admission
-            .take_rate_token(peer.principal(), &limits, Instant::now())
-        {
+            .request_turn(peer.principal(), &limits, Instant::now());
+        let rate = super::admission::request_rate(&limits);
+        let waited = tokio::select! {
+            w = crate::rate::wait_for(turn, &rate) => w,
+            _ = shutdown.stopped() => return,
+        };
+        if waited.is_err() {
             let mut answer = Refusal::RateLimited.to_response();
             answer.id = request_id(&bytes);
             cut_off(ctx, &peer, &mut write_half, answer).await;

@@ -1,5 +1,10 @@
 //! The host socket: the one systemd passed (socket activation), or one we bind, replacing a
-//! stale socket but never a live agent's.
+//! stale socket but never a live agent's. Either way its listen backlog is set to
+//! `limits.listen_backlog`: the backlog is one kernel queue shared by every uid, filled before
+//! the agent can see who is connecting, so its length is how long one uid's connect flood can
+//! make everyone else's `connect` wait (about backlog / accept rate). A connection that finds it
+//! full waits in `connect` (blocking clients) or is told `EAGAIN` (clients retry it), and never
+//! fails. Per-task sockets are their owner's alone (mode 0600), so only the owner queues there.
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
@@ -17,13 +22,25 @@ pub(crate) fn host_socket(
     } else {
         None
     };
-    match inherited {
-        Some(l) => Ok((
+    let (listener, owned) = match inherited {
+        Some(l) => (
             UnixListener::from_std(l).context("cannot use the socket passed by systemd")?,
             None,
-        )),
-        None => Ok((bind(config)?, Some(config.socket_path.clone()))),
-    }
+        ),
+        None => (bind(config)?, Some(config.socket_path.clone())),
+    };
+    set_backlog(&listener, config.limits.listen_backlog)?;
+    Ok((listener, owned))
+}
+
+/// Listening again on a listening socket only changes its backlog (Linux keeps the queue).
+fn set_backlog(listener: &UnixListener, backlog: u32) -> Result<()> {
+    let backlog = i32::try_from(backlog)
+        .ok()
+        .and_then(|n| nix::sys::socket::Backlog::new(n).ok())
+        .with_context(|| format!("limits.listen_backlog {backlog} is out of range"))?;
+    nix::sys::socket::listen(listener, backlog)
+        .context("cannot set the host socket's listen backlog (limits.listen_backlog)")
 }
 
 fn bind(config: &Config) -> Result<UnixListener> {

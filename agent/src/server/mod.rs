@@ -10,7 +10,7 @@ pub(crate) mod task_sockets;
 
 use crate::authz::Scope;
 use crate::handler::Handler;
-use crate::peer::{Identify, Peer};
+use crate::peer::Identify;
 use crate::refusal::Refusal;
 use crate::shutdown::Shutdown;
 use admission::Admission;
@@ -51,6 +51,35 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
                 continue;
             }
         };
+        let state = ctx.handler.state();
+        let limits = &state.config().limits;
+        // A connect flood is refused as cheaply as it can be: any uid but 0 is one principal
+        // wherever it runs, so one at its connection limit is turned away on SO_PEERCRED alone,
+        // before the pidfd and namespace reads that identifying a caller costs.
+        if let Ok(cred) = stream.peer_cred() {
+            let principal = admission::Principal {
+                uid: cred.uid(),
+                host_root: false,
+            };
+            if principal.uid != 0 && ctx.admission.uid_at_limit(principal, limits) {
+                state.counters.limited.fetch_add(1, Ordering::Relaxed);
+                if crate::log_budget::warning("uid_connection_limit", principal.uid, limits) {
+                    tracing::warn!(
+                        peer_uid = principal.uid,
+                        peer_pid = cred.pid().unwrap_or(0),
+                        outcome = "busy",
+                        "per-uid connection limit reached; refusing a connection"
+                    );
+                }
+                refuse(
+                    &ctx,
+                    stream,
+                    principal.uid,
+                    Refusal::TooManyConnectionsForUid,
+                );
+                continue;
+            }
+        }
         // Who it is first, then its own allowance, then the shared budget: a uid over its
         // limit is refused without ever holding one of the slots every uid shares.
         let peer = match ctx.identify.peer(&stream) {
@@ -60,8 +89,6 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
                 continue;
             }
         };
-        let state = ctx.handler.state();
-        let limits = &state.config().limits;
         let Some(slot) = ctx.admission.uid_slot(peer.principal(), limits) else {
             state.counters.limited.fetch_add(1, Ordering::Relaxed);
             if crate::log_budget::warning("uid_connection_limit", peer.uid, limits) {
@@ -72,7 +99,7 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
                     "per-uid connection limit reached; refusing a connection"
                 );
             }
-            refuse(&ctx, stream, &peer, Refusal::TooManyConnectionsForUid);
+            refuse(&ctx, stream, peer.uid, Refusal::TooManyConnectionsForUid);
             continue;
         };
         // Host root is bounded by its own allowance alone: anyone able to take many uids (root
@@ -90,7 +117,7 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
                     );
                 }
                 drop(slot);
-                refuse(&ctx, stream, &peer, Refusal::TooManyConnections);
+                refuse(&ctx, stream, peer.uid, Refusal::TooManyConnections);
                 continue;
             };
             Some(permit)
@@ -108,8 +135,8 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
 /// uid (and a few in all) are answered gracefully, waiting briefly for the client to read the
 /// answer; past that the answer is written only if the socket takes it at once, and the
 /// connection is closed on the spot, so a connect flood costs no fds or tasks beyond the moment.
-fn refuse(ctx: &ServeContext, stream: tokio::net::UnixStream, peer: &Peer, why: Refusal) {
-    match ctx.admission.refusal_slot(peer.uid) {
+fn refuse(ctx: &ServeContext, stream: tokio::net::UnixStream, uid: u32, why: Refusal) {
+    match ctx.admission.refusal_slot(uid) {
         Some(slot) => {
             tokio::spawn(async move {
                 connection::refuse(stream, why).await;
