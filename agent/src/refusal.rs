@@ -124,7 +124,7 @@ pub(crate) enum Refusal {
         path: PathBuf,
         why: crate::tasks::envfile::OverCap,
     },
-    #[error("the answer is {len} bytes, over {max} (limits.max_response_bytes); ask for fewer values, e.g. one get at a time")]
+    #[error("the answer is at least {len} bytes, over {max} (limits.max_response_bytes); ask for fewer values, e.g. one get at a time")]
     ResponseTooLarge { len: usize, max: usize },
     #[error("uid {uid} already has {used} bytes of answers being written; this one ({len} bytes) would pass {max} (limits.memory_budget_per_uid); read the answers already asked for, then retry")]
     MemoryBudgetFull {

@@ -13,6 +13,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
+/// The fewest bytes one value adds to an `env` answer beside its name and value (quotes, keys,
+/// separators), so the sum over values is a lower bound of the answer's size.
+const NAMED_VALUE_OVERHEAD: usize = 24;
+
 impl Handler {
     pub(super) async fn get(
         &self,
@@ -61,6 +65,8 @@ impl Handler {
                 .error
                 .map(|error| (position, NamedError { name, error }))
         };
+        let max_response = cx.config.limits.max_response_bytes;
+        let mut at_least = 0usize;
         // Every value is authorized before any is opened, so a refused one costs no RSA.
         // Decryptions then run at once, spread over the decrypt pool's threads.
         let mut jobs = tokio::task::JoinSet::new();
@@ -73,6 +79,16 @@ impl Handler {
                 }
             };
             if let ValueKind::Plain(value) = &entry.vars[index].kind {
+                // An answer over the cap is refused before its values are copied: otherwise each
+                // `env` of a huge task would copy it all, on the async workers, only to be
+                // refused by the writer (`server::connection` checks the exact size).
+                at_least += name.len() + value.len() + NAMED_VALUE_OVERHEAD;
+                if at_least > max_response {
+                    return Err(Refusal::ResponseTooLarge {
+                        len: at_least,
+                        max: max_response,
+                    });
+                }
                 // Served as stored: nothing to wait for, so no task per value.
                 opened.push((position, name.to_owned(), value.clone()));
                 continue;
