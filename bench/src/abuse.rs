@@ -382,7 +382,7 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     let cpu = if scale.one_cgroup {
         CpuModel::Shared("`--one-cgroup`".to_owned())
     } else {
-        match Cgroups::create(&format!("nodeseal-bench-{}", std::process::id())) {
+        match Cgroups::create() {
             Ok(groups) => CpuModel::Split(groups),
             Err(e) => CpuModel::Shared(format!("{e:#}")),
         }

@@ -17,6 +17,9 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Names of this benchmark's cgroups: `nodeseal-bench-<pid>-agent` and `-tasks`.
+const PREFIX: &str = "nodeseal-bench-";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Version {
     V1,
@@ -171,8 +174,8 @@ impl Hierarchy {
 }
 
 impl Cgroups {
-    /// Create the two cgroups with the default CPU weight; `tag` makes their names unique.
-    pub(crate) fn create(tag: &str) -> Result<Self> {
+    /// Create the two cgroups, named after this process, with the default CPU weight.
+    pub(crate) fn create() -> Result<Self> {
         let hierarchy = Hierarchy::find()?;
         let proc_cgroup =
             fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
@@ -194,6 +197,8 @@ impl Cgroups {
                 enabled_cpu = true;
             }
         }
+        remove_stale(&hierarchy.mount, &home.join("cgroup.procs"));
+        let tag = format!("{PREFIX}{}", std::process::id());
         let names = [format!("{tag}-agent"), format!("{tag}-tasks")];
         // Paths are filled in as the directories are made: only what this run made is removed.
         let mut groups = Self {
@@ -214,6 +219,18 @@ impl Cgroups {
             }
             write(&dir.join(file), weight)?;
         }
+        // A panic aborts a release build without running destructors; the hook still runs.
+        let (dirs, home_procs) = (
+            names.map(|n| groups.hierarchy.mount.join(n)),
+            groups.home.join("cgroup.procs"),
+        );
+        let earlier = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            earlier(info);
+            for dir in &dirs {
+                remove(dir, &home_procs);
+            }
+        }));
         Ok(groups)
     }
 
@@ -286,34 +303,62 @@ pub(crate) fn join_from_stdin() -> Result<()> {
         .context("cannot join the tasks cgroup through the cgroup.procs file on stdin")
 }
 
+/// Move whatever still runs in cgroup `dir` to `home_procs` and remove `dir`. An exiting process
+/// may linger a moment, so the rmdir is tried again for a bounded while.
+fn remove(dir: &Path, home_procs: &Path) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(pids) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in pids.split_whitespace() {
+                let _ = fs::write(home_procs, pid);
+            }
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) if Instant::now() >= until => {
+                eprintln!(
+                    "nodeseal-bench: cannot remove cgroup {}: {e}",
+                    dir.display()
+                );
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Cgroups of earlier runs whose process is gone: a release build aborts on a panic (a testkit
+/// assertion, say) before any destructor or hook could finish the job.
+fn remove_stale(mount: &Path, home_procs: &Path) {
+    let Ok(entries) = fs::read_dir(mount) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| {
+                n.strip_suffix("-agent")
+                    .or_else(|| n.strip_suffix("-tasks"))
+            })
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            remove(&entry.path(), home_procs);
+        }
+    }
+}
+
 impl Drop for Cgroups {
     fn drop(&mut self) {
         let home_procs = self.home.join("cgroup.procs");
         for dir in [&self.agent, &self.tasks] {
-            if dir.as_os_str().is_empty() {
-                continue;
-            }
-            // Processes still running (an error path) go home; an exiting one may linger a
-            // moment, so the rmdir is tried again for a bounded while.
-            let until = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Ok(pids) = fs::read_to_string(dir.join("cgroup.procs")) {
-                    for pid in pids.split_whitespace() {
-                        let _ = fs::write(&home_procs, pid);
-                    }
-                }
-                match fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if Instant::now() >= until => {
-                        eprintln!(
-                            "nodeseal-bench: cannot remove cgroup {}: {e}",
-                            dir.display()
-                        );
-                        break;
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
+            if !dir.as_os_str().is_empty() {
+                remove(dir, &home_procs);
             }
         }
         if self.enabled_cpu {
