@@ -4,11 +4,18 @@
 //! under their own uids (the agent tells uids apart from the kernel, so they must really differ),
 //! which needs root; the agent's resident memory is sampled throughout.
 //!
+//! CPU is shared the way a node shares it (see `cgroup.rs`): the agent in a cgroup of its own,
+//! every client, victim and attacker alike, in a second one with the same weight; `--one-cgroup`
+//! (or a machine without a usable cpu controller) runs everything in one cgroup instead, and the
+//! section says which model was used. The phase with no attacker runs first and again last; the
+//! targets are judged against both pooled.
+//!
 //! The attacks (issue 14): a quadratic `list` (thousands of names), memory (a huge env file read
 //! by `env` clients that never read the answer), RSA amplification (tokens whose wrapped keys are
 //! junk, and a token naming the held key 16 times) and a connection flood (the uid's connection
 //! allowance held, then connect-and-hang-up as fast as it goes).
 
+use crate::cgroup::{Cgroups, Which};
 use crate::node::{drop_key, log_tail, request, BenchKey};
 use crate::stats::quantile;
 use anyhow::{bail, Context, Result};
@@ -154,9 +161,28 @@ pub(crate) struct AbuseScale {
     pub noread_conns: usize,
     /// Attacks to run (empty: all).
     pub only: Vec<String>,
+    /// Run agent and clients in one cgroup (the model before the two-cgroup one), to compare.
+    pub one_cgroup: bool,
+}
+
+/// How CPU is shared between the agent and the clients in this run.
+enum CpuModel {
+    Split(Cgroups),
+    /// One cgroup for all; why the node's layout is not modelled.
+    Shared(String),
+}
+
+impl CpuModel {
+    fn tasks(&self) -> Option<&Cgroups> {
+        match self {
+            CpuModel::Split(groups) => Some(groups),
+            CpuModel::Shared(_) => None,
+        }
+    }
 }
 
 struct Phase {
+    /// "none" for the phases with no attacker.
     name: &'static str,
     attack: &'static str,
     get: Vec<(f64, String)>,
@@ -177,9 +203,23 @@ struct Load {
     pace_ms: u64,
 }
 
-fn spawn_client(uid: u32, socket: &Path, req: &Value, load: &Load) -> Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .args(["client", "--socket"])
+/// Start a `client` child as `uid`; with `tasks`, it joins the tasks cgroup before any work.
+fn spawn_client(
+    uid: u32,
+    socket: &Path,
+    req: &Value,
+    load: &Load,
+    tasks: Option<&Cgroups>,
+) -> Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("client");
+    match tasks {
+        Some(groups) => cmd
+            .arg("--join-cgroup-on-stdin")
+            .stdin(groups.procs_file(Which::Tasks)?),
+        None => cmd.stdin(Stdio::null()),
+    };
+    cmd.arg("--socket")
         .arg(socket)
         .args([
             "--req",
@@ -337,11 +377,34 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     ] {
         std::os::unix::fs::chown(task.join("wd/.shipyard.envlist"), Some(uid), Some(uid))?;
     }
+    // Made before the agent starts so that a machine without a usable cpu controller falls back
+    // before anything is measured; dropped (removed) on every way out of this function.
+    let cpu = if scale.one_cgroup {
+        CpuModel::Shared("`--one-cgroup`".to_owned())
+    } else {
+        match Cgroups::create() {
+            Ok(groups) => CpuModel::Split(groups),
+            Err(e) => CpuModel::Shared(format!("{e:#}")),
+        }
+    };
+    if let CpuModel::Shared(why) = &cpu {
+        eprintln!("  under abuse: agent and tasks share one cgroup ({why})");
+    }
     node.start();
+    if let CpuModel::Split(groups) = &cpu {
+        // The agent is idle until the first client below, so nothing it serves runs outside.
+        groups.join(Which::Agent, node.pid())?;
+    }
     let socket = node.socket.clone();
     let get = json!({"op": "get", "name": "SECRET", "task": victim_task});
     let open = json!({"op": "open", "token": unbound});
-    let warm = collect(spawn_client(VICTIM, &socket, &get, &paced(0.2, 10))?)?;
+    let warm = collect(spawn_client(
+        VICTIM,
+        &socket,
+        &get,
+        &paced(0.2, 10),
+        cpu.tasks(),
+    )?)?;
     if !warm.iter().any(|(_, c)| c.is_empty()) {
         bail!("the victim is not served: {warm:?}\n{}", log_tail(&node));
     }
@@ -384,6 +447,9 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
             "yes: linear merge; what is left is serializing every name of each answer",
             vec![(list, 16, "flood", 0)],
         ),
+        // Again at the end: the baseline pools both, so one slow idle phase (other load on the
+        // machine, a cold cache) does not set the targets alone.
+        ("none", "no attacker, again after the attacks", "—", vec![]),
     ];
     let mut phases = Vec::new();
     for (name, attack, mitigated, attackers) in attacks {
@@ -401,19 +467,35 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
                 hold: *hold,
                 pace_ms: 0,
             };
-            children.push(spawn_client(ATTACKER, &socket, req, &load)?);
+            children.push(spawn_client(ATTACKER, &socket, req, &load, cpu.tasks())?);
         }
         if !attackers.is_empty() {
             // Pacing: the attack is under way before the victim measures.
             std::thread::sleep(Duration::from_millis(500));
         }
-        let victim_get = spawn_client(VICTIM, &socket, &get, &paced(scale.secs, 10))?;
-        let victim_open = spawn_client(VICTIM, &socket, &open, &paced(scale.secs, 50))?;
+        let victim_get = spawn_client(VICTIM, &socket, &get, &paced(scale.secs, 10), cpu.tasks())?;
+        let victim_open =
+            spawn_client(VICTIM, &socket, &open, &paced(scale.secs, 50), cpu.tasks())?;
         let mut rss_max = rss_kib(node.pid());
         let until = Instant::now() + Duration::from_secs_f64(scale.secs);
+        let mut placed = false;
         while Instant::now() < until {
             std::thread::sleep(Duration::from_millis(100));
             rss_max = rss_max.max(rss_kib(node.pid()));
+            if let (CpuModel::Split(groups), false) = (&cpu, placed) {
+                // Once per phase, with every process running: the model really is in place.
+                let clients = children.iter().chain([&victim_get, &victim_open]);
+                if !groups.holds(Which::Agent, node.pid()) {
+                    bail!("an agent thread is not in the agent cgroup");
+                }
+                if let Some(c) = clients
+                    .into_iter()
+                    .find(|c| !groups.holds(Which::Tasks, c.id()))
+                {
+                    bail!("client child {} is not in the tasks cgroup", c.id());
+                }
+                placed = true;
+            }
         }
         let get_samples = collect(victim_get)?;
         let open_samples = collect(victim_open)?;
@@ -439,7 +521,7 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     // After the unmitigated attacks the agent may still be busy with their work: bounded wait.
     node.signal(nix::sys::signal::Signal::SIGTERM);
     let stopped = nodeseal_testkit::wait_until(Duration::from_secs(20), || !node.is_running());
-    let mut text = render(&phases, rsa_ms, cores, scale);
+    let mut text = render(&phases, rsa_ms, cores, scale, &cpu);
     if !stopped {
         node.kill9();
         text = text.replace(
@@ -454,14 +536,38 @@ fn section(body: &str) -> String {
     format!("{BEGIN}\n## Under abuse\n\n{body}{END}\n")
 }
 
-fn render(phases: &[Phase], rsa_ms: f64, cores: usize, scale: &AbuseScale) -> String {
-    let idle = &phases[0];
-    let (idle_get, idle_open) = (p(&idle.get, 0.99), p(&idle.open, 0.99));
+fn render(
+    phases: &[Phase],
+    rsa_ms: f64,
+    cores: usize,
+    scale: &AbuseScale,
+    cpu: &CpuModel,
+) -> String {
+    let pooled = |pick: fn(&Phase) -> &Vec<(f64, String)>| -> Vec<(f64, String)> {
+        phases
+            .iter()
+            .filter(|ph| ph.name == "none")
+            .flat_map(|ph| pick(ph).iter().cloned())
+            .collect()
+    };
+    let (idle_get_samples, idle_open_samples) = (pooled(|ph| &ph.get), pooled(|ph| &ph.open));
+    let (idle_get, idle_open) = (p(&idle_get_samples, 0.99), p(&idle_open_samples, 0.99));
     let mut t = String::new();
+    let model = match cpu {
+        CpuModel::Split(groups) => format!(
+            "CPU model: the agent runs in a cgroup of its own and every client, victim and attacker alike, in a second one, both with the default weight ({}), as on a node where nodeseal-agent.service and the Batch node agent's service (which runs the tasks) are sibling cgroups: under CPU contention the agent gets its cgroup's share however many threads the tasks run (checked in every phase: all the agent's threads and every client in their cgroup).",
+            groups.describe()
+        ),
+        CpuModel::Shared(why) => format!(
+            "CPU model: agent and tasks share one cgroup (not modelled: {why}), so the attacker's busy threads compete thread-for-thread with the agent's for the cores, which is harsher than a node."
+        ),
+    };
     let _ = writeln!(
         t,
-        "One agent with the shipped limits; a victim uid ({VICTIM}) asks for a cached `get` every 10 ms and an uncached `open` (4096-bit key) every 50 ms, each on a fresh connection (connecting included), for {:.0} s per phase, while an attacker uid ({ATTACKER}) runs one attack; the first phase has no attacker. One RSA operation with this key takes {rsa_ms:.1} ms here ({cores} cores). Targets: cached p99 under attack ≤ 2× idle; uncached p99 under attack ≤ idle + one RSA operation per core (≤ {:.1} ms); agent RSS under the memory attack ≤ the configured budget + 32 MiB.\n",
+        "{model} One agent with the shipped limits; a victim uid ({VICTIM}) asks for a cached `get` every 10 ms and an uncached `open` (4096-bit key) every 50 ms, each on a fresh connection (connecting included), for {:.0} s per phase, while an attacker uid ({ATTACKER}) runs one attack; the phase with no attacker runs first and again last. One RSA operation with this key takes {rsa_ms:.1} ms here ({cores} cores). Targets, against the baseline of both no-attacker phases pooled (get p99 {idle_get:.2} ms of {} answers, open p99 {idle_open:.1} ms of {}): cached p99 under attack ≤ 2× the baseline; uncached p99 under attack ≤ the baseline + one RSA operation per core (≤ {:.1} ms); agent RSS under the memory attack ≤ the configured budget + 32 MiB.\n",
         scale.secs,
+        idle_get_samples.len(),
+        idle_open_samples.len(),
         idle_open + rsa_ms,
     );
     let _ = writeln!(t, "| attack | cached `get` p50 / p99 | target met | uncached `open` p50 / p99 | target met | victim answers | attacker answers | agent RSS max | log written | mitigated |");
@@ -498,7 +604,7 @@ fn render(phases: &[Phase], rsa_ms: f64, cores: usize, scale: &AbuseScale) -> St
     }
     let _ = writeln!(
         t,
-        "\nRun with `sudo target/release/nodeseal-bench abuse --secs {:.0}` (rewrites only this section). Attack sizes: {} names for `list`, a {:.0} MiB env file read by {} never-reading `env` connections.\n",
+        "\nRun with `sudo target/release/nodeseal-bench abuse --secs {:.0}` (rewrites only this section; `--one-cgroup` runs agent and clients in one cgroup, to compare). Attack sizes: {} names for `list`, a {:.0} MiB env file read by {} never-reading `env` connections.\n",
         scale.secs,
         scale.list_names,
         scale.huge_env_bytes as f64 / (1024.0 * 1024.0),

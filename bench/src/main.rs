@@ -8,6 +8,7 @@
 
 mod abuse;
 mod baselines;
+mod cgroup;
 mod chart;
 mod keyvault;
 mod load;
@@ -65,8 +66,8 @@ enum Sub {
     },
     /// Only the "under abuse" scenarios (needs root); rewrites that section of `--out`.
     Abuse {
-        /// Seconds each phase (no attacker, then each attack) measures.
-        #[arg(long, default_value_t = 5.0)]
+        /// Seconds each phase (no attacker, each attack, no attacker again) measures.
+        #[arg(long, default_value_t = 8.0)]
         secs: f64,
         /// Names in the `list` attacker's env file.
         #[arg(long, default_value_t = 20_000)]
@@ -81,6 +82,10 @@ enum Sub {
         /// the phase with no attacker always runs. The report is printed, BENCHMARKS.md is kept.
         #[arg(long)]
         only: Vec<String>,
+        /// Run the agent and every client in one cgroup (this process's), instead of the node's
+        /// layout (the agent in a cgroup of its own, the clients in a sibling one), to compare.
+        #[arg(long)]
+        one_cgroup: bool,
     },
     /// (internal) A protocol client as this process's uid (the abuse scenarios' attacker and
     /// victim); prints each answer's latency and error code as JSON.
@@ -99,6 +104,9 @@ enum Sub {
         hold: usize,
         #[arg(long, default_value_t = 0)]
         pace_ms: u64,
+        /// Stdin is a cgroup's cgroup.procs opened by the parent: join it before any work.
+        #[arg(long)]
+        join_cgroup_on_stdin: bool,
     },
 }
 
@@ -253,8 +261,12 @@ fn main() -> Result<()> {
         mode,
         hold,
         pace_ms,
+        join_cgroup_on_stdin,
     }) = &cli.cmd
     {
+        if *join_cgroup_on_stdin {
+            cgroup::join_from_stdin()?;
+        }
         return abuse::client(socket, req, *conns, *secs, *mode, *hold, *pace_ms);
     }
     raise_nofile();
@@ -264,6 +276,7 @@ fn main() -> Result<()> {
         huge_mib,
         noread_conns,
         only,
+        one_cgroup,
     }) = &cli.cmd
     {
         let bins = bin_dir(&cli)?;
@@ -274,6 +287,7 @@ fn main() -> Result<()> {
             huge_env_bytes: huge_mib * 1024 * 1024,
             noread_conns: *noread_conns,
             only: only.clone(),
+            one_cgroup: *one_cgroup,
         };
         let section = abuse::run(&scale, &bins.join("nodeseal-agent"), &key)?;
         if !only.is_empty() {
@@ -394,11 +408,12 @@ fn main() -> Result<()> {
     std::fs::write(&cli.out, text)
         .with_context(|| format!("cannot write {}", cli.out.display()))?;
     let abuse_scale = abuse::AbuseScale {
-        secs: if scale.smoke { 1.0 } else { 5.0 },
+        secs: if scale.smoke { 1.0 } else { 8.0 },
         list_names: if scale.smoke { 1_000 } else { 20_000 },
         huge_env_bytes: if scale.smoke { 1 << 20 } else { 16 << 20 },
         noread_conns: if scale.smoke { 8 } else { 64 },
         only: Vec::new(),
+        one_cgroup: false,
     };
     let largest = scale.sizes.iter().copied().max().unwrap_or(2048);
     let section = abuse::run(&abuse_scale, &agent_bin, keys.of_size(largest))?;
