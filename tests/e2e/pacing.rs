@@ -216,3 +216,44 @@ fn pacing_a_big_answer_deepens_a_uids_debt_and_never_forgives_its_paced_turns() 
         "{served} big answers served in {SECS} s at {RATE}/s: paid-for debt was forgiven"
     );
 }
+
+#[test]
+#[ignore = "needs root: the attacker is uid 4271 in its own process"]
+fn pacing_shutdown_with_many_paced_requests_still_ends_within_the_drain_timeout() {
+    // The longest wait (10 s) is far past the drain timeout (2 s): paced requests, both of the
+    // request rate and of the RSA rate, must not hold the shutdown.
+    let (mut node, get, env) = node_with(
+        json!({
+            "requests_per_sec_per_uid": 2, "burst_per_uid": 1,
+            "rsa_ops_per_sec_per_uid": 1, "rsa_burst_per_uid": 1,
+            "max_rate_wait_ms": 10_000, "drain_timeout_secs": 2
+        }),
+        20,
+    );
+    let flooders = [
+        client(ATTACKER, &node.socket, &get, 16, 30.0),
+        client(ATTACKER, &node.socket, &env, 16, 30.0),
+    ];
+    // The flood is under way once the attacker's connections are being paced.
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(15));
+    let took = started.elapsed();
+    eprintln!("shutdown with a paced flood took {took:?}: {status:?}");
+    let logs = node.logs();
+    eprintln!(
+        "drain timed out: {}",
+        logs.contains("drain timeout reached")
+    );
+    for mut c in flooders {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(status.success(), "{status:?}: {}", node.logs());
+    assert!(
+        // The drain timeout, and the second the agent takes after it to close what is left.
+        took < Duration::from_secs(4),
+        "shutdown took {took:?} with paced requests (drain timeout 2 s)"
+    );
+}
