@@ -72,6 +72,12 @@ fn count(answers: &[(f64, String)], code: &str) -> usize {
     answers.iter().filter(|(_, c)| c == code).count()
 }
 
+fn decrypts(node: &Node) -> u64 {
+    node.request(json!({"op": "status"}))["info"]["counters"]["decrypts"]
+        .as_u64()
+        .expect("status has counters.decrypts")
+}
+
 fn peak_kib(node: &Node) -> u64 {
     proc_status_kib(node.pid(), &["VmHWM:"]).unwrap()[0]
 }
@@ -122,8 +128,20 @@ fn env_flood_peak(
 ) -> (u64, Vec<(f64, String)>) {
     let (node, _, env) = node_with(limits, values);
     let before = peak_kib(&node);
+    let decrypts_before = decrypts(&node);
+    let started = std::time::Instant::now();
     let attacked = answers(client(ATTACKER, &node.socket, &env, conns, secs));
+    let took = started.elapsed().as_secs_f64();
     let growth = peak_kib(&node).saturating_sub(before);
+    // Every value is one RSA operation: the burst (400) and 100 a second, the flood and the
+    // last answers' wait (1 s) included, whatever the fan-out of each env.
+    let rsa = decrypts(&node) - decrypts_before;
+    let bound = 400 + (100.0 * (took + 1.0)) as u64;
+    eprintln!("{rsa} RSA operations for the attacker in {took:.1} s (bound {bound})");
+    assert!(
+        rsa <= bound,
+        "{rsa} RSA operations: the env fan-out passed the RSA rate"
+    );
     (growth, attacked)
 }
 
