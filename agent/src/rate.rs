@@ -121,10 +121,15 @@ impl<K: Hash + Eq + Copy> RateTable<K> {
     }
 
     /// Charge `cost` for work already done, going into debt down to minus one burst: the
-    /// caller's next turns wait for it.
+    /// caller's next turns wait for it. A bucket already deeper in debt (turns handed out to
+    /// paced requests can take it below minus one burst) stays as it is: the floor bounds what
+    /// a charge adds, it never pays back turns already taken.
     pub(crate) fn charge(&self, key: K, cost: f64, rate: &Rate, now: Instant) {
         self.with_bucket(key, rate, now, |b| {
-            b.tokens = (b.tokens - cost).max(-f64::from(rate.burst));
+            let floor = -f64::from(rate.burst);
+            if b.tokens > floor {
+                b.tokens = (b.tokens - cost).max(floor);
+            }
         });
     }
 
@@ -229,6 +234,24 @@ mod tests {
         assert_eq!(
             table.reserve(2, 1.0, &r, t0 + Duration::from_millis(2000)),
             Turn::After(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn a_charge_never_pays_back_turns_taken_below_minus_one_burst() {
+        let table = RateTable::default();
+        // A burst smaller than the longest wait's worth of turns.
+        let r = rate(10, 2, 1000);
+        let t0 = Instant::now();
+        for _ in 0..12 {
+            assert_ne!(table.reserve(1, 1.0, &r, t0), Turn::Refused);
+        }
+        // 10 turns of debt (1 s): a big answer charged now must not lift it to minus one burst.
+        table.charge(1, 50.0, &r, t0);
+        assert_eq!(table.reserve(1, 1.0, &r, t0), Turn::Refused);
+        assert_eq!(
+            table.reserve(1, 1.0, &r, t0 + Duration::from_millis(100)),
+            Turn::After(Duration::from_millis(1000))
         );
     }
 

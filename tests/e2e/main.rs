@@ -17,6 +17,7 @@ mod hygiene;
 mod identity;
 mod keys;
 mod keyvault;
+mod pacing;
 mod packaging;
 mod policy;
 mod seal;
