@@ -110,6 +110,11 @@ impl Charge {
 
     /// One charge holding both (of the same uid on the same ledger).
     pub(crate) fn join(mut self, mut other: Charge) -> Charge {
+        // A free charge holds nothing on any ledger: joined to a real one, it is that one (its
+        // bytes must stay where they can be given back).
+        if self.ledger.is_none() {
+            return other;
+        }
         debug_assert_eq!(self.uid, other.uid);
         self.bytes += std::mem::take(&mut other.bytes);
         self

@@ -174,6 +174,15 @@ fn pacing_an_env_of_many_sealed_values_over_the_rsa_rate_holds_no_more_than_refu
         );
     }
     eprintln!("agent peak RSS growth: paced {paced} KiB, refused at once {at_once} KiB");
+    // The tasks of values waiting to be opened are few per `env` (not one per value), and the
+    // cleartext an answer collects is on the caller's budget: the agent holds about the
+    // budget (64 MiB) at most for one uid, plus slack for the allocator.
+    for (what, growth) in [("paced", paced), ("at once", at_once)] {
+        assert!(
+            growth <= (64 + 32) * 1024,
+            "{what}: the agent grew {growth} KiB for one uid's env flood (budget 64 MiB)"
+        );
+    }
     assert!(
         paced <= 2 * at_once + 32 * 1024,
         "pacing made the agent hold {paced} KiB for one uid's env flood ({at_once} KiB when refused at once)"

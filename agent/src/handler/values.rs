@@ -17,6 +17,10 @@ use zeroize::Zeroizing;
 /// separators), so the sum over values is a lower bound of the answer's size.
 const NAMED_VALUE_OVERHEAD: usize = 24;
 
+/// Sealed values one `env` opens at once (see `Handler::env`): enough to keep every decrypt
+/// thread busy, few enough that a waiting `env` holds little.
+const ENV_OPENS_IN_FLIGHT: usize = 32;
+
 impl Handler {
     pub(super) async fn get(
         &self,
@@ -65,44 +69,74 @@ impl Handler {
                 .error
                 .map(|error| (position, NamedError { name, error }))
         };
-        let max_response = cx.config.limits.max_response_bytes;
+        let limits = &cx.config.limits;
+        let max_response = limits.max_response_bytes;
         let mut at_least = 0usize;
-        // Every value is authorized before any is opened, so a refused one costs no RSA.
-        // Decryptions then run at once, spread over the decrypt pool's threads.
+        // Cleartext opened for this answer is charged to the caller while the answer is built
+        // (a value the cache does not keep exists only here); given back when this returns,
+        // just before the writer charges the finished answer.
+        let mut building: Option<crate::budget::Charge> = None;
+        let uid = cx.caller.uid;
+        // An `env` of many sealed values waits for the caller's RSA turns for at most one
+        // `max_rate_wait_ms` in all: past it, values over the rate are refused at once.
+        let started = tokio::time::Instant::now();
+        let max_wait = std::time::Duration::from_millis(limits.max_rate_wait_ms);
+        let mut hurried: Option<Arc<crate::config::Config>> = None;
+        // Each value is authorized before it is opened, so a refused one costs no RSA. At most
+        // ENV_OPENS_IN_FLIGHT values are being opened at once (spread over the decrypt pool):
+        // each holds a task while it waits, and a uid asking for a huge task's `env` on all its
+        // connections must not hold one per value.
+        let mut values = merged.iter().enumerate();
         let mut jobs = tokio::task::JoinSet::new();
-        for (position, (name, entry, index)) in merged.iter().enumerate() {
-            let approved = match self.authorize(cx, entry, index) {
-                Ok(approved) => approved,
-                Err(inner) => {
-                    failed.extend(refused(position, name.to_owned(), inner));
+        loop {
+            while jobs.len() < ENV_OPENS_IN_FLIGHT {
+                let Some((position, (name, entry, index))) = values.next() else {
+                    break;
+                };
+                let approved = match self.authorize(cx, entry, index) {
+                    Ok(approved) => approved,
+                    Err(inner) => {
+                        failed.extend(refused(position, name.to_owned(), inner));
+                        continue;
+                    }
+                };
+                if let ValueKind::Plain(value) = &entry.vars[index].kind {
+                    // An answer over the cap is refused before its values are copied:
+                    // otherwise each `env` of a huge task would copy it all, on the async
+                    // workers, only to be refused by the writer (`server::connection` checks
+                    // the exact size).
+                    at_least += name.len() + value.len() + NAMED_VALUE_OVERHEAD;
+                    if at_least > max_response {
+                        return Err(Refusal::ResponseTooLarge {
+                            len: at_least,
+                            max: max_response,
+                        });
+                    }
+                    // Served as stored: nothing to wait for, so no task per value.
+                    opened.push((position, name.to_owned(), value.clone()));
                     continue;
                 }
-            };
-            if let ValueKind::Plain(value) = &entry.vars[index].kind {
-                // An answer over the cap is refused before its values are copied: otherwise each
-                // `env` of a huge task would copy it all, on the async workers, only to be
-                // refused by the writer (`server::connection` checks the exact size).
-                at_least += name.len() + value.len() + NAMED_VALUE_OVERHEAD;
-                if at_least > max_response {
-                    return Err(Refusal::ResponseTooLarge {
-                        len: at_least,
-                        max: max_response,
-                    });
-                }
-                // Served as stored: nothing to wait for, so no task per value.
-                opened.push((position, name.to_owned(), value.clone()));
-                continue;
+                let config = if started.elapsed() < max_wait {
+                    cx.config.clone()
+                } else {
+                    hurried
+                        .get_or_insert_with(|| {
+                            let mut c = (*cx.config).clone();
+                            c.limits.max_rate_wait_ms = 0;
+                            Arc::new(c)
+                        })
+                        .clone()
+                };
+                let (name, entry) = (name.to_owned(), entry.clone());
+                let handler = self.clone();
+                jobs.spawn(async move {
+                    let result = handler.resolve(&config, uid, &entry, index, approved).await;
+                    (position, name, result)
+                });
             }
-            let (name, entry) = (name.to_owned(), entry.clone());
-            let handler = self.clone();
-            let config = cx.config.clone();
-            let uid = cx.caller.uid;
-            jobs.spawn(async move {
-                let result = handler.resolve(&config, uid, &entry, index, approved).await;
-                (position, name, result)
-            });
-        }
-        while let Some(done) = jobs.join_next().await {
+            let Some(done) = jobs.join_next().await else {
+                break;
+            };
             let (position, name, result) =
                 done.map_err(|_| Refusal::Internal("a decryption task failed".into()))?;
             match result {
@@ -110,11 +144,37 @@ impl Handler {
                     if let Some(key) = key {
                         audit.used_key(key);
                     }
+                    let len = name.len() + value.len() + NAMED_VALUE_OVERHEAD;
+                    at_least += len;
+                    if at_least > max_response {
+                        return Err(Refusal::ResponseTooLarge {
+                            len: at_least,
+                            max: max_response,
+                        });
+                    }
+                    let budget = limits.memory_budget_per_uid;
+                    match self.state.memory.try_charge(uid, len, budget, 0) {
+                        Ok(more) => {
+                            building = Some(match building.take() {
+                                Some(held) => held.join(more),
+                                None => more,
+                            })
+                        }
+                        Err(over) => {
+                            return Err(Refusal::MemoryBudgetFull {
+                                uid,
+                                used: over.used,
+                                len: at_least,
+                                max: budget,
+                            })
+                        }
+                    }
                     opened.push((position, name, value));
                 }
                 Err(inner) => failed.extend(refused(position, name, inner)),
             }
         }
+        drop(building);
         opened.sort_by_key(|(position, _, _)| *position);
         failed.sort_by_key(|(position, _)| *position);
         Ok(Answer::Values(
