@@ -415,44 +415,59 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
     let dup = json!({"op": "open", "token": with_recipients(&unbound, 16, true)?});
     let list = json!({"op": "list", "task": list_task});
     let env_huge = json!({"op": "env", "task": huge_task});
+    /// Name, description, mitigation, the attacker clients, and whether the victim asks on its
+    /// task's own socket (as the client does when there is one) rather than the host socket.
     type Attack = (
         &'static str,
         &'static str,
         &'static str,
         Vec<(Value, usize, &'static str, usize)>,
+        bool,
     );
     let attacks: Vec<Attack> = vec![
-        ("none", "no attacker", "—", vec![]),
+        ("none", "no attacker", "—", vec![], false),
         (
             "rsa",
             "RSA amplification: 48 connections flooding `open` with junk wrapped keys, 16 with a token naming the key 16 times",
             "yes: RSA work charged per operation before it runs, duplicate recipients refused, fair queue",
             vec![(junk, 48, "flood", 0), (dup, 16, "flood", 0)],
+            false,
         ),
         (
             "connect",
             "connection flood: the uid's 128 connections held, 8 threads connecting and hanging up",
             "partly: per-uid slots before the shared ones, refusals linger for 4 per uid; the socket's listen backlog is one kernel queue for every uid",
             vec![(get.clone(), 8, "connect", 128)],
+            false,
+        ),
+        (
+            "connect-task",
+            "connection flood as above, the victim asking on its task's own socket (what the client does when the task has one)",
+            "yes for the queue: a task socket is its owner's only (mode 0600), so the flood cannot queue ahead of the victim; what is left is the agent's CPU spent accepting the flood",
+            vec![(get.clone(), 8, "connect", 128)],
+            true,
         ),
         (
             "memory",
             "memory: `env` of a huge env file on many connections that never read",
             "yes: env-file caps, per-uid memory budget, response cap, write timeout",
             vec![(env_huge, scale.noread_conns, "no-read", 0)],
+            false,
         ),
         (
             "list",
             "quadratic list: 16 connections flooding `list` of a task with many names",
             "yes: linear merge; what is left is serializing every name of each answer",
             vec![(list, 16, "flood", 0)],
+            false,
         ),
         // Again at the end: the baseline pools both, so one slow idle phase (other load on the
         // machine, a cold cache) does not set the targets alone.
-        ("none", "no attacker, again after the attacks", "—", vec![]),
+        ("none", "no attacker, again after the attacks", "—", vec![], false),
     ];
     let mut phases = Vec::new();
-    for (name, attack, mitigated, attackers) in attacks {
+    let task_socket = victim_task.join("nodeseal.sock");
+    for (name, attack, mitigated, attackers, on_task_socket) in attacks {
         if name != "none" && !scale.only.is_empty() && !scale.only.iter().any(|o| o == name) {
             continue;
         }
@@ -473,9 +488,31 @@ pub(crate) fn run(scale: &AbuseScale, agent_bin: &Path, key: &BenchKey) -> Resul
             // Pacing: the attack is under way before the victim measures.
             std::thread::sleep(Duration::from_millis(500));
         }
-        let victim_get = spawn_client(VICTIM, &socket, &get, &paced(scale.secs, 10), cpu.tasks())?;
-        let victim_open =
-            spawn_client(VICTIM, &socket, &open, &paced(scale.secs, 50), cpu.tasks())?;
+        let victim_socket = if on_task_socket {
+            if !nodeseal_testkit::wait_until(Duration::from_secs(10), || task_socket.exists()) {
+                bail!(
+                    "the victim's task socket {} never appeared",
+                    task_socket.display()
+                );
+            }
+            &task_socket
+        } else {
+            &socket
+        };
+        let victim_get = spawn_client(
+            VICTIM,
+            victim_socket,
+            &get,
+            &paced(scale.secs, 10),
+            cpu.tasks(),
+        )?;
+        let victim_open = spawn_client(
+            VICTIM,
+            victim_socket,
+            &open,
+            &paced(scale.secs, 50),
+            cpu.tasks(),
+        )?;
         let mut rss_max = rss_kib(node.pid());
         let until = Instant::now() + Duration::from_secs_f64(scale.secs);
         let mut placed = false;
