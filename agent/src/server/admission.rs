@@ -32,7 +32,9 @@ pub(crate) struct Admission {
 }
 
 /// Answer bytes that cost one request of the per-uid request rate, beyond the first.
-pub(crate) const ANSWER_BYTES_PER_REQUEST: usize = 32 * 1024;
+/// 4 KiB: a uid's sustained answers are then about 800 KB/s at the default rate (with a burst of
+/// 1.6 MB), far more than a task reads, and few enough that serializing them holds up nobody.
+pub(crate) const ANSWER_BYTES_PER_REQUEST: usize = 4 * 1024;
 
 /// Refused connections one uid may have lingering (answered, waiting for the client to read).
 pub(crate) const MAX_LINGERING_REFUSALS_PER_UID: usize = 4;
@@ -198,8 +200,8 @@ mod tests {
         // A small answer costs nothing more.
         admission.charge_answer(who, ANSWER_BYTES_PER_REQUEST - 1, &limits, now);
         assert!(admission.take_rate_token(who, &limits, now));
-        // A 1 MiB answer costs 32 requests: more than the 18 left, so the uid is in debt...
-        admission.charge_answer(who, 1 << 20, &limits, now);
+        // A 128 KiB answer costs 32 requests: more than the 18 left, so the uid is in debt...
+        admission.charge_answer(who, 128 << 10, &limits, now);
         assert!(!admission.take_rate_token(who, &limits, now));
         // ...until the refill (10/s) has paid it back: 14 of debt plus one request.
         assert!(!admission.take_rate_token(who, &limits, now + Duration::from_millis(1400)));
