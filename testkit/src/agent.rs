@@ -391,6 +391,13 @@ impl Node {
     }
 
     /// One request; panics with the log if the agent is unreachable.
+    /// RSA decryptions the agent has done so far (host root's `status` counter).
+    pub fn decrypts(&self) -> u64 {
+        self.request(serde_json::json!({"op": "status"}))["info"]["counters"]["decrypts"]
+            .as_u64()
+            .expect("status has counters.decrypts")
+    }
+
     pub fn request(&self, req: Value) -> Value {
         self.try_request(&req).unwrap_or_else(|| {
             panic!(

@@ -473,12 +473,6 @@ fn memory_of(node: &Node, uid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn decrypts(node: &Node) -> u64 {
-    node.request(json!({"op": "status"}))["info"]["counters"]["decrypts"]
-        .as_u64()
-        .unwrap()
-}
-
 #[test]
 #[ignore = "needs root: owns an env file as another uid"]
 fn bounded_cached_cleartext_is_charged_to_the_files_owner_and_not_kept_over_budget() {
@@ -496,7 +490,7 @@ fn bounded_cached_cleartext_is_charged_to_the_files_owner_and_not_kept_over_budg
         let entry = memory_of(&node, VICTIM);
         assert!(entry > token.len() as u64, "the entry holds {entry} bytes");
         // Host root reads the victim's value: the cache it leaves is the file owner's.
-        let (d0, root0) = (decrypts(&node), memory_of(&node, 0));
+        let (d0, root0) = (node.decrypts(), memory_of(&node, 0));
         for _ in 0..3 {
             let r = node.get(&task, "BIG");
             assert_eq!(
@@ -506,7 +500,7 @@ fn bounded_cached_cleartext_is_charged_to_the_files_owner_and_not_kept_over_budg
                 code_of(&r)
             );
         }
-        let (opened, held) = (decrypts(&node) - d0, memory_of(&node, VICTIM));
+        let (opened, held) = (node.decrypts() - d0, memory_of(&node, VICTIM));
         eprintln!(
             "budget {budget}: entry {entry} bytes, after 3 gets {held} bytes, {opened} decryptions"
         );

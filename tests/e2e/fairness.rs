@@ -4,6 +4,7 @@
 //! an attacker uid runs in its own process while a victim uid keeps asking and is answered; the
 //! bounds here are generous (the figures live in bench/ and BENCHMARKS.md).
 
+use crate::tally::{answers, count};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use nodeseal_envelope::token::{NONCE_BYTES, V1_PREFIX};
@@ -99,22 +100,6 @@ fn client(
         .expect("cannot run python3")
 }
 
-/// Every answer's (latency, error code; "" for success) of a client.
-fn answers(child: Child) -> Vec<(f64, String)> {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "client failed: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "client output ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn count(answers: &[(f64, String)], code: &str) -> usize {
-    answers.iter().filter(|(_, c)| c == code).count()
-}
-
 /// The victim was answered every time, never `busy`, at least `min` times, each within
 /// `bound_secs`.
 fn check_victim(scenario: &str, victim: &[(f64, String)], min: usize, bound_secs: f64) {
@@ -208,19 +193,13 @@ fn two_uid_node(mut config: Value, attacker_env: impl Fn(&str) -> String) -> (No
     (node, unbound, env)
 }
 
-fn decrypts(node: &Node) -> u64 {
-    node.request(json!({"op": "status"}))["info"]["counters"]["decrypts"]
-        .as_u64()
-        .expect("status has counters.decrypts")
-}
-
 #[test]
 #[ignore = "needs root: reads the decrypts counter from status, which answers host root only"]
 fn fairness_a_token_naming_a_held_key_many_times_is_refused_before_any_rsa_work() {
     let (node, unbound, _) = two_uid_node(json!({}), |_| String::new());
     let valid = json!({"op": "open", "token": unbound});
     assert_eq!(node.request(valid.clone())["value"], SECRET);
-    let before = decrypts(&node);
+    let before = node.decrypts();
     for junk in [false, true] {
         let token = with_recipients(&unbound, 16, junk);
         let r = request_as(VICTIM, &node.socket, &json!({"op": "open", "token": token}));
@@ -230,7 +209,7 @@ fn fairness_a_token_naming_a_held_key_many_times_is_refused_before_any_rsa_work(
         eprintln!("16 copies (junk {junk}): {}", r["error"]["message"]);
     }
     assert_eq!(
-        decrypts(&node),
+        node.decrypts(),
         before,
         "an RSA operation ran for a refused token"
     );
@@ -240,7 +219,7 @@ fn fairness_a_token_naming_a_held_key_many_times_is_refused_before_any_rsa_work(
         request_as(VICTIM, &node.socket, &json!({"op": "open", "token": once}))["value"],
         SECRET
     );
-    assert_eq!(decrypts(&node), before + 1);
+    assert_eq!(node.decrypts(), before + 1);
 }
 
 #[test]
@@ -262,9 +241,9 @@ fn fairness_an_env_flood_of_hundreds_of_uncached_values_does_not_starve_another_
     });
     let attacker = client(ATTACKER, &node.socket, &env, 8, 8.0, "flood", 0);
     // Wait until the attack is really running: the decrypt counter climbing by thousands.
-    let start = decrypts(&node);
+    let start = node.decrypts();
     assert!(
-        wait_until(Duration::from_secs(10), || decrypts(&node) > start + 1000),
+        wait_until(Duration::from_secs(10), || node.decrypts() > start + 1000),
         "the attacker's env flood never got going"
     );
     let open = json!({"op": "open", "token": unbound});
@@ -274,7 +253,7 @@ fn fairness_an_env_flood_of_hundreds_of_uncached_values_does_not_starve_another_
         "attacker: {} env answers ({} ok), {} RSA operations in all",
         attacked.len(),
         count(&attacked, ""),
-        decrypts(&node) - start
+        node.decrypts() - start
     );
     // Without the fair queue the victim's open waits behind ~1600 queued operations.
     check_victim("env flood", &victim, 5, 1.0);

@@ -21,3 +21,4 @@ mod pacing;
 mod packaging;
 mod policy;
 mod seal;
+mod tally;

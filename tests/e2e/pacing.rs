@@ -1,6 +1,7 @@
 //! Pacing (`limits.max_rate_wait_ms`) attacked by an unprivileged uid: a uid over its rate waits
 //! for its turn, and what it may make the agent hold while it waits is its own share only.
 
+use crate::tally::{answers, count};
 use nodeseal_testkit::{proc_status_kib, request_as, wait_until, Node};
 use serde_json::{json, Value};
 use std::os::unix::process::CommandExt;
@@ -62,22 +63,6 @@ fn client(uid: u32, socket: &Path, req: &Value, conns: usize, secs: f64) -> Chil
         .expect("cannot run python3")
 }
 
-fn answers(child: Child) -> Vec<(f64, String)> {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "client failed: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn count(answers: &[(f64, String)], code: &str) -> usize {
-    answers.iter().filter(|(_, c)| c == code).count()
-}
-
-fn decrypts(node: &Node) -> u64 {
-    node.request(json!({"op": "status"}))["info"]["counters"]["decrypts"]
-        .as_u64()
-        .expect("status has counters.decrypts")
-}
-
 fn peak_kib(node: &Node) -> u64 {
     proc_status_kib(node.pid(), &["VmHWM:"]).unwrap()[0]
 }
@@ -128,14 +113,14 @@ fn env_flood_peak(
 ) -> (u64, Vec<(f64, String)>) {
     let (node, _, env) = node_with(limits, values);
     let before = peak_kib(&node);
-    let decrypts_before = decrypts(&node);
+    let decrypts_before = node.decrypts();
     let started = std::time::Instant::now();
     let attacked = answers(client(ATTACKER, &node.socket, &env, conns, secs));
     let took = started.elapsed().as_secs_f64();
     let growth = peak_kib(&node).saturating_sub(before);
     // Every value is one RSA operation: the burst (400) and 100 a second, the flood and the
     // last answers' wait (1 s) included, whatever the fan-out of each env.
-    let rsa = decrypts(&node) - decrypts_before;
+    let rsa = node.decrypts() - decrypts_before;
     let bound = 400 + (100.0 * (took + 1.0)) as u64;
     eprintln!("{rsa} RSA operations for the attacker in {took:.1} s (bound {bound})");
     assert!(

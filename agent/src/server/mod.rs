@@ -62,21 +62,8 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
                 host_root: false,
             };
             if principal.uid != 0 && ctx.admission.uid_at_limit(principal, limits) {
-                state.counters.limited.fetch_add(1, Ordering::Relaxed);
-                if crate::log_budget::warning("uid_connection_limit", principal.uid, limits) {
-                    tracing::warn!(
-                        peer_uid = principal.uid,
-                        peer_pid = cred.pid().unwrap_or(0),
-                        outcome = "busy",
-                        "per-uid connection limit reached; refusing a connection"
-                    );
-                }
-                refuse(
-                    &ctx,
-                    stream,
-                    principal.uid,
-                    Refusal::TooManyConnectionsForUid,
-                );
+                let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+                refuse_at_uid_limit(&ctx, stream, principal.uid, pid);
                 continue;
             }
         }
@@ -90,16 +77,7 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             }
         };
         let Some(slot) = ctx.admission.uid_slot(peer.principal(), limits) else {
-            state.counters.limited.fetch_add(1, Ordering::Relaxed);
-            if crate::log_budget::warning("uid_connection_limit", peer.uid, limits) {
-                tracing::warn!(
-                    peer_uid = peer.uid,
-                    peer_pid = peer.pid,
-                    outcome = "busy",
-                    "per-uid connection limit reached; refusing a connection"
-                );
-            }
-            refuse(&ctx, stream, peer.uid, Refusal::TooManyConnectionsForUid);
+            refuse_at_uid_limit(&ctx, stream, peer.uid, peer.pid);
             continue;
         };
         // Host root is bounded by its own allowance alone: anyone able to take many uids (root
@@ -129,6 +107,21 @@ pub(crate) async fn serve(ctx: ServeContext, listener: UnixListener, scope: Scop
             drop((slot, permit));
         });
     }
+}
+
+/// Count, log (within the uid's log budget) and refuse a connection of a uid at its limit.
+fn refuse_at_uid_limit(ctx: &ServeContext, stream: tokio::net::UnixStream, uid: u32, pid: u32) {
+    let state = ctx.handler.state();
+    state.counters.limited.fetch_add(1, Ordering::Relaxed);
+    if crate::log_budget::warning("uid_connection_limit", uid, &state.config().limits) {
+        tracing::warn!(
+            peer_uid = uid,
+            peer_pid = pid,
+            outcome = "busy",
+            "per-uid connection limit reached; refusing a connection"
+        );
+    }
+    refuse(ctx, stream, uid, Refusal::TooManyConnectionsForUid);
 }
 
 /// Answer a refused connection without letting refusals hold what every uid shares: a few per
